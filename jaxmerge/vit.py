@@ -1,0 +1,239 @@
+"""Vision Transformer (flax linen) whose dense layers accept LoRA parameters as a separate tree.
+
+The forward takes the frozen base parameters and, optionally, an adapter:
+
+    model = ViT(**vit.variant("Ti/16"))
+    out = model.apply({"params": base, "lora": adapter}, images)   # with LoRA
+    out = model.apply({"params": base}, images)                    # plain ViT
+
+`out` is a dict: `pooled` (B, D), the feature a task head reads, and `tokens` (B, T, D), the
+final-normed token sequence (Hugging Face's `last_hidden_state`).
+
+Parameter paths (what LoRA target regexes match against):
+    patch_embed, cls, pos_embedding,
+    block_N/{norm1, attention/{query, key, value, out}, norm2, mlp/{fc1, fc2}},
+    encoder_norm, pooler
+Every dense kernel is 2-D with layout (in, out), so a LoRA update is `x @ a @ b`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# width, depth, mlp_dim, num_heads; the table big_vision and the ViT papers use.
+_SIZES = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+POOLS = ("cls", "mean")
+
+
+def variant(name: str, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of `ViT` for a named variant such as "Ti/16", "B/32" or "mu/4".
+
+    Overrides (e.g. `depth=4`) replace entries of the table.
+    """
+    match = re.fullmatch(r"(\w+)/(\d+)", name)
+    if match is None or match.group(1) not in _SIZES:
+        raise ValueError(
+            f"variant: unknown ViT variant {name!r}; expected '<size>/<patch>' with size one of "
+            f"{sorted(_SIZES)} and an integer patch size, e.g. 'B/16'"
+        )
+    width, depth, mlp_dim, num_heads = _SIZES[match.group(1)]
+    kwargs = dict(
+        width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, patch_size=int(match.group(2))
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+class LoraDense(nn.Module):
+    """y = x @ kernel + bias, plus a LoRA update read from the 'lora' collection when present.
+
+    The 'lora' collection at this module's scope holds either factors
+    `{lora_a: (in, r), lora_b: (r, out), scale: ()}` giving `y += scale * (dropout(x) @ a) @ b`,
+    or a dense update `{delta: (in, out)}` giving `y += x @ delta` (a merged delta-space result).
+    The factored path never forms the (in, out) product, so training pays O(r) per target.
+    """
+
+    features: int
+    lora_dropout: float = 0.0
+    kernel_init: Any = nn.initializers.lecun_normal()
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        y = x @ kernel.astype(dtype) + bias.astype(dtype)
+        if self.has_variable("lora", "lora_a"):
+            a = self.get_variable("lora", "lora_a").astype(dtype)
+            b = self.get_variable("lora", "lora_b").astype(dtype)
+            # The scale is a constant of the adapter (alpha / r), never a trained quantity.
+            scale = jax.lax.stop_gradient(self.get_variable("lora", "scale")).astype(dtype)
+            h = nn.Dropout(self.lora_dropout)(x, deterministic=not train)
+            y = y + ((h @ a) @ b) * scale
+        elif self.has_variable("lora", "delta"):
+            y = y + x @ self.get_variable("lora", "delta").astype(dtype)
+        return y
+
+
+class Attention(nn.Module):
+    num_heads: int
+    lora_dropout: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        batch, tokens, width = x.shape
+        head_dim = width // self.num_heads
+        dense = lambda name: LoraDense(width, self.lora_dropout, dtype=self.dtype, name=name)  # noqa: E731
+        split = lambda t: t.reshape(batch, tokens, self.num_heads, head_dim)  # noqa: E731
+        q = split(dense("query")(x, train))
+        k = split(dense("key")(x, train))
+        v = split(dense("value")(x, train))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+        # Softmax in float32 whatever the compute dtype: bf16 logits lose the small weights.
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, width)
+        return dense("out")(context, train)
+
+
+class Mlp(nn.Module):
+    mlp_dim: int
+    gelu_approximate: bool = False
+    lora_dropout: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        width = x.shape[-1]
+        h = LoraDense(self.mlp_dim, self.lora_dropout, dtype=self.dtype, name="fc1")(x, train)
+        h = nn.gelu(h, approximate=self.gelu_approximate)
+        return LoraDense(width, self.lora_dropout, dtype=self.dtype, name="fc2")(h, train)
+
+
+class Block(nn.Module):
+    num_heads: int
+    mlp_dim: int
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = False
+    lora_dropout: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
+        x = x + Attention(self.num_heads, self.lora_dropout, self.dtype, name="attention")(
+            norm("norm1")(x), train
+        )
+        mlp = Mlp(self.mlp_dim, self.gelu_approximate, self.lora_dropout, self.dtype, name="mlp")
+        return x + mlp(norm("norm2")(x), train)
+
+
+class ViT(nn.Module):
+    """Pre-norm ViT encoder. Call with images (B, H, W, C) scaled as the base was trained.
+
+    Attributes:
+      pool: "cls" (a learned class token, `pooled = tokens[:, 0]`) or "mean" (no class token,
+        `pooled = mean(tokens)`).
+      pooler: adds Hugging Face's pre-logits layer, `pooled = tanh(dense(pooled))`.
+      layer_norm_eps: 1e-12 for Hugging Face checkpoints, 1e-6 for big_vision ones.
+      gelu_approximate: tanh GELU as in big_vision checkpoints; exact erf GELU as in HF.
+      image_size: sets the number of position embeddings (one per patch, plus the class token).
+    """
+
+    width: int = 192
+    depth: int = 12
+    mlp_dim: int = 768
+    num_heads: int = 3
+    patch_size: int = 16
+    image_size: int = 224
+    channels: int = 3
+    pool: str = "cls"
+    pooler: bool = False
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = False
+    lora_dropout: float = 0.0
+    dtype: Any = None
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        if self.pool not in POOLS:
+            raise ValueError(f"ViT.pool: got {self.pool!r}; allowed: {POOLS}")
+        batch, height, width, channels = images.shape
+        p = self.patch_size
+        if height % p or width % p or height != width or height != self.image_size:
+            raise ValueError(
+                f"ViT: images of shape {images.shape} do not fit image_size={self.image_size} "
+                f"with patch_size={p}; resize the images or the position embeddings"
+            )
+        # Patchify as a reshape + dense: the same maths as a stride-p convolution with a
+        # (p, p, C, D) kernel flattened in (row, column, channel) order.
+        patches = images.reshape(batch, height // p, p, width // p, p, channels)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p * p * channels)
+        x = LoraDense(self.width, self.lora_dropout, dtype=self.dtype, name="patch_embed")(
+            patches, train
+        )
+        if self.pool == "cls":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], self.width)
+        )
+        x = x + pos.astype(x.dtype)
+        for i in range(self.depth):
+            x = Block(
+                self.num_heads,
+                self.mlp_dim,
+                self.layer_norm_eps,
+                self.gelu_approximate,
+                self.lora_dropout,
+                self.dtype,
+                name=f"block_{i}",
+            )(x, train)
+        tokens = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
+        pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(axis=1)
+        if self.pooler:
+            pooled = jnp.tanh(LoraDense(self.width, dtype=self.dtype, name="pooler")(pooled, train))
+        return {"pooled": pooled.astype(jnp.float32), "tokens": tokens.astype(jnp.float32)}
+
+
+def resample_pos_embedding(pos_embedding: jax.Array, num_patches: int, has_cls: bool) -> jax.Array:
+    """Bilinearly resizes a (1, [1 +] N, D) position embedding to `num_patches` patch positions.
+
+    The class token's embedding, if any, is kept as it is; the patch grid is resized.
+    """
+    cls, grid = (pos_embedding[:, :1], pos_embedding[:, 1:]) if has_cls else (None, pos_embedding)
+    old_side, new_side = int(round(grid.shape[1] ** 0.5)), int(round(num_patches**0.5))
+    if old_side**2 != grid.shape[1] or new_side**2 != num_patches:
+        raise ValueError(
+            f"resample_pos_embedding: grids must be square; got {grid.shape[1]} -> {num_patches}"
+        )
+    if old_side != new_side:
+        grid = grid.reshape(1, old_side, old_side, -1)
+        grid = jax.image.resize(grid, (1, new_side, new_side, grid.shape[-1]), "bilinear")
+        grid = grid.reshape(1, num_patches, -1)
+    return grid if cls is None else jnp.concatenate([cls, grid], axis=1)
+
+
+def init_params(model: ViT, key: jax.Array) -> dict:
+    """Random base parameters for `model` (for tests and pretraining from scratch)."""
+    images = jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
+    return jax.jit(model.init)(key, images)["params"]
