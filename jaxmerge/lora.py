@@ -57,10 +57,16 @@ class LoraConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        for name, value in [("rank", self.rank), *(("rank_pattern", v) for v in self.rank_pattern.values())]:
+        for name, value in [
+            ("rank", self.rank),
+            *(("rank_pattern", v) for v in self.rank_pattern.values()),
+        ]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LoraConfig.{name}: got {value!r}; allowed: an integer >= 1")
-        for name, value in [("alpha", self.alpha), *(("alpha_pattern", v) for v in self.alpha_pattern.values())]:
+        for name, value in [
+            ("alpha", self.alpha),
+            *(("alpha_pattern", v) for v in self.alpha_pattern.values()),
+        ]:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"LoraConfig.{name}: got {value!r}; allowed: a number > 0")
         if not 0.0 <= self.dropout < 1.0:
@@ -195,7 +201,9 @@ def _apply_delta(base: Tree, adapter: Tree, sign: float) -> Tree:
         try:
             layer = get_at(base, path)
         except (KeyError, TypeError):
-            raise ValueError(f"adapter target {path!r} is not a layer of the base parameters") from None
+            raise ValueError(
+                f"adapter target {path!r} is not a layer of the base parameters"
+            ) from None
         kernel = layer["kernel"]
         delta = delta_of(node)
         if delta.shape != kernel.shape:
@@ -223,7 +231,11 @@ def unfold_from_base(folded: Tree, adapter: Tree) -> Tree:
 def zeros_like_adapter(adapter: Tree) -> Tree:
     """An adapter of the same layout whose update is exactly zero (lora_b = 0)."""
     return map_targets(
-        lambda n: {**n, "lora_b": jnp.zeros_like(n["lora_b"])} if "lora_b" in n else {"delta": jnp.zeros_like(n["delta"])},
+        lambda n: (
+            {**n, "lora_b": jnp.zeros_like(n["lora_b"])}
+            if "lora_b" in n
+            else {"delta": jnp.zeros_like(n["delta"])}
+        ),
         adapter,
     )
 

@@ -51,7 +51,11 @@ def variant(name: str, **overrides: Any) -> dict[str, Any]:
         )
     width, depth, mlp_dim, num_heads = _SIZES[match.group(1)]
     kwargs = dict(
-        width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, patch_size=int(match.group(2))
+        width=width,
+        depth=depth,
+        mlp_dim=mlp_dim,
+        num_heads=num_heads,
+        patch_size=int(match.group(2)),
     )
     kwargs.update(overrides)
     return kwargs
