@@ -1,0 +1,25 @@
+"""TFDS builders for jaxmerge's tasks; importing this package registers them with TFDS.
+
+Each builder is prepared as array_record (`prepare.prepare(name, data_dir, manual_dir)`) and read
+without TensorFlow through `tfds.data_source`. `BUILDERS` maps each TFDS name to its class:
+
+  the paper's five (manual download): firerisk, utkface, expw, wflw, galaxy10_decals;
+  offline: sklearn_digits, fashion_mnist_idx, skimage_textures, lfw_subset;
+  your own folders: image_folder.
+"""
+
+from jaxmerge.datasets import (  # noqa: F401  (imported to register the builders)
+    digits,
+    expw,
+    fashion_mnist,
+    firerisk,
+    galaxy10,
+    image_folder,
+    lfw,
+    textures,
+    utkface,
+    wflw,
+)
+from jaxmerge.datasets.common import BUILDERS
+
+__all__ = ["BUILDERS"]
