@@ -1,0 +1,334 @@
+"""PEFT LoRA adapters for Hugging Face ViTs, read into and written from jaxmerge adapter trees.
+
+    adapter, head, peft_config = load_peft_adapter("adapters/cifar10")
+    save_peft_adapter("exported/merged", merged, naming="v5", base_model_name_or_path="...")
+
+A PEFT folder holds `adapter_config.json` and `adapter_model.safetensors` with, per adapted
+linear layer, `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r);
+jaxmerge stores `lora_a = A.T` (in, r), `lora_b = B.T` (r, out) and `scale`, PEFT's scaling:
+
+    scale = alpha / r           (alpha / sqrt(r) with use_rslora)
+
+where r and alpha are the config's `r` / `lora_alpha` unless a `rank_pattern` / `alpha_pattern`
+key matches the module name. PEFT's matching rule, used here: the first key (in the file's
+order) for which `re.match(rf"(.*\\.)?({key})$", module_name)` succeeds.
+
+Module names come in two spellings: transformers 4.x (`encoder.layer.N.attention.attention.query`,
+`key`, `value`, `attention.output.dense`, `intermediate.dense`, `output.dense`; also the Hub's
+checkpoint names) and transformers 5.x (`layers.N.attention.q_proj`, `k_proj`, `v_proj`,
+`o_proj`, `mlp.fc1`, `mlp.fc2`), either under `vit.` for ViTForImageClassification.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge import lora, pretrained
+
+Tree = Any
+NAMINGS = ("v5", "v4")
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# jaxmerge path inside a block -> module name inside a transformers block, per naming.
+_BLOCK_MODULES = {
+    "v5": {
+        "attention/query": "attention.q_proj",
+        "attention/key": "attention.k_proj",
+        "attention/value": "attention.v_proj",
+        "attention/out": "attention.o_proj",
+        "mlp/fc1": "mlp.fc1",
+        "mlp/fc2": "mlp.fc2",
+    },
+    "v4": {
+        "attention/query": "attention.attention.query",
+        "attention/key": "attention.attention.key",
+        "attention/value": "attention.attention.value",
+        "attention/out": "attention.output.dense",
+        "mlp/fc1": "intermediate.dense",
+        "mlp/fc2": "output.dense",
+    },
+}
+_LAYERS = {"v5": "layers", "v4": "encoder.layer"}
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight")
+_LINEAR_PATH = re.compile(r"block_\d+/(attention/(query|key|value|out)|mlp/fc[12])|pooler")
+# Config values a plain LoRA adapter has; anything else changes the maths.
+_PLAIN = {"use_dora": False, "lora_bias": False, "bias": "none", "fan_in_fan_out": False}
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup for one module name.
+
+    The first key for which `(.*\\.)?(key)$` matches the whole name from its start wins;
+    `default` when none does.
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_adapter_files(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    config_path, weights_path = (os.path.join(folder, f) for f in (CONFIG_FILE, WEIGHTS_FILE))
+    if not os.path.isfile(config_path):
+        raise ValueError(f"missing file: {config_path!r} does not exist")
+    if not os.path.isfile(weights_path):
+        raise ValueError(
+            f"missing file: {weights_path!r} does not exist; only safetensors adapters are "
+            f"supported (convert adapter_model.bin first)"
+        )
+    with open(config_path) as f:
+        config = json.load(f)
+    return config, load_file(weights_path)
+
+
+def _check_config(config: Mapping, source: str) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: peft_type={config.get('peft_type')!r}; allowed: 'LORA'")
+    for field, plain in _PLAIN.items():
+        if config.get(field, plain) not in (plain, None):
+            raise ValueError(f"{source}: {field}={config[field]!r}; allowed: {plain!r}")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)):
+            raise ValueError(f"{source}: {field}={config.get(field)!r}; allowed: a number")
+    extra = set(config.get("modules_to_save") or ()) - {"classifier"}
+    if extra:
+        raise ValueError(
+            f"{source}: modules_to_save={config['modules_to_save']!r}; allowed: ['classifier'] "
+            f"(the task head); other saved modules would replace base weights"
+        )
+
+
+def load_peft_adapter(folder: str) -> tuple[Tree, Tree | None, dict]:
+    """Reads a PEFT LoRA adapter of a ViTModel or ViTForImageClassification.
+
+    Returns:
+      (adapter, head, peft_config): the jaxmerge adapter tree (float32 factors, per-target
+      `scale` from r, lora_alpha, use_rslora, rank_pattern and alpha_pattern), the
+      `modules_to_save` classifier as `heads.MlpHead(hidden=0, ...)` parameters
+      `{"out": {"kernel": (D, classes), "bias": (classes,)}}` or None, and adapter_config.json.
+
+    Raises:
+      ValueError: a missing file (naming the path), a non-LoRA or DoRA config (naming the
+        field), a tensor that is not a ViT linear layer's LoRA factor or the classifier, or a
+        factor whose rank disagrees with the config (naming the tensor).
+    """
+    config, tensors = _read_adapter_files(folder)
+    source = f"PEFT adapter {folder!r}"
+    _check_config(config, source)
+    factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    head_tensors = {}
+    for name, value in tensors.items():
+        key = name.removeprefix(_PREFIX)
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            leaf = key.replace(".modules_to_save", "").rpartition(".")
+            if re.fullmatch(r"classifier(\.[^.]+)?", leaf[0]) and leaf[2] in ("weight", "bias"):
+                head_tensors[leaf[2]] = value
+                continue
+            raise ValueError(
+                f"{source}: tensor {name!r} is neither a LoRA factor nor the classifier"
+            )
+        factors[match.group("module")][match.group("factor")] = value
+    adapter: dict = {}
+    use_rslora = bool(config.get("use_rslora", False))
+    for module, pair in sorted(factors.items()):
+        path = pretrained.hf_module_path(module)
+        if path is None or not _LINEAR_PATH.fullmatch(path):
+            raise ValueError(
+                f"{source}: LoRA on module {module!r}; allowed: the ViT's linear layers"
+            )
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{source}: module {module!r} has lora_{list(pair)} but not both")
+        a, b = pair["A"], pair["B"]
+        rank = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise ValueError(
+                f"{source}: tensor {_PREFIX}{module}.lora_A/B.weight have shapes {a.shape} and "
+                f"{b.shape}; the config's rank for this module is {rank}"
+            )
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        node = {
+            "lora_a": jnp.asarray(a.T, jnp.float32),
+            "lora_b": jnp.asarray(b.T, jnp.float32),
+            "scale": jnp.asarray(scale, jnp.float32),
+        }
+        adapter = lora.set_at(adapter, path, node)
+    if not adapter:
+        raise ValueError(f"{source}: {WEIGHTS_FILE} holds no LoRA factors")
+    head = None
+    if head_tensors:
+        if "weight" not in head_tensors:
+            raise ValueError(f"{source}: the saved classifier has a bias but no weight")
+        weight = head_tensors["weight"]
+        bias = head_tensors.get("bias", np.zeros(weight.shape[0], weight.dtype))
+        head = {
+            "out": {
+                "kernel": jnp.asarray(weight.T, jnp.float32),
+                "bias": jnp.asarray(bias, jnp.float32),
+            }
+        }
+    return adapter, head, config
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def peft_module_name(path: str, naming: str) -> str:
+    """The transformers module name of a jaxmerge target path, e.g. 'block_2/attention/out' ->
+    'layers.2.attention.o_proj' (v5) or 'encoder.layer.2.attention.output.dense' (v4)."""
+    if path == "pooler":
+        return "pooler.dense"
+    match = re.fullmatch(r"block_(\d+)/(.+)", path)
+    if match is None or match.group(2) not in _BLOCK_MODULES[naming]:
+        allowed = sorted(_BLOCK_MODULES[naming]) + ["pooler"]
+        raise ValueError(
+            f"save_peft_adapter: target {path!r} has no PEFT LoRA equivalent; allowed: "
+            f"block_N/<one of {allowed[:-1]}> and 'pooler'"
+        )
+    return f"{_LAYERS[naming]}.{match.group(1)}.{_BLOCK_MODULES[naming][match.group(2)]}"
+
+
+def _most_common(values: list) -> Any:
+    counts = collections.Counter(values)
+    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def lora_config_for(
+    adapter: Tree,
+    naming: str = "v5",
+    *,
+    base_model_name_or_path: str | None = None,
+    with_classifier: bool = False,
+) -> dict:
+    """A PEFT adapter_config.json dict reproducing each target's rank and scale.
+
+    r and lora_alpha are the most common rank and `alpha = scale * r` over the targets; the
+    other targets get exact-name entries in rank_pattern / alpha_pattern, so PEFT's
+    `scaling = alpha / r` equals jaxmerge's `scale` everywhere (use_rslora stays false).
+    """
+    items = lora.target_items(adapter)
+    names = [peft_module_name(path, naming) for path, _ in items]
+    ranks = [int(node["lora_a"].shape[-1]) for _, node in items]
+    alphas = [
+        float(np.asarray(node["scale"], np.float64)) * r for (_, node), r in zip(items, ranks)
+    ]
+    r, alpha = _most_common(ranks), _most_common(alphas)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "target_modules": sorted(names),
+        "rank_pattern": {re.escape(n): k for n, k in zip(names, ranks) if k != r},
+        "alpha_pattern": {re.escape(n): _number(a) for n, a in zip(names, alphas) if a != alpha},
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": ["classifier"] if with_classifier else None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def save_peft_adapter(
+    folder: str,
+    adapter: Tree,
+    *,
+    naming: str = "v5",
+    base_model_name_or_path: str | None = None,
+    head: Tree | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Writes a factored jaxmerge adapter (merged ones included) as a PEFT LoRA folder.
+
+    `PeftModel.from_pretrained(model, folder)` then computes what `ViT.apply` with `adapter`
+    computes: per target `lora_A = lora_a.T`, `lora_B = lora_b.T`, and rank/alpha patterns
+    that give each target its own scale (see `lora_config_for`). Factors are written as
+    float32.
+
+    Args:
+      folder: the output folder; created if needed.
+      adapter: a tree of `{lora_a, lora_b, scale}` nodes at block linear layers or the pooler.
+      naming: "v5" (transformers 5.x module names) or "v4" (transformers 4.x).
+      base_model_name_or_path: recorded in the config for `AutoPeftModel` loaders.
+      head: a linear task head `{"out": {"kernel": (D, classes), "bias"}}` to save as the
+        `modules_to_save` classifier of a ViTForImageClassification (module names get `vit.`).
+      overwrite: allow writing into a non-empty folder.
+
+    Raises:
+      ValueError: for an unknown naming, a delta tree (factor it first), a target PEFT cannot
+        adapt, a head that is not linear, or a non-empty folder without overwrite=True.
+    """
+    if naming not in NAMINGS:
+        raise ValueError(f"save_peft_adapter: naming={naming!r}; allowed: {NAMINGS}")
+    items = lora.target_items(adapter)
+    if not items:
+        raise ValueError("save_peft_adapter: the adapter has no target nodes")
+    for path, node in items:
+        if "lora_a" not in node:
+            raise ValueError(
+                f"save_peft_adapter: target {path!r} is a dense delta, not LoRA factors; factor "
+                f"the delta tree first (e.g. a merge with output='factored', which takes a "
+                f"truncated SVD) to export it"
+            )
+    if head is not None and set(head) != {"out"}:
+        raise ValueError(
+            f"save_peft_adapter: head has layers {sorted(head)}; allowed: a linear head "
+            f"{{'out': {{'kernel', 'bias'}}}} (HF's classifier is one linear layer)"
+        )
+    if head is not None and any(path == "pooler" for path, _ in items):
+        raise ValueError("save_peft_adapter: ViTForImageClassification has no pooler to adapt")
+    if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+        raise ValueError(
+            f"save_peft_adapter: folder {folder!r} exists and is not empty; pass overwrite=True "
+            f"to write into it"
+        )
+    from safetensors.numpy import save_file
+
+    config = lora_config_for(
+        adapter,
+        naming,
+        base_model_name_or_path=base_model_name_or_path,
+        with_classifier=head is not None,
+    )
+    prefix = _PREFIX + ("vit." if head is not None else "")
+    tensors = {}
+    for path, node in items:
+        module = prefix + peft_module_name(path, naming)
+        tensors[f"{module}.lora_A.weight"] = _float32(node["lora_a"]).T
+        tensors[f"{module}.lora_B.weight"] = _float32(node["lora_b"]).T
+    if head is not None:
+        tensors[f"{_PREFIX}classifier.weight"] = _float32(head["out"]["kernel"]).T
+        tensors[f"{_PREFIX}classifier.bias"] = _float32(head["out"]["bias"])
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(tensors, os.path.join(folder, WEIGHTS_FILE))
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _float32(x) -> np.ndarray:
+    return np.asarray(jnp.asarray(x, jnp.float32))
