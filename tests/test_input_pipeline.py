@@ -1,0 +1,247 @@
+"""The TF-free input pipeline: order, resumption, host slicing, eval coverage, augmentation."""
+
+import numpy as np
+import pytest
+
+from jaxmerge import input_pipeline as ip
+from jaxmerge.datasets import wflw
+from jaxmerge.datasets.prepare import prepare
+
+
+def make_source(n, size=8, channels=1):
+    """Examples whose image, label and value all encode their index."""
+    return [
+        {
+            "image": np.full((size, size, channels), i, np.uint8),
+            "label": i,
+            "value": np.float32(i),
+        }
+        for i in range(n)
+    ]
+
+
+AUGMENT = ip.compose(ip.random_crop(2), ip.random_flip())
+
+
+def take(iterator, count):
+    out = [next(iterator) for _ in range(count)]
+    if hasattr(iterator, "close"):
+        iterator.close()
+    return out
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_same_seed_same_batches_other_seed_other_order():
+    source = make_source(10)
+    first = take(ip.train_batches(source, AUGMENT, 4, seed=3), 6)
+    again = take(ip.train_batches(source, AUGMENT, 4, seed=3, prefetch=0), 6)
+    assert_batches_equal(first, again)
+    other = take(ip.train_batches(source, AUGMENT, 4, seed=4), 6)
+    assert any(not np.array_equal(a["label"], b["label"]) for a, b in zip(first, other))
+
+
+def test_each_epoch_visits_every_example_once_in_a_new_order():
+    source = make_source(12)
+    batches = take(ip.train_batches(source, ip.compose(), 4, seed=0), 6)
+    epoch0 = np.concatenate([b["label"] for b in batches[:3]])
+    epoch1 = np.concatenate([b["label"] for b in batches[3:]])
+    assert sorted(epoch0) == list(range(12)) and sorted(epoch1) == list(range(12))
+    assert not np.array_equal(epoch0, epoch1)
+
+
+def test_resuming_at_step_s_equals_continuing():
+    source = make_source(10)  # batches of 4 straddle epoch boundaries
+    continuous = take(ip.train_batches(source, AUGMENT, 4, seed=1), 9)
+    resumed = take(ip.train_batches(source, AUGMENT, 4, seed=1, start_step=5), 4)
+    assert_batches_equal(continuous[5:], resumed)
+
+
+def test_host_slices_partition_the_global_batch():
+    source = make_source(10)
+    single = take(ip.train_batches(source, AUGMENT, 6, seed=2), 4)
+    hosts = [
+        take(ip.train_batches(source, AUGMENT, 6, seed=2, process_index=h, process_count=3), 4)
+        for h in range(3)
+    ]
+    for step in range(4):
+        for key in single[step]:
+            joined = np.concatenate([hosts[h][step][key] for h in range(3)])
+            np.testing.assert_array_equal(joined, single[step][key])
+        assert hosts[0][step]["image"].shape == (2, 8, 8, 1)
+
+
+def test_threads_and_prefetch_do_not_change_the_batches():
+    source = make_source(9)
+    plain = take(ip.train_batches(source, AUGMENT, 3, seed=5, prefetch=0), 5)
+    threaded = take(ip.train_batches(source, AUGMENT, 3, seed=5, prefetch=3, num_threads=2), 5)
+    assert_batches_equal(plain, threaded)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_covers_every_example_once_with_a_padding_mask(process_count):
+    source = make_source(10)
+    seen = []
+    for h in range(process_count):
+        batches = list(
+            ip.eval_batches(source, ip.compose(), 4, process_index=h, process_count=process_count)
+        )
+        assert len(batches) == ip.num_eval_steps(10, 4) == 3
+        for batch in batches:
+            assert batch["mask"].dtype == bool and len(batch["mask"]) == 4 // process_count
+            seen.extend(batch["label"][batch["mask"]].tolist())
+    assert sorted(seen) == list(range(10))
+    last = list(ip.eval_batches(source, ip.compose(), 4))[-1]
+    np.testing.assert_array_equal(last["mask"], [True, True, False, False])
+
+
+def test_source_errors_reach_the_consumer():
+    class Broken:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        next(ip.train_batches(Broken(), ip.compose(), 2, seed=0, prefetch=2))
+
+
+def test_invalid_arguments_name_the_field():
+    with pytest.raises(ValueError, match="divisible by process_count=3"):
+        ip.train_batches(make_source(4), ip.compose(), 4, seed=0, process_count=3)
+    with pytest.raises(ValueError, match="process_index=2"):
+        ip.eval_batches(make_source(4), ip.compose(), 4, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="std must be > 0"):
+        ip.normalize((0.5,), (0.0,))
+
+
+def test_normalisation_and_channel_conversions():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    ex = {"image": image}
+    scaled = ip.normalize_to_minus_one_one()(ex, rng)["image"]
+    assert scaled.dtype == np.float32 and scaled.min() >= -1 and scaled.max() <= 1
+    np.testing.assert_allclose(scaled, image / 127.5 - 1, atol=1e-6)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = ip.normalize(mean, std)(ex, rng)["image"]
+    np.testing.assert_allclose(out[1, 2], (image[1, 2] / 255 - mean) / std, rtol=1e-5)
+    grey = {"image": image[..., :1]}
+    rgb = ip.to_rgb()(grey, rng)["image"]
+    assert rgb.shape == (6, 6, 3) and (rgb == image[..., :1]).all()
+    np.testing.assert_array_equal(ip.to_grayscale()({"image": rgb}, rng)["image"], image[..., :1])
+    luma = ip.to_grayscale()(ex, rng)["image"]
+    expected = np.round(image[0, 0] @ np.array([0.299, 0.587, 0.114]))
+    assert luma.shape == (6, 6, 1) and abs(int(luma[0, 0, 0]) - expected) <= 1
+
+
+def test_resize_and_random_crop_shapes_and_content():
+    rng = np.random.default_rng(0)
+    ex = {"image": np.full((10, 14, 1), 200, np.uint8), "label": 1}
+    assert ip.resize(16)(ex, rng)["image"].shape == (16, 16, 1)
+    assert ip.resize(5, 7)(ex, rng)["image"].shape == (5, 7, 1)
+    np.testing.assert_array_equal(ip.random_crop(0)(ex, rng)["image"], ex["image"])
+    crops = [ip.random_crop(3)(ex, np.random.default_rng(s))["image"] for s in range(20)]
+    assert all(c.shape == (10, 14, 1) for c in crops)
+    assert all(set(np.unique(c)) <= {0, 200} for c in crops)  # zero padding shifted in
+    assert any((c == 0).any() for c in crops)
+    with pytest.raises(ValueError, match="uint8"):
+        ip.resize(4)({"image": np.zeros((8, 8, 1), np.float32)}, rng)
+
+
+def landmark_example(points_px, height=12, width=16):
+    """An image with one pixel of intensity 10 * (i + 1) at each landmark i (pixel centres)."""
+    image = np.zeros((height, width, 1), np.uint8)
+    for i, (col, row) in enumerate(points_px):
+        image[row, col] = 10 * (i + 1)
+    landmarks = (np.asarray(points_px, np.float32) + 0.5) / np.array([width, height])
+    return {"image": image, "landmarks": landmarks.astype(np.float32)}
+
+
+def pixel_under(example, i):
+    height, width = example["image"].shape[:2]
+    x, y = example["landmarks"][i]
+    return example["image"][int(np.floor(y * height)), int(np.floor(x * width)), 0]
+
+
+def test_random_crop_moves_landmarks_with_the_pixels():
+    ex = landmark_example([(5, 4), (9, 7), (12, 6)])
+    for seed in range(10):
+        out = ip.random_crop(2)(ex, np.random.default_rng(seed))
+        for i in range(3):
+            x, y = out["landmarks"][i]
+            if 0 <= x < 1 and 0 <= y < 1:
+                assert pixel_under(out, i) == 10 * (i + 1)
+
+
+def test_flip_mirrors_x_and_swaps_left_right_landmarks():
+    # points 0 and 1 are a left/right pair, point 2 lies on the midline
+    ex = landmark_example([(3, 5), (12, 5), (8, 2)])
+    perm = np.array([1, 0, 2])
+    flipped = ip.flip_horizontally(ex, perm)
+    np.testing.assert_array_equal(flipped["image"], ex["image"][:, ::-1])
+    for i in range(3):  # point i now sits on the mirrored pixel of point perm[i]
+        assert pixel_under(flipped, i) == 10 * (perm[i] + 1)
+    np.testing.assert_allclose(flipped["landmarks"][0, 0], 1 - ex["landmarks"][1, 0])
+    twice = ip.flip_horizontally(flipped, perm)
+    np.testing.assert_allclose(twice["landmarks"], ex["landmarks"], atol=1e-6)
+    with pytest.raises(ValueError, match="landmark_permutation"):
+        ip.flip_horizontally(ex, None)
+    with pytest.raises(ValueError, match="permutation of 0..K-1"):
+        ip.random_flip([0, 0, 1])
+
+
+def test_wflw_flip_keeps_a_symmetric_face_symmetric():
+    # a face symmetric about x = 0.5 whose pairs follow FLIP_PERMUTATION: flipping is a no-op
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0.1, 0.9, (98, 2)).astype(np.float32)
+    perm = wflw.FLIP_PERMUTATION
+    for i in range(98):
+        if perm[i] > i:
+            points[perm[i]] = (1 - points[i, 0], points[i, 1])
+        elif perm[i] == i:
+            points[i, 0] = 0.5
+    ex = {"image": np.zeros((4, 4, 3), np.uint8), "landmarks": points}
+    np.testing.assert_allclose(ip.flip_horizontally(ex, perm)["landmarks"], points, atol=1e-6)
+    mirrored_only = ip.flip_horizontally(ex, np.arange(98))["landmarks"]  # no left/right swap
+    assert np.abs(mirrored_only - points).max() > 0.1
+
+
+def test_open_source_reads_a_prepared_dataset_and_names_missing_ones(tmp_path):
+    with pytest.raises(ValueError, match="'lfw_subset' is not prepared in data_dir="):
+        ip.open_source("lfw_subset", "test", str(tmp_path))
+    with pytest.raises(ValueError, match="'nope' is not a registered TFDS builder"):
+        ip.open_source("nope", "test", str(tmp_path))
+    prepare("lfw_subset", str(tmp_path))
+    with pytest.raises(ValueError, match="split='val' is not in dataset 'lfw_subset'"):
+        ip.open_source("lfw_subset", "val", str(tmp_path))
+    source = ip.open_source("lfw_subset", "test", str(tmp_path))
+    preprocess = ip.compose(ip.to_rgb(), ip.resize(32), ip.normalize_to_minus_one_one())
+    batches = list(ip.eval_batches(source, preprocess, 16))
+    assert [int(b["mask"].sum()) for b in batches] == [16, 16, 8]
+    assert batches[0]["image"].shape == (16, 32, 32, 3) and batches[0]["label"].shape == (16,)
+
+
+def test_closing_or_dropping_an_iterator_stops_its_thread():
+    import gc
+    import threading
+
+    def prefetch_threads():
+        return [t for t in threading.enumerate() if t.name == "input_pipeline_prefetch"]
+
+    batches = ip.train_batches(make_source(8), ip.compose(), 2, seed=0, prefetch=1)
+    next(batches)
+    batches.close()
+    dropped = ip.train_batches(make_source(8), ip.compose(), 2, seed=0, prefetch=1)
+    next(dropped)
+    del dropped
+    gc.collect()
+    for thread in prefetch_threads():
+        thread.join(timeout=2)
+    assert prefetch_threads() == []
