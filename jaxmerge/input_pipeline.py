@@ -6,10 +6,10 @@ split, a list of dicts). A *preprocess* function maps `(example, rng) -> example
 function of those keys; `compose` chains them.
 
 Training order: the stream is the concatenation of one permutation of the source per epoch,
-`permutation_e = default_rng([seed, e]).permutation(N)`, and global step s holds stream
-positions [s * B, (s + 1) * B). A run restarted with `start_step=s` therefore yields exactly the
-batches (and augmentations) an uninterrupted run yields from step s on. Host h of P reads only
-positions [h * B / P, (h + 1) * B / P) of each global batch.
+`epoch_permutation(N, seed, e)`, and global step s holds stream positions [s * B, (s + 1) * B).
+A run restarted with `start_step=s` therefore yields exactly the batches (and augmentations)
+an uninterrupted run yields from step s on. Host h of P reads only positions
+[h * B / P, (h + 1) * B / P) of each global batch.
 
 Landmarks (`landmarks`, float (K, 2) of (x, y) in [0, 1] of the image width and height, 0 at
 the left/top edge, 1 at the right/bottom edge) follow every geometric op. A horizontal flip maps
@@ -250,8 +250,7 @@ class _Loader:
         examples = _read(self.source, indices)
         work = lambda ex_key: self.preprocess(ex_key[0], example_rng(*ex_key[1]))
         pairs = list(zip(examples, rng_keys))
-        done = list(self.pool.map(work, pairs)) if self.pool else [work(p) for p in pairs]
-        return done
+        return list(self.pool.map(work, pairs)) if self.pool else [work(p) for p in pairs]
 
 
 def train_positions(

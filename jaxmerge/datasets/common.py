@@ -152,16 +152,6 @@ def stratified_split(
     return {name: np.sort(np.asarray(idx, np.int64)) for name, idx in parts.items()}
 
 
-def require_dir(path, what: str):
-    """Returns `path` as an epath, raising ValueError naming `what` when it is not a folder."""
-    from etils import epath
-
-    path = epath.Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{what}: folder {path} does not exist")
-    return path
-
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
