@@ -10,7 +10,8 @@ transformers<5 and the same peft (e.g. `pip install torch==2.13.0 'transformers<
     cd /work/main && /tmp/t4venv/bin/python scripts/make_golden.py --v4
 
 Everything is seeded, so a rerun rewrites the same numbers up to float32 round-off of the
-library versions. The default run writes, under tests/golden/:
+library versions (PEFT writes target_modules from a set, so their order in adapter_config.json
+may change between runs). The default run writes, under tests/golden/:
 
   hf_vit/                 a tiny random `ViTModel` (hidden 32, 2 layers, 2 heads, mlp 64,
                           image 16, patch 4, with pooler), `save_pretrained` format.
@@ -51,10 +52,11 @@ asserts that their outputs equal the v5 goldens.
 
 Export check (default run, needs jaxmerge importable, i.e. jax in this venv): the script loads
 adapters with `jaxmerge.peft_io`, exports them with `save_peft_adapter` to tests/golden/exported/
-(`patterns` in v5 naming, `rslora` in v4 naming re-read here only by jaxmerge, a hand-built
-adapter with a different rank and scale at every target, and a merge made by `jaxmerge.merge`
-when that module exists), loads the v5 exports with `PeftModel.from_pretrained` and asserts the
-outputs equal jaxmerge's within 1e-4 relative. It prints each check.
+(`patterns` in v5 naming, `cls` with its classifier head, `rslora` in v4 naming re-read here
+only by jaxmerge, `mixed`, a hand-built adapter with a different rank and scale at every
+target, and `merged_ties` / `merged_cat`, merges made by `jaxmerge.merge` when it exists),
+loads the v5 exports with `PeftModel.from_pretrained` and asserts the outputs equal jaxmerge's
+within 1e-4 relative. It prints each check. The test suite re-imports these folders too.
 """
 
 from __future__ import annotations
@@ -374,6 +376,7 @@ def export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
     adapters = {}
     for name in ("patterns", "rslora"):
         adapters[name] = peft_io.load_peft_adapter(os.path.join(GOLDEN, "adapters", name))[0]
+    adapters["cls"], head, _ = peft_io.load_peft_adapter(os.path.join(GOLDEN, "adapters", "cls"))
     # Every target a different rank and scale: the shape of a merged (factored) adapter.
     rng = np.random.default_rng(0)
     mixed = lora.map_targets(
@@ -395,13 +398,15 @@ def export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
         merge = None
         print("export check: jaxmerge.merge not found, skipping the merged-adapter export")
     if merge is not None:
-        abc = [peft_io.load_peft_adapter(os.path.join(GOLDEN, "adapters", n))[0] for n in ABC]
-        adapters["merged_cat"] = merge.merge(abc, W3, method="cat")
-
+        load = lambda n: peft_io.load_peft_adapter(os.path.join(GOLDEN, "adapters", n))[0]  # noqa: E731
+        adapters["merged_ties"] = merge.merge([load(n) for n in ABC], "ties", W3, density=0.5)
+        adapters["merged_cat"] = merge.merge([load("a"), load("rank8")], "cat", [0.7, 0.3])
     for name, adapter in adapters.items():
         naming = "v4" if name == "rslora" else "v5"
         folder = os.path.join(exported, name)
-        peft_io.save_peft_adapter(folder, adapter, naming=naming)
+        peft_io.save_peft_adapter(
+            folder, adapter, naming=naming, head=head if name == "cls" else None
+        )
         if naming == "v4":
             again = peft_io.load_peft_adapter(folder)[0]
             err = max(
@@ -411,10 +416,14 @@ def export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
             print(f"export check {name} (v4 names): jaxmerge re-import delta rel err {err:.2e}")
             assert err < 1e-6
             continue
-        peft = PeftModel.from_pretrained(base_model(), folder).eval()
-        want = apply(adapter)
+        peft = PeftModel.from_pretrained(base_model(classifier=name == "cls"), folder).eval()
+        want = dict(apply(adapter))
         got = outputs(peft, pixels)
-        for key, ours in (("last_hidden_state", "tokens"), ("pooler_output", "pooled")):
+        pairs = [("last_hidden_state", "tokens"), ("pooler_output", "pooled")]
+        if name == "cls":
+            want["logits"] = want["tokens"][:, 0] @ head["out"]["kernel"] + head["out"]["bias"]
+            pairs[1] = ("logits", "logits")
+        for key, ours in pairs:
             err = rel_err(got[key], want[ours])
             print(f"export check {name}: PEFT {key} vs jaxmerge {ours}: rel err {err:.2e}")
             assert err < 1e-4, (name, key, err)
