@@ -87,9 +87,13 @@ def resize(height: int, width: int | None = None) -> Preprocess:
             )
         if image.shape[:2] == (height, width):
             return example
-        channels = [Image.fromarray(image[..., c]) for c in range(image.shape[-1])]
-        out = [np.asarray(ch.resize((width, height), Image.Resampling.BILINEAR)) for ch in channels]
-        return _with_image(example, np.stack(out, axis=-1))
+        size, method = (width, height), Image.Resampling.BILINEAR
+        if image.shape[-1] == 3:  # one PIL call for RGB; other channel counts one by one
+            return _with_image(example, np.asarray(Image.fromarray(image).resize(size, method)))
+        channels = [
+            Image.fromarray(image[..., c]).resize(size, method) for c in range(image.shape[-1])
+        ]
+        return _with_image(example, np.stack([np.asarray(c) for c in channels], axis=-1))
 
     return fn
 

@@ -146,6 +146,11 @@ def test_resize_and_random_crop_shapes_and_content():
     ex = {"image": np.full((10, 14, 1), 200, np.uint8), "label": 1}
     assert ip.resize(16)(ex, rng)["image"].shape == (16, 16, 1)
     assert ip.resize(5, 7)(ex, rng)["image"].shape == (5, 7, 1)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)  # RGB path == channel by channel
+    per_channel = [ip.resize(7, 9)({"image": rgb[..., c : c + 1]}, rng)["image"] for c in range(3)]
+    np.testing.assert_array_equal(
+        ip.resize(7, 9)({"image": rgb}, rng)["image"], np.concatenate(per_channel, axis=-1)
+    )
     np.testing.assert_array_equal(ip.random_crop(0)(ex, rng)["image"], ex["image"])
     crops = [ip.random_crop(3)(ex, np.random.default_rng(s))["image"] for s in range(20)]
     assert all(c.shape == (10, 14, 1) for c in crops)
