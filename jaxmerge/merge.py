@@ -222,15 +222,34 @@ def validate(adapters, method, weights, key, params):
 # ----------------------------------------------------------------------------- tree plumbing
 
 
-def _map_nodes(fn, adapters, key):
-    """Applies `fn(nodes, key_or_None)` to each target across adapters; one key per target."""
+def _map_nodes(fn, adapters, key=None, draws=None):
+    """Applies `fn(nodes, noise)` to each target across adapters.
+
+    With a key, `noise` is that target's slice of one flat U[0, 1) draw holding `draws(nodes)`
+    numbers per target (one threefry call: its compile time grows with the number of calls);
+    without, `noise` is None.
+    """
     items = [lora.target_items(adapter) for adapter in adapters]
     paths = [path for path, _ in items[0]]
-    keys = [None] * len(paths) if key is None else list(jax.random.split(key, len(paths)))
+    nodes = [[it[index][1] for it in items] for index in range(len(paths))]
+    noises = [None] * len(paths)
+    if key is not None:
+        counts = [draws(target_nodes) for target_nodes in nodes]
+        uniform = jax.random.uniform(key, (sum(counts),))
+        starts = [sum(counts[:index]) for index in range(len(counts))]
+        noises = [uniform[start : start + count] for start, count in zip(starts, counts)]
     out: Tree = {}
-    for index, path in enumerate(paths):
-        out = lora.set_at(out, path, fn([it[index][1] for it in items], keys[index]))
+    for path, target_nodes, noise in zip(paths, nodes, noises):
+        out = lora.set_at(out, path, fn(target_nodes, noise))
     return out
+
+
+def _factor_draws(nodes):
+    return sum(n["lora_a"].size + n["lora_b"].size for n in nodes)
+
+
+def _dense_draws(nodes):
+    return len(nodes) * nodes[0]["lora_a"].shape[0] * nodes[0]["lora_b"].shape[1]
 
 
 def _max_rank(adapters) -> int:
@@ -282,28 +301,29 @@ def cat(adapters, weights, key):
     def node(nodes, _):
         return _adapter_node(*_weighted_factors(nodes, weights), nodes[0]["lora_a"].dtype)
 
-    return _map_nodes(node, adapters, None)
+    return _map_nodes(node, adapters)
 
 
 def _factor_space(adapters, weights, key, combine):
     """PEFT's factor-space merge: with `c_i = w_i s_i`, A and B are combined separately as
     `a = combine(a_i, sign(c_i) sqrt|c_i|)` and `b = combine(b_i, sqrt|c_i|)`."""
 
-    def node(nodes, node_key):
+    def node(nodes, noise):
         coefficients = weights * _scales(nodes)
         root = jnp.sqrt(jnp.abs(coefficients))
-        keys = (None, None) if node_key is None else jax.random.split(node_key)
-        a = combine(_stack(nodes, "lora_a"), jnp.where(coefficients >= 0, root, -root), keys[0])
-        b = combine(_stack(nodes, "lora_b"), root, keys[1])
+        a, b = _stack(nodes, "lora_a"), _stack(nodes, "lora_b")
+        noise_a, noise_b = (None, None) if noise is None else (noise[: a.size], noise[a.size :])
+        a = combine(a, jnp.where(coefficients >= 0, root, -root), noise_a)
+        b = combine(b, root, noise_b)
         return _adapter_node(a, b, nodes[0]["lora_a"].dtype)
 
-    return _map_nodes(node, adapters, key)
+    return _map_nodes(node, adapters, key, _factor_draws)
 
 
 def _combiner(kind: str, density: float = 1.0, majority_sign_method: str = "total"):
     """`combine(tensors, weights, key)` of PEFT's merge_utils for one method kind."""
 
-    def combine(tensors, weights, key):
+    def combine(tensors, weights, noise):
         if kind == "linear":
             return mu.weighted_sum(tensors, weights)
         if kind == "magnitude_prune":
@@ -313,8 +333,8 @@ def _combiner(kind: str, density: float = 1.0, majority_sign_method: str = "tota
                 mu.magnitude_prune(tensors, density), weights, majority_sign_method
             )
         if kind == "dare_linear":
-            return mu.weighted_sum(mu.random_prune(key, tensors, density), weights)
-        pruned = mu.random_prune(key, tensors, density)  # dare_ties
+            return mu.weighted_sum(mu.random_prune(noise, tensors, density), weights)
+        pruned = mu.random_prune(noise, tensors, density)  # dare_ties
         return mu.ties_combine(pruned, weights, majority_sign_method)
 
     return combine
@@ -362,14 +382,14 @@ def _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp):
     `u_r (s_r vh_r)` becomes `(lora_a, lora_b)`, optionally clamped (see `mu.clamp_factors`)."""
     rank = svd_rank or _max_rank(adapters)
 
-    def node(nodes, node_key):
-        u, s, vh = mu.dense_svd(combine(_deltas(nodes), weights, node_key))
+    def node(nodes, noise):
+        u, s, vh = mu.dense_svd(combine(_deltas(nodes), weights, noise))
         a, b = mu.truncate(u, s, vh, rank)
         if svd_clamp is not None:
             a, b = mu.clamp_factors(a, b, svd_clamp)
         return _adapter_node(a, b, nodes[0]["lora_a"].dtype)
 
-    return _map_nodes(node, adapters, key)
+    return _map_nodes(node, adapters, key, _dense_draws)
 
 
 @register("svd", peft=True)
@@ -388,7 +408,7 @@ def svd(adapters, weights, key, *, svd_rank=None, svd_clamp=None):
             a, b = mu.clamp_factors(a, b, svd_clamp)
         return _adapter_node(a, b, nodes[0]["lora_a"].dtype)
 
-    return _map_nodes(node, adapters, None)
+    return _map_nodes(node, adapters)
 
 
 @register("ties_svd", peft=True)
@@ -427,10 +447,10 @@ def magnitude_prune_svd(adapters, weights, key, *, density, svd_rank=None, svd_c
 
 
 def _delta_output(adapters, merged_node, output, rank):
-    """Maps `merged_node(nodes, key) -> ("dense", dW) | ("lowrank", a, b)` to the output kind."""
+    """Maps `merged_node(nodes, noise) -> ("dense", dW) | ("lowrank", a, b)` to the output kind."""
     rank = rank or _max_rank(adapters)
 
-    def finish(nodes, node_key, parts):
+    def finish(nodes, parts):
         dtype = nodes[0]["lora_a"].dtype
         if output == "delta":
             delta = parts[1] if parts[0] == "dense" else mu.matmul(parts[1], parts[2])
@@ -438,7 +458,7 @@ def _delta_output(adapters, merged_node, output, rank):
         svd_parts = mu.dense_svd(parts[1]) if parts[0] == "dense" else mu.thin_svd(*parts[1:])
         return _adapter_node(*mu.truncate(*svd_parts, rank), dtype)
 
-    return lambda nodes, node_key: finish(nodes, node_key, merged_node(nodes, node_key))
+    return lambda nodes, noise: finish(nodes, merged_node(nodes, noise))
 
 
 @register("task_arithmetic")
@@ -453,7 +473,7 @@ def task_arithmetic(adapters, weights, key, *, scale=1.0, output="delta", rank=N
         a, b = _weighted_factors(nodes, weights)
         return ("lowrank", scale * a, b)
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters, None)
+    return _map_nodes(_delta_output(adapters, node, output, rank), adapters)
 
 
 @register("ties_delta")
@@ -481,7 +501,7 @@ def ties_delta(
         mask = mu.majority_sign_mask(weighted, majority_sign_method)
         return ("dense", scale * mu.disjoint_mean(weighted, mask))
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters, None)
+    return _map_nodes(_delta_output(adapters, node, output, rank), adapters)
 
 
 @register("dare_delta", needs_key=True)
@@ -489,11 +509,11 @@ def dare_delta(adapters, weights, key, *, density=0.1, scale=1.0, output="delta"
     """DARE (Yu et al. 2023) on dW: `dW = scale * sum_i w_i m_i dW_i / density`, with
     `m_i ~ Bernoulli(density)` per entry, so that E[dW] is the task-arithmetic sum."""
 
-    def node(nodes, node_key):
-        pruned = mu.random_prune(node_key, _deltas(nodes), density)
+    def node(nodes, noise):
+        pruned = mu.random_prune(noise, _deltas(nodes), density)
         return ("dense", scale * mu.weighted_sum(pruned, weights))
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters, key)
+    return _map_nodes(_delta_output(adapters, node, output, rank), adapters, key, _dense_draws)
 
 
 @register("breadcrumbs")
@@ -510,7 +530,7 @@ def breadcrumbs(
         masked = jnp.stack([d * mu.magnitude_band_mask(d, density, gamma) for d in deltas])
         return ("dense", scale * mu.weighted_sum(masked, weights))
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters, None)
+    return _map_nodes(_delta_output(adapters, node, output, rank), adapters)
 
 
 @register("knots")
@@ -558,4 +578,4 @@ def knots(
             merged = weighted.sum(0)
         return ("lowrank", scale * merged * s, mu.matmul(vh_core, q_b.T))
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters, None)
+    return _map_nodes(_delta_output(adapters, node, output, rank), adapters)
