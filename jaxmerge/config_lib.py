@@ -1,0 +1,192 @@
+"""The training config: its defaults, its validation, and one-line errors for the CLIs.
+
+Every `configs/*.py` starts from `base_config()` and overrides what it needs, so every config
+has every field and `validate` can check each one before anything compiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+
+import ml_collections
+
+from jaxmerge import lora, tasks, vit
+from jaxmerge.checkpoint import CheckpointError
+
+BASE_SOURCES = ("random", "checkpoint", "hf", "bigvision")
+MODES = ("lora", "head", "full")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a training run reads, with defaults for a small offline run."""
+    c = ml_collections.ConfigDict()
+    c.task = "digits"
+    c.mode = "lora"  # lora: adapter + head; head: head finetuning; full: everything
+    c.seed = 0
+    c.data_dir = ""  # TFDS data_dir; "" = the TFDS default (~/tensorflow_datasets)
+    c.manual_dir = ""  # where the paper's hand-downloaded files are
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "Ti/4"
+    c.model.image_size = 32
+    c.model.pool = "cls"
+    c.model.pooler = False
+    c.model.layer_norm_eps = 1e-6
+    c.model.gelu_approximate = False
+    c.model.dtype = "float32"
+    c.model.overrides = ml_collections.ConfigDict(
+        {"depth": 0, "width": 0, "mlp_dim": 0, "num_heads": 0}
+    )
+
+    c.base = ml_collections.ConfigDict()
+    c.base.source = "random"  # random | checkpoint (a jaxmerge run folder) | hf | bigvision
+    c.base.path = ""
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 8
+    c.lora.alpha = 8.0
+    c.lora.targets = "qv"
+    c.lora.dropout = 0.0
+    c.lora.use_rslora = False
+
+    c.head = ml_collections.ConfigDict()
+    c.head.hidden = 256
+
+    c.batch_size = 128
+    c.eval_batch_size = 256
+    c.steps = 300
+    c.learning_rate = 1e-3
+    c.warmup_steps = 30
+    c.end_learning_rate_factor = 0.01
+    c.weight_decay = 1e-4
+    c.grad_clip_norm = 1.0
+    c.crop_padding = 2  # random-crop padding in pixels (0: no crop augmentation)
+    c.log_every = 10
+    c.checkpoint_every = 100
+    return c
+
+
+def _check(ok: bool, field: str, value, allowed: str):
+    if not ok:
+        raise ValueError(f"config.{field}: got {value!r}; allowed: {allowed}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad field, its value and what is allowed."""
+    import jax
+
+    tasks.get(c.task)
+    _check(c.mode in MODES, "mode", c.mode, str(MODES))
+    _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
+    vit.variant(c.model.variant)
+    _check(c.model.pool in vit.POOLS, "model.pool", c.model.pool, str(vit.POOLS))
+    _check(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, str(DTYPES))
+    patch = vit.variant(c.model.variant)["patch_size"]
+    _check(
+        isinstance(c.model.image_size, int)
+        and c.model.image_size > 0
+        and c.model.image_size % patch == 0,
+        "model.image_size",
+        c.model.image_size,
+        f"a positive multiple of the patch size {patch}",
+    )
+    _check(c.base.source in BASE_SOURCES, "base.source", c.base.source, str(BASE_SOURCES))
+    if c.base.source != "random":
+        _check(
+            bool(c.base.path), "base.path", c.base.path, f"a path (base.source={c.base.source!r})"
+        )
+    if c.mode == "lora":
+        lora_config(c)  # LoraConfig validates rank, alpha, dropout and the target regex
+    _check(
+        isinstance(c.head.hidden, int) and c.head.hidden >= 0,
+        "head.hidden",
+        c.head.hidden,
+        "an integer >= 0",
+    )
+    devices = jax.device_count()
+    for field in ("batch_size", "eval_batch_size"):
+        value = c[field]
+        _check(
+            isinstance(value, int) and value > 0 and value % devices == 0,
+            field,
+            value,
+            f"a positive multiple of the device count {devices}",
+        )
+    for field in ("steps", "log_every", "checkpoint_every"):
+        _check(isinstance(c[field], int) and c[field] > 0, field, c[field], "an integer > 0")
+    _check(
+        0 <= c.warmup_steps < c.steps,
+        "warmup_steps",
+        c.warmup_steps,
+        f"0 <= warmup_steps < steps={c.steps}",
+    )
+    _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
+    _check(
+        0 <= c.end_learning_rate_factor <= 1,
+        "end_learning_rate_factor",
+        c.end_learning_rate_factor,
+        "[0, 1]",
+    )
+    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "a number >= 0")
+    _check(c.grad_clip_norm > 0, "grad_clip_norm", c.grad_clip_norm, "a number > 0")
+    _check(
+        isinstance(c.crop_padding, int) and c.crop_padding >= 0,
+        "crop_padding",
+        c.crop_padding,
+        "an integer >= 0",
+    )
+    _check(
+        c.checkpoint_every % min(c.log_every, 10) == 0,
+        "checkpoint_every",
+        c.checkpoint_every,
+        f"a multiple of min(log_every, 10) = {min(c.log_every, 10)}, so checkpoints follow a NaN check",
+    )
+
+
+def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig:
+    """The LoraConfig of a training config (its own validation names the bad field)."""
+    return lora.LoraConfig(
+        rank=c.lora.rank,
+        alpha=float(c.lora.alpha),
+        targets=c.lora.targets,
+        use_rslora=c.lora.use_rslora,
+        dropout=c.lora.dropout,
+    )
+
+
+def vit_kwargs(c: ml_collections.ConfigDict) -> dict:
+    """ViT constructor arguments from `config.model` (a variant plus explicit overrides)."""
+    overrides = {k: v for k, v in c.model.overrides.items() if v}
+    return vit.variant(
+        c.model.variant,
+        image_size=c.model.image_size,
+        pool=c.model.pool,
+        pooler=c.model.pooler,
+        layer_norm_eps=c.model.layer_norm_eps,
+        gelu_approximate=c.model.gelu_approximate,
+        **overrides,
+    )
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """'task=digits,mode=head' -> {'task': 'digits', 'mode': 'head'} (the `get_config(arg)`)."""
+    if not arg:
+        return {}
+    pairs = [p for p in arg.split(",") if p]
+    bad = [p for p in pairs if not re.fullmatch(r"\w+=[^=]*", p)]
+    if bad:
+        raise ValueError(f"config argument: {bad[0]!r} is not key=value")
+    return dict(p.split("=", 1) for p in pairs)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Turns a bad config or input into one line on stderr and exit status 2, not a traceback."""
+    try:
+        yield
+    except (ValueError, FloatingPointError, CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,97 @@
+"""Task data for training and evaluation: a task's TFDS split, preprocessed, batched, sharded.
+
+This joins the task registry to the TF-free input pipeline: it opens the task's dataset
+(preparing it on first use: offline builders need nothing, the paper's need
+`config.manual_dir`), picks the preprocessing for the model's image size, and places each
+host's slice of the global batch on the ('data',) mesh.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmerge import input_pipeline as pipeline
+from jaxmerge import tasks
+
+
+def data_dir(config) -> str:
+    return os.path.expanduser(config.data_dir or os.path.join("~", "tensorflow_datasets"))
+
+
+def open_split(task: tasks.Task, split: str, config) -> pipeline.Source:
+    """The task's split as a random-access source, preparing the dataset if it is not yet."""
+    from jaxmerge.datasets import BUILDERS, prepare
+
+    directory = data_dir(config)
+    builder_name = task.dataset.split("/")[0]
+    if builder_name in BUILDERS:
+        builder = BUILDERS[builder_name](
+            config=task.dataset.partition("/")[2] or None, data_dir=directory
+        )
+        if not builder.is_prepared():
+            prepare.prepare(task.dataset, directory, config.manual_dir or None)
+    return pipeline.open_source(task.dataset, split, directory)
+
+
+def preprocess(task: tasks.Task, image_size: int, train: bool, crop_padding: int = 0):
+    """Resize to the model's size, 3 channels, training augmentation, scale to [-1, 1]."""
+    steps = [pipeline.resize(image_size), pipeline.to_rgb()]
+    if train and crop_padding:
+        steps.append(pipeline.random_crop(crop_padding))
+    if train and task.flip:
+        steps.append(pipeline.random_flip(task.flip_permutation))
+    steps += [pipeline.normalize_to_minus_one_one(), pipeline.keep("image", task.target)]
+    return pipeline.compose(*steps)
+
+
+def train_batches(task: tasks.Task, config, model_def, start_step: int = 0) -> Iterator[dict]:
+    """This host's slices of the global training batches, from `start_step` on."""
+    source = open_split(task, task.train_split, config)
+    return pipeline.train_batches(
+        source,
+        preprocess(task, model_def.image_size, True, config.crop_padding),
+        config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def eval_batches(task: tasks.Task, config, model_def, split: str | None = None) -> Iterator[dict]:
+    """Every example of the eval split once, with a `mask` marking padding."""
+    source = open_split(task, split or task.eval_split, config)
+    return pipeline.eval_batches(
+        source,
+        preprocess(task, model_def.image_size, False),
+        config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """This host's slice of a global batch -> global arrays sharded along 'data'."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for name, value in batch.items()
+    }
+
+
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D ('data',) mesh over every device of every host (or the given ones).
+
+    Auto axes: XLA propagates the batch sharding through the model, so the model code needs no
+    sharding annotations.
+    """
+    devices = jax.devices() if devices is None else devices
+    return jax.sharding.Mesh(
+        np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )

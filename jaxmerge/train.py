@@ -1,0 +1,248 @@
+"""Train one LoRA adapter (or a head-finetuning baseline, or the full model) for one task.
+
+    python -m jaxmerge.train --config configs/adapter.py:task=digits --workdir /tmp/jm
+
+Data parallel: one jitted update (state donated) on a 1-D ('data',) mesh over every device of
+every host; the batch is sharded along it and parameters are replicated. The base is an input
+of the update, never part of the optimised state, so it has no optimizer state.
+
+Outputs, under `workdir/<mode>/<task>/`: Orbax checkpoints (`checkpoint.py`), `metrics.jsonl`
+(one line per logged step and per evaluation) and `result.json` (the final evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import app, flags, logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from jaxmerge import checkpoint, config_lib, data, heads, lora, models, tasks
+
+Tree = Any
+MODES = ("lora", "head", "full")
+# Wait on a result at least this often: multi-device CPU loops that never wait can deadlock in
+# a collective (seen here after ~60 s), and NaN checks need the value anyway.
+MAX_STEPS_WITHOUT_SYNC = 10
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Tree  # what is trained: {"lora", "head"}, {"head"} or {"base", "head"}
+    opt_state: Tree
+
+
+def run_dir(workdir: str, mode: str, task: str) -> str:
+    """Where one run's checkpoints and metrics live: adapters/, heads/ or full/ per task."""
+    return os.path.join(workdir, {"lora": "adapters", "head": "heads", "full": "full"}[mode], task)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warmup, cosine decay and global-norm clipping.
+
+    Weight decay applies to matrices only (not biases, norms or the constant LoRA `scale`).
+    """
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * config.end_learning_rate_factor,
+    )
+    matrices_only = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(schedule, weight_decay=config.weight_decay, mask=matrices_only),
+    )
+
+
+def init_params(config, model_def, head_def, base: Tree, key: jax.Array) -> Tree:
+    """The trained parameters of a new run: adapter and/or base copy, and a fresh head."""
+    lora_key, head_key = jax.random.split(key)
+    feature = jnp.zeros((1, model_def.width), jnp.float32)
+    params = {"head": head_def.init(head_key, feature)["params"]}
+    if config.mode == "lora":
+        params["lora"] = lora.init_adapter(lora_key, base, config_lib.lora_config(config))
+    elif config.mode == "full":
+        params["base"] = base
+    return params
+
+
+def _forward(model_def, head_def, params: Tree, base: Tree, images, train: bool, rng=None):
+    variables = {"params": params.get("base", base)}
+    if "lora" in params:
+        variables["lora"] = params["lora"]
+    rngs = {"dropout": rng} if train else {}
+    pooled = model_def.apply(variables, images, train=train, rngs=rngs)["pooled"]
+    return head_def.apply({"params": params["head"]}, pooled)
+
+
+def make_train_step(model_def, head_def, task: tasks.Task, optimizer):
+    """update(state, base, batch, rng) -> (state, metrics), jitted with the state donated."""
+    kind, spec = task.head_kind, task.loss_spec
+
+    def loss_fn(params, base, batch, rng):
+        outputs = _forward(model_def, head_def, params, base, batch["image"], True, rng)
+        return kind.loss(outputs, batch, spec).mean(), outputs
+
+    def update(state: TrainState, base: Tree, batch: dict, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, base, batch, rng
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {name: v.mean() for name, v in kind.metrics(outputs, batch, spec).items()}
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(update, donate_argnums=(0,))
+
+
+def make_eval_step(model_def, head_def, task: tasks.Task):
+    """eval_step(params, base, batch) -> {metric: sum over unmasked examples, "count": n}."""
+    kind, spec = task.head_kind, task.loss_spec
+
+    def eval_step(params, base, batch):
+        outputs = _forward(model_def, head_def, params, base, batch["image"], False)
+        mask = batch["mask"].astype(jnp.float32)
+        sums = {k: (v * mask).sum() for k, v in kind.metrics(outputs, batch, spec).items()}
+        return {**sums, "count": mask.sum()}
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step, params, base, batches, mesh) -> dict[str, float]:
+    """Averages each metric over every example of an eval split (padding masked out)."""
+    totals: dict[str, float] = {}
+    for batch in batches:
+        sums = jax.device_get(eval_step(params, base, data.shard_batch(batch, mesh)))
+        for name, value in sums.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    count = totals.pop("count")
+    return {name: value / count for name, value in totals.items()} | {"examples": int(count)}
+
+
+def _log(path: str, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) the run the config describes and returns its final evaluation."""
+    config_lib.validate(config)  # every value checked before anything compiles
+    task = tasks.get(config.task)
+    mesh = data.data_mesh()
+    replicated = NamedSharding(mesh, P())
+
+    model_def, base, base_info = models.load_base(config)
+    head_def = heads.MlpHead(config.head.hidden, task.outputs)
+    base = jax.device_put(base, replicated)
+    base_print = checkpoint.fingerprint(base)
+    optimizer = make_optimizer(config)
+
+    params = init_params(config, model_def, head_def, base, jax.random.key(config.seed))
+    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    state = jax.device_put(state, replicated)
+
+    directory = run_dir(workdir, config.mode, config.task)
+    os.makedirs(directory, exist_ok=True)
+    mngr = checkpoint.manager(os.path.join(directory, "checkpoints"))
+    metadata = {
+        "task": task.name,
+        "mode": config.mode,
+        "model": base_info,
+        "lora": config.lora.to_dict() if config.mode == "lora" else None,
+        "head": {"hidden": config.head.hidden, "outputs": task.outputs, "kind": task.kind},
+        "base_fingerprint": base_print,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    if mngr.latest_step() is not None:
+        params, opt_state, _ = checkpoint.restore(
+            mngr, state.params, state.opt_state, expected_base=base_print
+        )
+        step = jnp.asarray(mngr.latest_step(), jnp.int32)
+        state = jax.device_put(TrainState(step, params, opt_state), replicated)
+        logging.info("resumed %s at step %d", directory, mngr.latest_step())
+    start = int(state.step)
+
+    train_step = make_train_step(model_def, head_def, task, optimizer)
+    eval_step = make_eval_step(model_def, head_def, task)
+    rng = jax.random.key(config.seed + 1)
+    metrics_path = os.path.join(directory, "metrics.jsonl")
+    batches = data.train_batches(task, config, model_def, start_step=start)
+    sync_every = min(config.log_every, MAX_STEPS_WITHOUT_SYNC)
+
+    bar = tqdm(total=config.steps, initial=start, desc=f"{config.mode}:{task.name}", unit="step")
+    last_time, last_step = time.perf_counter(), start
+    for step in range(start, config.steps):
+        state, metrics = train_step(state, base, data.shard_batch(next(batches), mesh), rng)
+        done = step + 1
+        if done % sync_every and done != config.steps:
+            continue
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(
+                f"{directory}: loss became {metrics['loss']} at step {done}; the last good "
+                f"checkpoint (step {mngr.latest_step()}) is kept; lower config.learning_rate"
+            )
+        now = time.perf_counter()
+        images_per_s = (done - last_step) * config.batch_size / (now - last_time)
+        last_time, last_step = now, done
+        bar.update(done - bar.n)
+        main = task.head_kind.main_metric
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}",
+            **{main: f"{metrics.get(main, 0):.3f}"},
+            img_s=f"{images_per_s:.0f}",
+        )
+        if done % config.log_every == 0 or done == config.steps:
+            _log(
+                metrics_path,
+                {"step": done, "split": "train", "images_per_s": images_per_s, **metrics},
+            )
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            checkpoint.save(mngr, done, state.params, state.opt_state, metadata)
+    bar.close()
+
+    result = evaluate(
+        eval_step, state.params, base, data.eval_batches(task, config, model_def), mesh
+    )
+    result = {"task": task.name, "mode": config.mode, "step": int(state.step), **result}
+    _log(metrics_path, {"split": task.eval_split, **result})
+    with open(os.path.join(directory, "result.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() (TPU pods, SLURM, ...)."
+)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    with config_lib.one_line_errors():
+        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
