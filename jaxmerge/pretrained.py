@@ -83,13 +83,16 @@ def hf_module_path(module: str) -> str | None:
     return sub and f"block_{match.group(1)}/{sub}"
 
 
-def hf_to_params(state: Mapping[str, np.ndarray]) -> tuple[Tree, Tree | None]:
-    """Renames and transposes a Hugging Face ViT state dict into (params, head or None).
+def hf_to_params(state: Mapping[str, np.ndarray]) -> tuple[Tree, Tree | None, dict[str, str]]:
+    """Renames and transposes a Hugging Face ViT state dict into (params, head or None, names).
+
+    `names` maps each jaxmerge parameter path to the tensor name it came from.
 
     Raises:
       ValueError: for a tensor name that is not part of a ViTModel/ViTForImageClassification.
     """
     params: dict = {}
+    names = {}
     for name, value in state.items():
         if name.removeprefix("vit.") in _HF_IGNORED:
             continue
@@ -102,13 +105,13 @@ def hf_to_params(state: Mapping[str, np.ndarray]) -> tuple[Tree, Tree | None]:
                 f"Hugging Face checkpoint: parameter {name!r} is not part of a ViT "
                 f"({'/'.join(HF_ARCHITECTURES)}); is this another architecture?"
             )
-        if leaf is None:
-            params = lora.set_at(params, path, np.asarray(value))
-        else:
+        if leaf is not None:
             leaf, value = _hf_leaf(path, leaf, np.asarray(value))
-            params = lora.set_at(params, f"{path}/{leaf}", value)
+            path = f"{path}/{leaf}"
+        params = lora.set_at(params, path, np.asarray(value))
+        names[path] = name
     head = params.pop("head", None)
-    return params, head
+    return params, head, names
 
 
 def _read_json(path: str) -> dict:
@@ -191,8 +194,15 @@ def hf_vit_kwargs(config: Mapping, *, pooler: bool, source: str = "config.json")
     )
 
 
-def check_params(vit_kwargs: Mapping, params: Tree, source: str) -> None:
-    """Raises a ValueError naming the first parameter missing, extra or of the wrong shape."""
+def check_params(
+    vit_kwargs: Mapping, params: Tree, source: str, names: Mapping[str, str] | None = None
+) -> None:
+    """Raises a ValueError naming the first parameter missing, extra or of the wrong shape.
+
+    `names` maps jaxmerge paths to the checkpoint's own tensor names, quoted as well.
+    """
+    names = names or {}
+    quote = lambda path: f"{path!r}" + (f" ({names[path]!r})" if path in names else "")  # noqa: E731
     model = vit.ViT(**vit_kwargs)
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels), "f4")
     expected = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
@@ -208,10 +218,10 @@ def check_params(vit_kwargs: Mapping, params: Tree, source: str) -> None:
         if path not in got:
             raise ValueError(f"{source}: parameter {path!r} is missing")
         if path not in want:
-            raise ValueError(f"{source}: parameter {path!r} is not part of ViT({vit_kwargs})")
+            raise ValueError(f"{source}: parameter {quote(path)} is not part of ViT({vit_kwargs})")
         if tuple(got[path]) != tuple(want[path]):
             raise ValueError(
-                f"{source}: parameter {path!r} has shape {tuple(got[path])}; the config "
+                f"{source}: parameter {quote(path)} has shape {tuple(got[path])}; the config "
                 f"implies {tuple(want[path])}"
             )
 
@@ -236,7 +246,7 @@ def load_hf_vit(folder: str, *, dtype=jnp.float32) -> tuple[dict, Tree, Tree | N
         parameter whose shape does not match the config (naming the parameter).
     """
     config = _read_json(os.path.join(folder, "config.json"))
-    params, head = hf_to_params(_read_safetensors(folder))
+    params, head, names = hf_to_params(_read_safetensors(folder))
     source = f"Hugging Face checkpoint {folder!r}"
     vit_kwargs = hf_vit_kwargs(config, pooler="pooler" in params, source=source)
     if not config.get("qkv_bias", True):
@@ -244,7 +254,7 @@ def load_hf_vit(folder: str, *, dtype=jnp.float32) -> tuple[dict, Tree, Tree | N
             for name in ("query", "key", "value"):
                 path = f"block_{i}/attention/{name}/bias"
                 params = lora.set_at(params, path, np.zeros(vit_kwargs["width"], np.float32))
-    check_params(vit_kwargs, params, source)
+    check_params(vit_kwargs, params, source, names)
     if head is not None and np.shape(head["out"]["kernel"])[0] != vit_kwargs["width"]:
         raise ValueError(
             f"{source}: parameter 'classifier.weight' has shape "
