@@ -66,6 +66,6 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[vit.ViT, Tree, dict]:
     else:
         from jaxmerge import pretrained
 
-        kwargs, params = pretrained.load_bigvision_npz(path, image_size=config.model.image_size)
+        kwargs, params = pretrained.load_bigvision_npz(path, image_size=config.model.image_size)[:2]
     kwargs = {k: (v.item() if hasattr(v, "item") else v) for k, v in kwargs.items()}
     return build(kwargs, config), params, {k: kwargs[k] for k in ARCHITECTURE_KEYS if k in kwargs}

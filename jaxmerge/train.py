@@ -104,7 +104,7 @@ def make_train_step(model_def, head_def, task: tasks.Task, optimizer):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {name: v.mean() for name, v in kind.metrics(outputs, batch, spec).items()}
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(update, donate_argnums=(0,))

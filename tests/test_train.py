@@ -1,0 +1,268 @@
+"""Training: sharded step = single-device step, resume after a kill, checkpoint integrity,
+NaN stop, config errors, and the three modes on real data (scikit-learn digits)."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmerge import checkpoint, config_lib, data, heads, tasks, train, vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, **overrides):
+    config = config_lib.base_config()
+    config.task = "digits"
+    config.data_dir = str(data_dir)
+    config.model.variant = "mu/4"
+    config.model.image_size = 8
+    config.batch_size = 16
+    config.eval_batch_size = 64
+    config.steps = 30
+    config.warmup_steps = 3
+    config.log_every = 5
+    config.checkpoint_every = 10
+    config.head.hidden = 16
+    config.crop_padding = 0  # 2-pixel shifts of an 8-pixel digit erase it
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from jaxmerge.datasets import prepare
+
+    directory = tmp_path_factory.mktemp("tfds")
+    prepare.prepare("sklearn_digits", str(directory))
+    return directory
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def test_sharded_step_equals_single_device_step():
+    """8 devices, batch split 8 ways, give the same update as 1 device (dropout included)."""
+    assert jax.device_count() == 8
+    config = tiny_config("", **{"lora.dropout": 0.1, "lora.targets": "all"})
+    model = vit.ViT(**vit.variant("mu/4", image_size=8), lora_dropout=0.1)
+    head = heads.MlpHead(16, 10)
+    task = tasks.get("digits")
+    base = vit.init_params(model, jax.random.key(0))
+    optimizer = train.make_optimizer(config)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, 16).astype(np.int32),
+    }
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = data.data_mesh(devices)
+        params = train.init_params(config, model, head, base, jax.random.key(1))
+        state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+        step = train.make_train_step(model, head, task, optimizer)
+        for _ in range(3):
+            state, metrics = step(
+                state,
+                jax.device_put(base, NamedSharding(mesh, P())),
+                data.shard_batch(batch, mesh),
+                jax.random.key(2),
+            )
+        assert len(
+            state.params["lora"]["block_0"]["attention"]["query"]["lora_a"].sharding.device_set
+        ) == len(devices)
+        results.append((flat(state.params), float(metrics["loss"])))
+    (single, loss1), (sharded, loss8) = results
+    assert (
+        np.abs(single - flat(train.init_params(config, model, head, base, jax.random.key(1)))).max()
+        > 1e-4
+    )
+    np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-6)
+    assert loss8 == pytest.approx(loss1, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["lora", "head", "full"])
+def test_modes_train_what_they_should(data_dir, tmp_path, mode):
+    config = tiny_config(data_dir, mode=mode, steps=20)
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["examples"] == 359 and 0.0 <= result["accuracy"] <= 1.0
+    params, metadata = checkpoint.load(
+        os.path.join(train.run_dir(str(tmp_path), mode, "digits"), "checkpoints")
+    )
+    expected = {"lora": {"lora", "head"}, "head": {"head"}, "full": {"base", "head"}}[mode]
+    assert set(params) == expected and metadata["mode"] == mode and metadata["step"] == 20
+    lines = (
+        open(os.path.join(train.run_dir(str(tmp_path), mode, "digits"), "metrics.jsonl"))
+        .read()
+        .splitlines()
+    )
+    assert len(lines) == 20 // 5 + 1  # every log_every steps, plus the evaluation
+
+
+def test_adapter_learns_digits(data_dir, tmp_path):
+    """A real (if short) run on a random base: far above chance (0.1) on held-out digits."""
+    config = tiny_config(
+        data_dir,
+        steps=150,
+        learning_rate=3e-3,
+        checkpoint_every=150,
+        **{"lora.targets": "all", "lora.rank": 4},
+    )
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["accuracy"] > 0.4  # 0.62 when written
+
+
+def _train_command(workdir, data_dir, steps):
+    return [
+        sys.executable,
+        "-m",
+        "jaxmerge.train",
+        "--config",
+        f"{ROOT}/configs/adapter.py:task=digits",
+        f"--workdir={workdir}",
+        f"--config.data_dir={data_dir}",
+        "--config.model.variant=mu/4",
+        "--config.model.overrides.depth=1",
+        "--config.model.overrides.width=32",
+        "--config.model.overrides.mlp_dim=64",
+        "--config.model.overrides.num_heads=2",
+        "--config.model.image_size=8",
+        "--config.batch_size=16",
+        "--config.head.hidden=16",
+        f"--config.steps={steps}",
+        "--config.warmup_steps=2",
+        "--config.log_every=5",
+        "--config.checkpoint_every=10",
+        "--config.lora.dropout=0.1",
+        "--config.crop_padding=1",
+    ]
+
+
+def _env():
+    return {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+
+
+def test_killed_run_resumes_to_the_same_adapter(data_dir, tmp_path):
+    steps = 200
+    straight = subprocess.run(
+        _train_command(tmp_path / "straight", data_dir, steps),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train_command(killed, data_dir, steps),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = killed / "adapters" / "digits" / "checkpoints"
+    deadline = time.time() + 300
+    while not glob.glob(str(checkpoints / "[1-9]*[0-9]")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = sorted(int(os.path.basename(p)) for p in glob.glob(str(checkpoints / "[0-9]*")))
+    assert kept and kept[-1] < steps, f"the run was not interrupted: {kept}"
+
+    resumed = subprocess.run(
+        _train_command(killed, data_dir, steps),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, _ = checkpoint.load(str(tmp_path / "straight" / "adapters" / "digits" / "checkpoints"))
+    b, _ = checkpoint.load(str(checkpoints))
+    np.testing.assert_allclose(flat(b), flat(a), rtol=1e-5, atol=1e-7)
+
+
+def _flip_a_byte(step_dir):
+    files = [f for f in glob.glob(f"{step_dir}/params/**/d/*", recursive=True) if os.path.isfile(f)]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.seek(os.path.getsize(biggest) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_corrupted_checkpoint_is_named_and_earlier_ones_kept(data_dir, tmp_path):
+    config = tiny_config(data_dir, steps=20)
+    train.train_and_evaluate(config, str(tmp_path))
+    checkpoints = os.path.join(train.run_dir(str(tmp_path), "lora", "digits"), "checkpoints")
+    _flip_a_byte(os.path.join(checkpoints, "20"))
+    with pytest.raises(checkpoint.CheckpointError, match=os.path.join(checkpoints, "20")):
+        checkpoint.load(checkpoints)
+    with pytest.raises(checkpoint.CheckpointError, match="checksum"):
+        train.train_and_evaluate(tiny_config(data_dir, steps=30), str(tmp_path))
+    assert os.path.isdir(os.path.join(checkpoints, "10"))
+    checkpoint.load(checkpoints, step=10)  # the earlier step is intact
+
+
+def test_other_base_is_refused(data_dir, tmp_path):
+    train.train_and_evaluate(tiny_config(data_dir, steps=10), str(tmp_path))
+    other = tiny_config(data_dir, steps=20, seed=1)  # another random base
+    with pytest.raises(checkpoint.CheckpointError, match="trained on base"):
+        train.train_and_evaluate(other, str(tmp_path))
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(data_dir, tmp_path):
+    config = tiny_config(
+        data_dir, steps=40, learning_rate=1e38, warmup_steps=0, grad_clip_norm=1e38
+    )
+    with pytest.raises(FloatingPointError, match="loss became"):
+        train.train_and_evaluate(config, str(tmp_path))
+    checkpoints = os.path.join(train.run_dir(str(tmp_path), "lora", "digits"), "checkpoints")
+    for step_dir in glob.glob(os.path.join(checkpoints, "[0-9]*")):
+        params, _ = checkpoint.load(checkpoints, step=int(os.path.basename(step_dir)))
+        assert np.isfinite(flat(params)).all()
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.lora.rank=0", "LoraConfig.rank: got 0"),
+        ("--config.mode=partial", "config.mode: got 'partial'"),
+        ("--config.batch_size=12", "config.batch_size: got 12"),
+        ("--config.model.variant=Q/16", "unknown ViT variant 'Q/16'"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path, flag, message):
+    command = _train_command(tmp_path, tmp_path, 5) + [flag]
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in run.stderr
+    assert not os.path.exists(tmp_path / "adapters")  # nothing ran, nothing written
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown task 'nope'.*digits"):
+        config_lib.validate(tiny_config("", task="nope"))
