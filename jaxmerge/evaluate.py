@@ -1,0 +1,164 @@
+"""Evaluate trained runs: one adapter, several side by side, or several merged into one backbone.
+
+    python -m jaxmerge.evaluate --run W/adapters/digits --run W/adapters/textures \
+        --merge ties --weights 0.5,0.5 --merge_param density=0.5 --output merged.json
+
+Each task is scored with its own head (heads are never merged). With `--merge`, the adapters
+are merged with a method of `jaxmerge.merge.METHODS` and folded into the base once, so every
+task runs on the same backbone; `--no_adapter` scores each head on the bare base (how much of a
+task lives in its adapter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+
+from jaxmerge import checkpoint, config_lib, data, heads, lora, merge, models, tasks, train
+
+Tree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A finished training run loaded for inference: its config, head and adapter (if any)."""
+
+    directory: str
+    config: ml_collections.ConfigDict
+    task: tasks.Task
+    head_def: heads.MlpHead
+    head: Tree
+    adapter: Tree | None
+    base_fingerprint: str
+
+
+def load_run(directory: str) -> Run:
+    """Loads the latest verified checkpoint of a run folder (`workdir/<mode>/<task>`)."""
+    params, metadata = checkpoint.load(os.path.join(directory, "checkpoints"))
+    config = ml_collections.ConfigDict(metadata["config"])
+    task = tasks.get(metadata["task"])
+    head_def = heads.MlpHead(metadata["head"]["hidden"], metadata["head"]["outputs"])
+    return Run(
+        directory,
+        config,
+        task,
+        head_def,
+        params["head"],
+        params.get("lora"),
+        metadata["base_fingerprint"],
+    )
+
+
+def load_base_of(runs: Sequence[Run]):
+    """(model, base) the runs were trained on; all runs must share one base."""
+    prints = {run.base_fingerprint for run in runs}
+    if len(prints) != 1:
+        listing = ", ".join(f"{r.directory} ({r.base_fingerprint})" for r in runs)
+        raise ValueError(f"runs were trained on different bases and cannot be merged: {listing}")
+    model_def, base, _ = models.load_base(runs[0].config)
+    if checkpoint.fingerprint(base) != runs[0].base_fingerprint:
+        raise checkpoint.CheckpointError(
+            f"the base named in {runs[0].directory}'s config ({runs[0].config.base.source}: "
+            f"{runs[0].config.base.path!r}) no longer has fingerprint {runs[0].base_fingerprint}"
+        )
+    return model_def, base
+
+
+def score(run: Run, model_def, backbone: Tree, split: str | None = None, batch_size: int = 0):
+    """Metrics of `run.task` with the run's head on `backbone` (base params, adapter folded)."""
+    config = run.config.copy_and_resolve_references()
+    if batch_size:
+        config.unlock()
+        config.eval_batch_size = batch_size
+    mesh = data.data_mesh()
+    eval_step = train.make_eval_step(model_def, run.head_def, run.task)
+    params = {"base": backbone, "head": run.head}
+    batches = data.eval_batches(run.task, config, model_def, split)
+    return train.evaluate(eval_step, params, None, batches, mesh)
+
+
+def evaluate_runs(
+    directories: Sequence[str],
+    method: str | None = None,
+    weights: Sequence[float] | None = None,
+    merge_params: dict[str, Any] | None = None,
+    no_adapter: bool = False,
+    split: str | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """{task: metrics} for the runs: each with its own adapter, merged, or without adapter."""
+    runs = [load_run(d) for d in directories]
+    if method is not None and any(run.adapter is None for run in runs):
+        raise ValueError(
+            "--merge needs LoRA runs (workdir/adapters/<task>); a head run has no adapter"
+        )
+    model_def, base = load_base_of(runs)
+    if method is not None:
+        merged = merge.merge(
+            [run.adapter for run in runs],
+            method,
+            weights,
+            key=jax.random.key(seed),
+            **(merge_params or {}),
+        )
+        backbone = lora.fold_into_base(base, merged)
+        backbones = [backbone] * len(runs)
+    elif no_adapter:
+        backbones = [base] * len(runs)
+    else:
+        backbones = [
+            base if r.adapter is None else lora.fold_into_base(base, r.adapter) for r in runs
+        ]
+    return {run.task.name: score(run, model_def, b, split) for run, b in zip(runs, backbones)}
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    name, _, value = text.partition("=")
+    for cast in (int, float):
+        try:
+            return name, cast(value)
+        except ValueError:
+            pass
+    return name, {"none": None, "true": True, "false": False}.get(value.lower(), value)
+
+
+_RUNS = flags.DEFINE_multi_string("run", [], "A run folder, e.g. WORKDIR/adapters/digits.")
+_MERGE = flags.DEFINE_string("merge", None, "A merge method; omit to score each run alone.")
+_WEIGHTS = flags.DEFINE_list("weights", None, "One weight per run (merge only).")
+_PARAMS = flags.DEFINE_multi_string("merge_param", [], "name=value for the merge method.")
+_NO_ADAPTER = flags.DEFINE_bool("no_adapter", False, "Score each head on the bare base.")
+_SPLIT = flags.DEFINE_string("split", None, "Eval split (default: each task's eval split).")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    with config_lib.one_line_errors():
+        if not _RUNS.value:
+            raise ValueError("--run: give at least one run folder")
+        weights = [float(w) for w in _WEIGHTS.value] if _WEIGHTS.value else None
+        results = evaluate_runs(
+            _RUNS.value,
+            _MERGE.value,
+            weights,
+            dict(_parse_param(p) for p in _PARAMS.value),
+            _NO_ADAPTER.value,
+            _SPLIT.value,
+        )
+    text = json.dumps(results, indent=2)
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
