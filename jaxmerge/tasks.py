@@ -196,3 +196,25 @@ register(
         about="scikit-image lfw_subset, face vs non-face",
     )
 )
+register(
+    Task(
+        "digit_box",
+        "digit_box",
+        "landmarks",
+        2 * 2,
+        target="landmarks",
+        spec={"norm_points": (0, 1)},
+        flip=False,
+        about="scikit-learn digits pasted on a canvas, box corners (NME, box diagonal)",
+    )
+)
+register(
+    Task(
+        "photo_orientation",
+        "photo_orientation",
+        "classification",
+        4,
+        flip=False,  # a mirror swaps "left" and "right"
+        about="crops of scikit-image photographs, which way up (4 classes)",
+    )
+)

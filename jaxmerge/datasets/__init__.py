@@ -4,11 +4,13 @@ Each builder is prepared as array_record (`prepare.prepare(name, data_dir, manua
 without TensorFlow through `tfds.data_source`. `BUILDERS` maps each TFDS name to its class:
 
   the paper's five (manual download): firerisk, utkface, expw, wflw, galaxy10_decals;
-  offline: sklearn_digits, fashion_mnist_idx, skimage_textures, lfw_subset;
+  offline: sklearn_digits, fashion_mnist_idx, skimage_textures, lfw_subset, digit_box,
+  photo_orientation;
   your own folders: image_folder.
 """
 
 from jaxmerge.datasets import (  # noqa: F401  (imported to register the builders)
+    digit_box,
     digits,
     expw,
     fashion_mnist,
@@ -16,6 +18,7 @@ from jaxmerge.datasets import (  # noqa: F401  (imported to register the builder
     galaxy10,
     image_folder,
     lfw,
+    photo_orientation,
     textures,
     utkface,
     wflw,

@@ -1,0 +1,91 @@
+r"""The offline suite: six tasks on data that ships with scikit-learn and scikit-image.
+
+Quickstart (one seed, about 12 min on 2 CPU cores, see experiments/README.md):
+
+    python -m experiments.study --config experiments/configs/offline.py:seeds=1 \
+        --workdir ./workdir
+
+The full study (3 seeds; the results committed under experiments/results/):
+
+    python -m experiments.study --config experiments/configs/offline.py --workdir ./workdir
+
+It mirrors the paper's design on a small ViT pretrained on Fashion-MNIST
+(`jaxmerge/assets/fashion_vit`, made by configs/pretrain.py):
+
+  same images     digits (10 classes) and digits_value (the digit as a number, regression),
+                  like UTKFace age classes and age regression;
+  similar images  digit_box (locate a pasted digit: two box corners, a landmark task like WFLW)
+                  joins the two digit tasks, as ExpW and WFLW join UTKFace as faces;
+  dissimilar      textures (photo textures), lfw_faces (face or not), photo_orientation
+                  (which way up a photo crop is), like FireRisk and Galaxy10.
+
+Arguments (comma-separated key=value after the colon): seeds (number of seeds, default 3),
+steps (training steps per run, default 300), base ("random" to use a random backbone instead
+of the pretrained one, for the ablation in the README).
+"""
+
+import os
+
+import ml_collections
+
+import jaxmerge
+from jaxmerge import config_lib
+
+BASE_PATH = os.path.join(os.path.dirname(jaxmerge.__file__), "assets", "fashion_vit")
+
+
+def get_config(arg: str | None = None):
+    args = config_lib.parse_arg(arg)
+    known = {"seeds", "steps", "base"}
+    if args.keys() - known:
+        raise ValueError(
+            f"offline.py: unknown arguments {sorted(args.keys() - known)}; known: {sorted(known)}"
+        )
+    c = ml_collections.ConfigDict()
+    c.suite = "offline"
+    c.tasks = ("digits", "digits_value", "digit_box", "textures", "lfw_faces", "photo_orientation")
+    # Tasks in one group share an image domain; tasks on one dataset share the images too.
+    c.image_groups = {
+        "digits": "digits",
+        "digits_value": "digits",
+        "digit_box": "digits",
+        "textures": "textures",
+        "lfw_faces": "faces",
+        "photo_orientation": "photos",
+    }
+    c.seeds = tuple(range(int(args.get("seeds", 3))))
+    c.merge_sizes = (2, 3)
+    c.methods = {
+        "linear": {},
+        "cat": {},
+        "svd": {},
+        "ties": {"density": 0.5},
+        "dare_ties": {"density": 0.5},
+        "task_arithmetic": {},
+        "knots": {"density": 0.5},
+    }
+    c.main_method = "cat"  # PEFT's exact sum of the updates, the plainest merge
+    c.merge_weight = 1.0  # every adapter enters a merge with this weight
+
+    t = config_lib.base_config()  # each run's config: task, mode and seed are set per run
+    if args.get("base", "pretrained") == "random":
+        t.base.source = "random"
+        t.model.variant, t.model.image_size = "Ti/7", 28
+        t.model.overrides.update(width=128, depth=6, mlp_dim=512, num_heads=4)
+    else:
+        t.base.source, t.base.path = "checkpoint", BASE_PATH
+    t.steps = int(args.get("steps", 300))
+    t.warmup_steps = t.steps // 10
+    t.batch_size = 64
+    t.eval_batch_size = 512
+    t.learning_rate = 2e-3
+    t.weight_decay = 1e-4
+    t.crop_padding = 2
+    t.lora.rank = 8
+    t.lora.alpha = 8.0
+    t.lora.targets = "qv"
+    t.head.hidden = 256
+    t.log_every = 50
+    t.checkpoint_every = t.steps
+    c.train = t
+    return c

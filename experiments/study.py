@@ -1,0 +1,263 @@
+r"""The paper's study end to end: train, merge every pair and triple, score, report.
+
+    python -m experiments.study --config experiments/configs/offline.py:seeds=1 --workdir W
+
+For each seed and task it trains a LoRA adapter and a head-finetuning baseline
+(`train.train_and_evaluate`); merges every pair and every triple of adapters with each method
+of `config.methods`, folds the merge into the base and scores each task of the merge with its
+own head; scores each head on the bare base ("adapter removed"); measures how alike every pair
+of adapters is (`jaxmerge.similarity`); then writes the report (`experiments/report.py`).
+
+Stages are cached in the workdir, so a rerun (or a resumed, interrupted one) skips what is done:
+finished training runs are read from their `result.json`, merge scores from `merges.jsonl`
+(keyed by seed, method and tasks), adapter-removed scores from `no_adapter.jsonl` and
+similarities from `similarity.jsonl`.
+
+Workdir layout: `seed_<s>/{adapters,heads}/<task>/` (jaxmerge run folders), the three JSONL
+caches, and `report/` (tables.md, raw.jsonl, PNG plots).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from experiments import report
+from jaxmerge import config_lib, data, evaluate, lora, merge, similarity, tasks, train
+
+MODES = ("lora", "head")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the study config (every run config too) before anything trains."""
+    if len(set(config.tasks)) != len(config.tasks) or len(config.tasks) < 2:
+        raise ValueError(f"config.tasks: got {config.tasks!r}; allowed: >= 2 distinct task names")
+    for name in config.tasks:
+        tasks.get(name)
+    if not config.seeds or any(not isinstance(s, int) or s < 0 for s in config.seeds):
+        raise ValueError(f"config.seeds: got {config.seeds!r}; allowed: integers >= 0")
+    sizes = tuple(config.merge_sizes)
+    if not sizes or any(not 2 <= k <= len(config.tasks) for k in sizes):
+        raise ValueError(
+            f"config.merge_sizes: got {sizes!r}; allowed: sizes in 2..{len(config.tasks)}"
+        )
+    for method in config.methods:
+        if method not in merge.METHODS:
+            raise ValueError(
+                f"config.methods: unknown method {method!r}; known: {sorted(merge.METHODS)}"
+            )
+    if config.main_method not in config.methods:
+        raise ValueError(
+            f"config.main_method: got {config.main_method!r}; allowed: one of config.methods "
+            f"{sorted(config.methods)}"
+        )
+    for name in config.tasks:
+        for mode in MODES:
+            config_lib.validate(run_config(config, name, mode, config.seeds[0]))
+
+
+def run_config(
+    config: ml_collections.ConfigDict, task: str, mode: str, seed: int
+) -> ml_collections.ConfigDict:
+    """The training config of one run: `config.train` with its task, mode and seed."""
+    run = config.train.copy_and_resolve_references()
+    run.task, run.mode, run.seed = task, mode, seed
+    return run
+
+
+def seed_dir(workdir: str, seed: int) -> str:
+    return os.path.join(workdir, f"seed_{seed}")
+
+
+def combinations(names: Sequence[str], sizes: Iterable[int]) -> list[tuple[str, ...]]:
+    """Every subset of `names` of each size, in the order of `names`."""
+    return [c for k in sizes for c in itertools.combinations(names, k)]
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSONL file ([] if absent); a torn last line (a kill) is dropped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def cache_key(record: dict) -> tuple:
+    return (record["seed"], record.get("method"), tuple(record["tasks"]))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_all(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Trains (or reads back) every run: one adapter and one head baseline per task and seed.
+
+    Returns:
+      [{"seed", "task", "mode", "result": the run's final evaluation, "seconds"}].
+    """
+    jobs = [(s, t, m) for s in config.seeds for t in config.tasks for m in MODES]
+    records = []
+    bar = tqdm(jobs, desc="train runs", unit="run")
+    for seed, task, mode in bar:
+        bar.set_postfix_str(f"seed {seed} {mode}:{task}")
+        directory = train.run_dir(seed_dir(workdir, seed), mode, task)
+        path = os.path.join(directory, "result.json")
+        start = time.perf_counter()
+        if os.path.exists(path):  # finished: read back rather than load and re-evaluate
+            with open(path) as f:
+                result = json.load(f)
+        else:
+            result = train.train_and_evaluate(
+                run_config(config, task, mode, seed), seed_dir(workdir, seed)
+            )
+        seconds = time.perf_counter() - start
+        records.append(
+            {"seed": seed, "task": task, "mode": mode, "result": result, "seconds": seconds}
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class TaskScorer:
+    """Scores heads on backbones for one task, compiling once and reading the data once.
+
+    `scorer(backbone, head)` -> {metric: mean over the eval split} (as `train.evaluate`).
+    """
+
+    def __init__(self, run: evaluate.Run, model_def):
+        self.task = run.task
+        mesh = data.data_mesh()
+        self.eval_step = train.make_eval_step(model_def, run.head_def, run.task)
+        batches = data.eval_batches(run.task, run.config, model_def)
+        self.batches = [data.shard_batch(batch, mesh) for batch in batches]
+
+    def __call__(self, backbone, head) -> dict[str, float]:
+        params = {"base": backbone, "head": head}
+        sums = [self.eval_step(params, None, batch) for batch in self.batches]
+        totals = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
+        count = float(totals.pop("count"))
+        return {k: float(v) / count for k, v in totals.items()} | {"examples": int(count)}
+
+
+def merge_adapters(config, adapters: Sequence, method: str, seed: int):
+    """The merged update of `adapters` with `method` and the config's weight and parameters."""
+    weights = jnp.full((len(adapters),), config.merge_weight, jnp.float32)
+    params = report.method_params(config, method)
+    return merge.merge(adapters, method, weights, key=jax.random.key(seed), **params)
+
+
+def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, list[dict]]:
+    """Adapter-removed scores, similarities and merge scores of one seed, cached in JSONL files.
+
+    `scorers` ({task: TaskScorer}) is filled on first use and shared across seeds, so each
+    task's eval step compiles once per study.
+    """
+    runs = {
+        t: evaluate.load_run(train.run_dir(seed_dir(workdir, seed), "lora", t))
+        for t in config.tasks
+    }
+    model_def, base = evaluate.load_base_of(list(runs.values()))
+    for name, run in runs.items():
+        if name not in scorers:
+            scorers[name] = TaskScorer(run, model_def)
+    out = {}
+
+    path = os.path.join(workdir, "no_adapter.jsonl")
+    done = {cache_key(r) for r in read_jsonl(path)}
+    for name, run in runs.items():
+        record = {"seed": seed, "tasks": [name]}
+        if cache_key(record) not in done:
+            append_jsonl(path, {**record, "scores": {name: scorers[name](base, run.head)}})
+
+    path = os.path.join(workdir, "similarity.jsonl")
+    done = {cache_key(r) for r in read_jsonl(path)}
+    for pair in itertools.combinations(config.tasks, 2):
+        record = {"seed": seed, "tasks": list(pair)}
+        if cache_key(record) not in done:
+            adapters = [runs[t].adapter for t in pair]
+            values = {m: fn(*adapters) for m, fn in similarity.MEASURES.items()}
+            append_jsonl(path, {**record, "similarity": values})
+
+    path = os.path.join(workdir, "merges.jsonl")
+    done = {cache_key(r) for r in read_jsonl(path)}
+    jobs = [
+        (method, combo)
+        for method in config.methods
+        for combo in combinations(config.tasks, config.merge_sizes)
+        if cache_key({"seed": seed, "method": method, "tasks": combo}) not in done
+    ]
+    for method, combo in tqdm(jobs, desc=f"merges seed {seed}", unit="merge"):
+        merged = merge_adapters(config, [runs[t].adapter for t in combo], method, seed)
+        backbone = lora.fold_into_base(base, merged)
+        scores = {t: scorers[t](backbone, runs[t].head) for t in combo}
+        append_jsonl(path, {"seed": seed, "method": method, "tasks": list(combo), "scores": scores})
+    for name in ("no_adapter", "similarity", "merges"):
+        records = read_jsonl(os.path.join(workdir, f"{name}.jsonl"))
+        out[name] = [r for r in records if r["seed"] == seed]
+    return out
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) the whole study and writes the report; returns the report's paths."""
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    start = time.perf_counter()
+    training = train_all(config, workdir)
+    scorers: dict = {}
+    stages: dict[str, list[dict]] = {"no_adapter": [], "similarity": [], "merges": []}
+    for seed in config.seeds:
+        for name, records in evaluate_seed(config, workdir, seed, scorers).items():
+            stages[name] += records
+    seconds = time.perf_counter() - start
+    return report.write(config, workdir, training, stages, seconds)
+
+
+# --config (a config file, here a study config such as experiments/configs/offline.py) and
+# --workdir are the flags jaxmerge.train defines at import; absl allows one definition each.
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
+    with config_lib.one_line_errors():
+        paths = run_study(FLAGS.config, FLAGS.workdir)
+    with open(paths["main_table"]) as f:
+        print(f.read())
+    print("report:")
+    for name, path in paths.items():
+        print(f"  {name}: {path}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,91 @@
+"""Photo orientation: which way up is a crop of a real photograph (0, 90, 180 or 270 degrees).
+
+Sources (shipped inside scikit-image, no download): the upright scenes `astronaut()`,
+`camera()`, `coffee()`, `chelsea()`, `rocket()`, `clock()`, `page()` and `text()`, as RGB (grey
+ones repeated over three channels).
+
+Each photograph is cut at `TRAIN_WIDTH_FRACTION` of its width: training crops come only from the
+left part and test crops only from the right part, so no test pixel is seen in training. A crop
+is a square of side drawn uniformly from [`MIN_SIDE`, `MAX_SIDE`] pixels at a uniform place
+inside its part, resized (bilinear) to 32x32 and rotated counter-clockwise by `label * 90`
+degrees, with label = crop index mod 4 (balanced classes). Draws use
+`numpy.random.default_rng([split seed, photo index])`.
+
+Features: `image` uint8 (32, 32, 3), `label` ClassLabel ("up", "left", "down", "right").
+Splits: `train` (`TRAIN_PER_PHOTO` = 256 crops per photo, 2,048) / `test` (48 per photo, 384).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxmerge.datasets import common
+
+PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "clock", "page", "text")
+CLASS_NAMES = ("up", "left", "down", "right")
+SIZE = 32
+MIN_SIDE, MAX_SIDE = 64, 160
+TRAIN_WIDTH_FRACTION = 0.6
+TRAIN_PER_PHOTO, TEST_PER_PHOTO = 256, 48
+
+
+def load_photo(name: str) -> np.ndarray:
+    """The uint8 (H, W, 3) scikit-image photograph `name`."""
+    from skimage import data
+
+    image = getattr(data, name)()
+    return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+
+
+def orientation_crops(photo: np.ndarray, columns: tuple[int, int], count: int, seed):
+    """`count` (crop (SIZE, SIZE, 3), label) pairs from columns [lo, hi) of a photograph."""
+    rng = np.random.default_rng(seed)
+    height = photo.shape[0]
+    lo, hi = columns
+    largest = min(MAX_SIDE, hi - lo, height)
+    if largest < MIN_SIDE:
+        raise ValueError(f"a {height}x{hi - lo} region cannot hold a {MIN_SIDE}-pixel crop")
+    for i in range(count):
+        side = int(rng.integers(MIN_SIDE, largest + 1))
+        top = int(rng.integers(0, height - side + 1))
+        left = int(rng.integers(lo, hi - side + 1))
+        crop = common.resize(photo[top : top + side, left : left + side], SIZE, SIZE)
+        label = i % len(CLASS_NAMES)
+        yield np.ascontiguousarray(np.rot90(crop, k=label)), label
+
+
+@common.register
+class PhotoOrientation(tfds.core.GeneratorBasedBuilder):
+    """Four-way orientation classification of crops of real photographs."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": common.image_feature(SIZE, 3),
+                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://scikit-image.org/docs/stable/api/skimage.data.html",
+        )
+
+    def _split_generators(self, dl_manager):
+        return {
+            "train": self._generate_examples(0, TRAIN_PER_PHOTO),
+            "test": self._generate_examples(1, TEST_PER_PHOTO),
+        }
+
+    def _generate_examples(self, split_seed: int, per_photo: int):
+        for photo_index, name in enumerate(PHOTOS):
+            photo = load_photo(name)
+            cut = int(photo.shape[1] * TRAIN_WIDTH_FRACTION)
+            columns = (0, cut) if split_seed == 0 else (cut, photo.shape[1])
+            crops = orientation_crops(photo, columns, per_photo, [split_seed, photo_index])
+            for i, (crop, label) in enumerate(crops):
+                yield f"{name}_{i}", {"image": common.encode(crop), "label": label}

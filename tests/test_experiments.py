@@ -1,0 +1,141 @@
+"""The study end to end on a tiny ViT: files written, caches reused, numbers consistent; and the
+paper suite's config through the same validation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import report, study
+from experiments.configs import offline, paper
+from jaxmerge import tasks
+
+TASKS = ("digits", "digits_value", "digit_box")
+METHODS = ("cat", "ties")
+
+
+def tiny_config(data_dir):
+    config = offline.get_config("seeds=1,steps=20,base=random")
+    config.tasks = TASKS
+    config.methods = {"cat": {}, "ties": {"density": 0.5}}
+    config.main_method = "cat"
+    t = config.train
+    t.data_dir = str(data_dir)
+    t.model.variant, t.model.image_size = "mu/4", 8
+    t.model.overrides.update(width=0, depth=0, mlp_dim=0, num_heads=0)
+    t.batch_size, t.eval_batch_size = 16, 512
+    t.warmup_steps, t.log_every, t.checkpoint_every = 2, 10, 20
+    t.head.hidden = 16
+    t.crop_padding = 0
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """(config, workdir, paths) of one finished tiny study."""
+    workdir = tmp_path_factory.mktemp("study")
+    config = tiny_config(tmp_path_factory.mktemp("tfds"))
+    paths = study.run_study(config, str(workdir))
+    return config, str(workdir), paths
+
+
+def test_report_files_are_written(finished):
+    config, workdir, paths = finished
+    for name in ("tables", "main_table", "raw", "baselines", "similarity", "heatmap_cat"):
+        assert os.path.getsize(paths[name]) > 0, name
+    with open(paths["tables"]) as f:
+        text = f.read()
+    for task in TASKS:
+        assert task in text
+    assert "Correlation of similarity and merge quality" in text
+    with open(paths["raw"]) as f:
+        records = [json.loads(line) for line in f]
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("train") == 2 * len(TASKS)
+    assert kinds.count("merges") == len(METHODS) * (3 + 1)  # 3 pairs and 1 triple
+    assert kinds.count("no_adapter") == len(TASKS) and kinds.count("similarity") == 3
+    meta = records[0]
+    assert meta["kind"] == "meta" and meta["lora"]["rank"] == 8 and meta["steps"] == 20
+
+
+def test_rerun_skips_every_cached_stage(finished, monkeypatch):
+    config, workdir, _ = finished
+    with open(os.path.join(workdir, "merges.jsonl")) as f:
+        before = f.read()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached stage ran again")
+
+    monkeypatch.setattr(study.train, "train_and_evaluate", fail)
+    monkeypatch.setattr(study, "merge_adapters", fail)
+    study.run_study(config, workdir)
+    with open(os.path.join(workdir, "merges.jsonl")) as f:
+        assert f.read() == before
+
+
+def test_normalised_scores_are_merged_over_single(finished):
+    config, workdir, paths = finished
+    with open(paths["raw"]) as f:
+        records = [json.loads(line) for line in f]
+    single = {
+        r["task"]: r["result"] for r in records if r["kind"] == "train" and r["mode"] == "lora"
+    }
+    stages = {
+        k: [r for r in records if r["kind"] == k] for k in ("no_adapter", "similarity", "merges")
+    }
+    training = [r for r in records if r["kind"] == "train"]
+    scores = report.Scores(config, training, stages)
+    merge = next(r for r in stages["merges"] if r["method"] == "cat" and len(r["tasks"]) == 2)
+    a, b = merge["tasks"]
+    expected = []
+    for task in (a, b):
+        metric = tasks.get(task).head_kind.main_metric
+        merged, alone = merge["scores"][task][metric], single[task][metric]
+        expected.append(merged / alone if metric == "accuracy" else alone / merged)
+    assert scores.normalised_merge(0, "cat", (a, b)) == pytest.approx(np.mean(expected))
+
+
+def test_scorer_reproduces_the_training_evaluation(finished):
+    """The study's cached scorer on the folded adapter gives the run's own final evaluation."""
+    config, workdir, _ = finished
+    from jaxmerge import evaluate, lora, train
+
+    run = evaluate.load_run(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
+    model_def, base = evaluate.load_base_of([run])
+    scores = study.TaskScorer(run, model_def)(lora.fold_into_base(base, run.adapter), run.head)
+    with open(os.path.join(run.directory, "result.json")) as f:
+        result = json.load(f)
+    assert scores["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
+
+
+def test_a_cat_merge_of_one_adapter_pair_equals_the_sum_of_updates(finished):
+    """cat merges are exact: the merged backbone is base + dW_a + dW_b."""
+    config, workdir, _ = finished
+    from jaxmerge import evaluate, lora, train
+
+    runs = [
+        evaluate.load_run(train.run_dir(study.seed_dir(workdir, 0), "lora", t)) for t in TASKS[:2]
+    ]
+    merged = study.merge_adapters(config, [r.adapter for r in runs], "cat", 0)
+    _, base = evaluate.load_base_of(runs)
+    folded = lora.fold_into_base(base, merged)
+    expected = lora.fold_into_base(lora.fold_into_base(base, runs[0].adapter), runs[1].adapter)
+    kernel = lambda tree: np.asarray(tree["block_0"]["attention"]["query"]["kernel"])
+    np.testing.assert_allclose(kernel(folded), kernel(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("config_file", [offline, paper])
+def test_suite_configs_validate(config_file):
+    """Both suites go through the same validation; the paper's cannot train here (no data)."""
+    config = config_file.get_config()
+    study.validate(config)
+    assert len(config.tasks) == 6 and len(config.methods) >= 7
+    assert set(config.tasks) <= set(tasks.TASKS)
+
+
+def test_bad_study_config_names_the_field(tmp_path):
+    config = tiny_config(tmp_path)
+    config.methods = {"cat": {}, "nonsense": {}}
+    with pytest.raises(ValueError, match="config.methods: unknown method 'nonsense'"):
+        study.validate(config)
