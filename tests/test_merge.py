@@ -192,6 +192,10 @@ def test_pruning_masks_keep_the_requested_counts():
     band = mu.magnitude_band_mask(values, 0.5, 0.1)  # drops 90.5..99.5, keeps 40.5..89.5
     kept = np.abs(np.asarray(values[band]))
     assert kept.size == 50 and kept.max() == 89.5 and kept.min() == 40.5
+    noisy = np.abs(rng.standard_normal(1000)).astype(np.float32)
+    noisy[:100] = 0.0  # ties at zero
+    for k in (1, 17, 900, 950, 1000):
+        assert float(mu.kth_largest(jnp.asarray(noisy), k)) == np.sort(noisy)[-k]
 
 
 @pytest.mark.parametrize(
