@@ -1,0 +1,50 @@
+"""The offline suite's semi-synthetic builders, prepared for real and read back."""
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxmerge.datasets import digit_box, photo_orientation, prepare
+
+
+def read(name, tmp_path):
+    builder = prepare.prepare(name, str(tmp_path))
+    return {
+        split: tfds.data_source(name, split=split, data_dir=str(tmp_path))
+        for split in builder.info.splits
+    }
+
+
+def test_digit_box_corners_enclose_the_digit(tmp_path):
+    splits = read("digit_box", tmp_path)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 2876, "test": 359}
+    for i in range(0, 359, 7):
+        example = splits["test"][i]
+        (left, top), (right, bottom) = np.round(example["landmarks"] * digit_box.CANVAS)
+        ink = np.argwhere(example["image"][..., 0] > 0)
+        assert ink.size and digit_box.MIN_SIDE <= right - left <= digit_box.MAX_SIDE
+        assert right - left == bottom - top
+        assert ink[:, 0].min() >= top and ink[:, 0].max() < bottom
+        assert ink[:, 1].min() >= left and ink[:, 1].max() < right
+
+
+def test_photo_orientation_is_balanced_and_rotated(tmp_path):
+    splits = read("photo_orientation", tmp_path)
+    n = len(photo_orientation.PHOTOS)
+    sizes = {
+        "train": n * photo_orientation.TRAIN_PER_PHOTO,
+        "test": n * photo_orientation.TEST_PER_PHOTO,
+    }
+    assert {k: len(v) for k, v in splits.items()} == sizes
+    labels = [splits["test"][i]["label"] for i in range(len(splits["test"]))]
+    assert np.bincount(labels).tolist() == [sizes["test"] // 4] * 4
+    photo = photo_orientation.load_photo("camera")
+    crops = list(photo_orientation.orientation_crops(photo, (0, 300), 8, seed=0))
+    rng = np.random.default_rng(0)
+    for crop, label in crops:  # undoing the rotation gives the crop the same draws describe
+        side = int(rng.integers(photo_orientation.MIN_SIDE, photo_orientation.MAX_SIDE + 1))
+        top, left = int(rng.integers(0, 512 - side + 1)), int(rng.integers(0, 300 - side + 1))
+        upright = np.rot90(crop, k=-label)
+        expected = photo_orientation.common.resize(
+            photo[top : top + side, left : left + side], 32, 32
+        )
+        np.testing.assert_array_equal(upright, expected)
