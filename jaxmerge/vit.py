@@ -105,14 +105,34 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
         dense = lambda name: LoraDense(width, self.lora_dropout, dtype=self.dtype, name=name)  # noqa: E731
         split = lambda t: t.reshape(batch, tokens, self.num_heads, head_dim)  # noqa: E731
-        q = split(dense("query")(x, train))
-        k = split(dense("key")(x, train))
-        v = split(dense("value")(x, train))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+        # (batch, heads, tokens, head_dim) with plain batched matmuls: on XLA:CPU this is twice
+        # as fast, forward and backward, as einsums over (batch, tokens, heads, head_dim).
+        q = split(dense("query")(x, train)).transpose(0, 2, 1, 3)
+        k = split(dense("key")(x, train)).transpose(0, 2, 3, 1)
+        v = split(dense("value")(x, train)).transpose(0, 2, 1, 3)
+        logits = (q @ k) * jnp.asarray(head_dim**-0.5, q.dtype)
         # Softmax in float32 whatever the compute dtype: bf16 logits lose the small weights.
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        context = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, width)
+        context = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, width)
         return dense("out")(context, train)
+
+
+@jax.custom_jvp
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """GELU with the exact erf, `x * Phi(x)`, as Hugging Face ViT uses.
+
+    Its derivative is given in closed form, `Phi(x) + x * phi(x)`: differentiating through
+    `erf` costs XLA:CPU about a third of a ViT's backward pass.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476).astype(x.dtype))
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+    pdf = jnp.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
+    return x * cdf, (cdf + x * pdf) * dx
 
 
 class Mlp(nn.Module):
@@ -125,7 +145,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         width = x.shape[-1]
         h = LoraDense(self.mlp_dim, self.lora_dropout, dtype=self.dtype, name="fc1")(x, train)
-        h = nn.gelu(h, approximate=self.gelu_approximate)
+        h = nn.gelu(h, approximate=True) if self.gelu_approximate else gelu_exact(h)
         return LoraDense(width, self.lora_dropout, dtype=self.dtype, name="fc2")(h, train)
 
 
