@@ -27,7 +27,7 @@ def test_attention_matches_a_direct_softmax_formula():
     heads = []
     for h in range(2):
         cols = slice(4 * h, 4 * h + 4)
-        proj = lambda name: (xs @ p[name]["kernel"] + p[name]["bias"])[..., cols]
+        proj = lambda name, cols=cols: (xs @ p[name]["kernel"] + p[name]["bias"])[..., cols]
         q, k, v = proj("query"), proj("key"), proj("value")
         logits = q @ k.transpose(0, 2, 1) / 2.0
         weights = np.exp(logits - logits.max(-1, keepdims=True))
