@@ -142,7 +142,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.checkpoint_every % min(c.log_every, 10) == 0,
         "checkpoint_every",
         c.checkpoint_every,
-        f"a multiple of min(log_every, 10) = {min(c.log_every, 10)} (checkpoints follow NaN checks)",
+        f"a multiple of min(log_every, 10) = {min(c.log_every, 10)} (checkpoint after a NaN check)",
     )
 
 
