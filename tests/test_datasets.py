@@ -40,7 +40,8 @@ def solid(height, width, rgb):
 def test_registry_holds_every_builder():
     assert set(BUILDERS) == {
         "firerisk", "utkface", "expw", "wflw", "galaxy10_decals", "sklearn_digits",
-        "fashion_mnist_idx", "skimage_textures", "lfw_subset", "image_folder",
+        "fashion_mnist_idx", "skimage_textures", "lfw_subset", "image_folder", "digit_box",
+        "photo_orientation",
     }  # fmt: skip
 
 
