@@ -35,3 +35,22 @@ def test_attention_matches_a_direct_softmax_formula():
         heads.append(weights @ v)
     expected = np.concatenate(heads, -1) @ p["out"]["kernel"] + p["out"]["bias"]
     np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_layer_norm_and_its_written_out_backward_match_autodiff():
+    def reference(x, scale, bias, eps=1e-6):
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + eps) * scale + bias
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = 3.0 + 2.0 * jax.random.normal(keys[0], (4, 7, 16))
+    scale, bias = jax.random.normal(keys[1], (16,)), jax.random.normal(keys[2], (16,))
+    dy = jax.random.normal(keys[3], x.shape)
+    np.testing.assert_allclose(
+        vit.layer_norm(x, scale, bias, 1e-6), reference(x, scale, bias), atol=1e-5
+    )
+    ours = jax.vjp(lambda *a: vit.layer_norm(*a, 1e-6), x, scale, bias)[1](dy)
+    expected = jax.vjp(reference, x, scale, bias)[1](dy)
+    for a, b in zip(ours, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
