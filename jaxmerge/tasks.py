@@ -210,11 +210,10 @@ register(
 )
 register(
     Task(
-        "photo_orientation",
-        "photo_orientation",
+        "photo_scenes",
+        "photo_scenes",
         "classification",
-        4,
-        flip=False,  # a mirror swaps "left" and "right"
-        about="crops of scikit-image photographs, which way up (4 classes)",
+        8,
+        about="crops of eight scikit-image photographs, which photograph (8 classes)",
     )
 )

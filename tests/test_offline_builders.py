@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxmerge.datasets import digit_box, photo_orientation, prepare
+from jaxmerge.datasets import digit_box, photo_scenes, prepare
 
 
 def read(name, tmp_path):
@@ -27,24 +27,18 @@ def test_digit_box_corners_enclose_the_digit(tmp_path):
         assert ink[:, 1].min() >= left and ink[:, 1].max() < right
 
 
-def test_photo_orientation_is_balanced_and_rotated(tmp_path):
-    splits = read("photo_orientation", tmp_path)
-    n = len(photo_orientation.PHOTOS)
-    sizes = {
-        "train": n * photo_orientation.TRAIN_PER_PHOTO,
-        "test": n * photo_orientation.TEST_PER_PHOTO,
-    }
+def test_photo_scenes_are_balanced_and_cut_from_the_photographs(tmp_path):
+    splits = read("photo_scenes", tmp_path)
+    n = len(photo_scenes.PHOTOS)
+    sizes = {"train": n * photo_scenes.TRAIN_PER_PHOTO, "test": n * photo_scenes.TEST_PER_PHOTO}
     assert {k: len(v) for k, v in splits.items()} == sizes
     labels = [splits["test"][i]["label"] for i in range(len(splits["test"]))]
-    assert np.bincount(labels).tolist() == [sizes["test"] // 4] * 4
-    photo = photo_orientation.load_photo("camera")
-    crops = list(photo_orientation.orientation_crops(photo, (0, 300), 8, seed=0))
+    assert np.bincount(labels).tolist() == [photo_scenes.TEST_PER_PHOTO] * n
+    photo = photo_scenes.load_photo("camera")
+    crops = list(photo_scenes.scene_crops(photo, (0, 300), 4, seed=0))
     rng = np.random.default_rng(0)
-    for crop, label in crops:  # undoing the rotation gives the crop the same draws describe
-        side = int(rng.integers(photo_orientation.MIN_SIDE, photo_orientation.MAX_SIDE + 1))
+    for crop in crops:  # the crop is the resized region the seeded draws describe
+        side = int(rng.integers(photo_scenes.MIN_SIDE, photo_scenes.MAX_SIDE + 1))
         top, left = int(rng.integers(0, 512 - side + 1)), int(rng.integers(0, 300 - side + 1))
-        upright = np.rot90(crop, k=-label)
-        expected = photo_orientation.common.resize(
-            photo[top : top + side, left : left + side], 32, 32
-        )
-        np.testing.assert_array_equal(upright, expected)
+        expected = photo_scenes.common.resize(photo[top : top + side, left : left + side], 32, 32)
+        np.testing.assert_array_equal(crop, expected)

@@ -16,8 +16,8 @@ It mirrors the paper's design on a small ViT pretrained on Fashion-MNIST
                   like UTKFace age classes and age regression;
   similar images  digit_box (locate a pasted digit: two box corners, a landmark task like WFLW)
                   joins the two digit tasks, as ExpW and WFLW join UTKFace as faces;
-  dissimilar      textures (photo textures), lfw_faces (face or not), photo_orientation
-                  (which way up a photo crop is), like FireRisk and Galaxy10.
+  dissimilar      textures (photo textures), lfw_faces (face or not), photo_scenes
+                  (which of eight photographs a crop shows), like FireRisk and Galaxy10.
 
 Arguments (comma-separated key=value after the colon): seeds (number of seeds, default 3),
 steps (training steps per run, default 300), base ("random" to use a random backbone instead
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
         )
     c = ml_collections.ConfigDict()
     c.suite = "offline"
-    c.tasks = ("digits", "digits_value", "digit_box", "textures", "lfw_faces", "photo_orientation")
+    c.tasks = ("digits", "digits_value", "digit_box", "textures", "lfw_faces", "photo_scenes")
     # Tasks in one group share an image domain; tasks on one dataset share the images too.
     c.image_groups = {
         "digits": "digits",
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
         "digit_box": "digits",
         "textures": "textures",
         "lfw_faces": "faces",
-        "photo_orientation": "photos",
+        "photo_scenes": "photos",
     }
     c.seeds = tuple(range(int(args.get("seeds", 3))))
     c.merge_sizes = (2, 3)

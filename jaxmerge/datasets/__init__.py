@@ -5,7 +5,7 @@ without TensorFlow through `tfds.data_source`. `BUILDERS` maps each TFDS name to
 
   the paper's five (manual download): firerisk, utkface, expw, wflw, galaxy10_decals;
   offline: sklearn_digits, fashion_mnist_idx, skimage_textures, lfw_subset, digit_box,
-  photo_orientation;
+  photo_scenes;
   your own folders: image_folder.
 """
 
@@ -18,7 +18,7 @@ from jaxmerge.datasets import (  # noqa: F401  (imported to register the builder
     galaxy10,
     image_folder,
     lfw,
-    photo_orientation,
+    photo_scenes,
     textures,
     utkface,
     wflw,

@@ -1,18 +1,19 @@
-"""Photo orientation: which way up is a crop of a real photograph (0, 90, 180 or 270 degrees).
+"""Photo scenes: which of eight real photographs a crop was cut from.
 
-Sources (shipped inside scikit-image, no download): the upright scenes `astronaut()`,
-`camera()`, `coffee()`, `chelsea()`, `rocket()`, `clock()`, `page()` and `text()`, as RGB (grey
-ones repeated over three channels).
+A classification on natural colour and grey scenes for the offline suite, dissimilar from the
+digit tasks, the grey texture photographs of `textures.py` and the face crops of `lfw.py`.
+Sources (shipped inside scikit-image, no download): `astronaut()`, `camera()`, `coffee()`,
+`chelsea()`, `rocket()`, `clock()`, `coins()`, `page()`, as RGB (grey ones repeated over three
+channels); the class is the photograph.
 
 Each photograph is cut at `TRAIN_WIDTH_FRACTION` of its width: training crops come only from the
-left part and test crops only from the right part, so no test pixel is seen in training. A crop
-is a square of side drawn uniformly from [`MIN_SIDE`, `MAX_SIDE`] pixels at a uniform place
-inside its part, resized (bilinear) to 32x32 and rotated counter-clockwise by `label * 90`
-degrees, with label = crop index mod 4 (balanced classes). Draws use
-`numpy.random.default_rng([split seed, photo index])`.
+left part and test crops only from the right part, so no test pixel is seen in training (a test
+crop shows a part of the scene never seen in training). A crop is a square of side drawn
+uniformly from [`MIN_SIDE`, `MAX_SIDE`] pixels at a uniform place inside its part, resized
+(bilinear) to 32x32. Draws use `numpy.random.default_rng([split seed, photo index])`.
 
-Features: `image` uint8 (32, 32, 3), `label` ClassLabel ("up", "left", "down", "right").
-Splits: `train` (`TRAIN_PER_PHOTO` = 256 crops per photo, 2,048) / `test` (48 per photo, 384).
+Features: `image` uint8 (32, 32, 3), `label` ClassLabel over `PHOTOS`.
+Splits: `train` (`TRAIN_PER_PHOTO` = 128 crops per photo, 1,024) / `test` (32 per photo, 256).
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import tensorflow_datasets as tfds
 
 from jaxmerge.datasets import common
 
-PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "clock", "page", "text")
-CLASS_NAMES = ("up", "left", "down", "right")
+PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "clock", "coins", "page")
 SIZE = 32
-MIN_SIDE, MAX_SIDE = 64, 160
+MIN_SIDE, MAX_SIDE = 48, 112
 TRAIN_WIDTH_FRACTION = 0.6
-TRAIN_PER_PHOTO, TEST_PER_PHOTO = 256, 48
+TRAIN_PER_PHOTO, TEST_PER_PHOTO = 128, 32
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -38,26 +38,24 @@ def load_photo(name: str) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
 
 
-def orientation_crops(photo: np.ndarray, columns: tuple[int, int], count: int, seed):
-    """`count` (crop (SIZE, SIZE, 3), label) pairs from columns [lo, hi) of a photograph."""
+def scene_crops(photo: np.ndarray, columns: tuple[int, int], count: int, seed):
+    """`count` (SIZE, SIZE, 3) uint8 crops from columns [lo, hi) of a photograph."""
     rng = np.random.default_rng(seed)
     height = photo.shape[0]
     lo, hi = columns
     largest = min(MAX_SIDE, hi - lo, height)
     if largest < MIN_SIDE:
         raise ValueError(f"a {height}x{hi - lo} region cannot hold a {MIN_SIDE}-pixel crop")
-    for i in range(count):
+    for _ in range(count):
         side = int(rng.integers(MIN_SIDE, largest + 1))
         top = int(rng.integers(0, height - side + 1))
         left = int(rng.integers(lo, hi - side + 1))
-        crop = common.resize(photo[top : top + side, left : left + side], SIZE, SIZE)
-        label = i % len(CLASS_NAMES)
-        yield np.ascontiguousarray(np.rot90(crop, k=label)), label
+        yield common.resize(photo[top : top + side, left : left + side], SIZE, SIZE)
 
 
 @common.register
-class PhotoOrientation(tfds.core.GeneratorBasedBuilder):
-    """Four-way orientation classification of crops of real photographs."""
+class PhotoScenes(tfds.core.GeneratorBasedBuilder):
+    """Eight-way scene classification on crops of real photographs."""
 
     VERSION = tfds.core.Version("1.0.0")
 
@@ -68,7 +66,7 @@ class PhotoOrientation(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "image": common.image_feature(SIZE, 3),
-                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+                    "label": tfds.features.ClassLabel(names=PHOTOS),
                 }
             ),
             supervised_keys=("image", "label"),
@@ -82,10 +80,10 @@ class PhotoOrientation(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, split_seed: int, per_photo: int):
-        for photo_index, name in enumerate(PHOTOS):
+        for label, name in enumerate(PHOTOS):
             photo = load_photo(name)
             cut = int(photo.shape[1] * TRAIN_WIDTH_FRACTION)
             columns = (0, cut) if split_seed == 0 else (cut, photo.shape[1])
-            crops = orientation_crops(photo, columns, per_photo, [split_seed, photo_index])
-            for i, (crop, label) in enumerate(crops):
+            crops = scene_crops(photo, columns, per_photo, [split_seed, label])
+            for i, crop in enumerate(crops):
                 yield f"{name}_{i}", {"image": common.encode(crop), "label": label}
