@@ -24,6 +24,7 @@ ARGS.add_argument("--devices", type=int, default=2, help="CPU devices (one per c
 ARGS.add_argument("--batch", type=int, default=128)
 ARGS.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
 ARGS.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+ARGS.add_argument("--lora_impl", default="merged", choices=["merged", "factored"])
 ARGS.add_argument("--json", action="store_true", help="print one JSON line only")
 ARGS.add_argument("--torch", action="store_true", help="also time PyTorch + PEFT")
 
@@ -57,7 +58,9 @@ def jax_speed(args) -> dict:
     config.batch_size = args.batch
     config.model.dtype = args.dtype
     config.steps = 1000
-    model = vit.ViT(**vit.variant("Ti/4", image_size=32), dtype=jnp.dtype(args.dtype))
+    model = vit.ViT(
+        **vit.variant("Ti/4", image_size=32), dtype=jnp.dtype(args.dtype), lora_impl=args.lora_impl
+    )
     base = vit.init_params(model, jax.random.key(0))
     head = heads.MlpHead(256, 10)
     task = tasks.Task("bench", "none", "classification", 10)

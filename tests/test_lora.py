@@ -217,3 +217,21 @@ def test_delta_is_linear_in_lora_b(rank, alpha, seed):
         np.linalg.matrix_rank(np.asarray(d1, np.float64), tol=1e-5 * max(1e-6, np.abs(d1).max()))
         <= rank
     )
+
+
+def test_merged_and_factored_lora_agree_in_outputs_and_gradients():
+    """lora_impl only changes how the update is computed, not the function or its gradient."""
+    config = lora.LoraConfig(rank=4, alpha=8, targets="all")
+    adapter = randomised(lora.init_adapter(jax.random.key(2), BASE, config), jax.random.key(3))
+    results = []
+    for impl in vit.LORA_IMPLS:
+        model = vit.ViT(**vit.variant("mu/4", image_size=16, depth=2, pooler=True), lora_impl=impl)
+        loss = lambda a, m=model: m.apply({"params": BASE, "lora": a}, IMAGES, train=True)[
+            "pooled"
+        ].var()
+        results.append((loss(adapter), jax.grad(loss)(adapter)))
+    (loss_f, grad_f), (loss_m, grad_m) = results
+    np.testing.assert_allclose(loss_m, loss_f, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-6), grad_m, grad_f
+    )
