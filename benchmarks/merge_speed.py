@@ -8,6 +8,12 @@ included) and the steady state (median of `--repeats` calls, `block_until_ready`
 and peft import, PEFT's `add_weighted_adapter` runs the same method on the same factors (a
 torch module of 12 blocks of q/v `nn.Linear(768, 768)` under `get_peft_model`). `--json`
 prints one line {method: jaxmerge steady-state seconds}.
+
+The dense-SVD methods (`*_svd` other than `svd`) spend their time in LAPACK, which jax takes
+from scipy's OpenBLAS. Where OPENBLAS_CORETYPE is set in the environment (this project's CI
+machines set it to Haswell), OpenBLAS runs older kernels, about 4x slower here: the table's
+header names the kernel in use. `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python ...`
+measures the machine's own speed.
 """
 
 from __future__ import annotations
@@ -23,6 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import lora, merge
+
+
+def openblas_kernel() -> str:
+    """The OpenBLAS core type LAPACK calls run on (threadpoolctl), e.g. 'SkylakeX'."""
+    try:
+        import scipy.linalg  # noqa: F401  (loads the OpenBLAS that jax's LAPACK uses)
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown"
+    cores = {
+        i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"
+    }
+    return ", ".join(sorted(c for c in cores if c)) or "unknown"
+
 
 ARGS = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -153,7 +173,10 @@ def main(argv=None) -> None:
         print(json.dumps(steady))
         return
     shape = f"{TASKS} adapters, {DEPTH} blocks x q/v, width {WIDTH}, r={RANK}"
-    print(f"merge speed: {shape}, {jax.devices()[0].platform}, median of {args.repeats}")
+    print(
+        f"merge speed: {shape}, {jax.devices()[0].platform}, median of {args.repeats}, "
+        f"OpenBLAS kernel {openblas_kernel()}"
+    )
     if not use_peft:
         print("PEFT not installed (or --no-peft): no comparison")
     print("| method | jaxmerge first call (s) | jaxmerge steady (s) | PEFT steady (s) | speedup |")
