@@ -155,7 +155,7 @@ def tables(s: Scores) -> dict[str, str]:
     out["normalised_by_method"] = markdown_table(header, rows)
 
     for k in sizes:
-        header = ["tasks", "images"] + methods
+        header = ["tasks", "images" if k == 2 else "closest pair's images"] + methods
         rows = []
         for combo in s.combos(k):
             rel = min(
@@ -283,7 +283,7 @@ def plots(s: Scores, directory: str) -> dict[str, str]:
             ax.set_yticks(range(n), s.tasks)
             ax.set_xlabel("merged with")
             ax.set_ylabel("task scored")
-            ax.set_title(f"{method}: normalised score of pair merges (1 = single adapter)")
+            ax.set_title(f"{method}: pair merges, normalised (1 = single adapter)", fontsize=10)
             fig.colorbar(image, ax=ax)
             fig.tight_layout()
             paths[f"heatmap_{method}"] = _save(fig, directory, f"heatmap_{method}.png")
@@ -396,7 +396,7 @@ def write(config, workdir: str, training, stages, seconds: float) -> dict[str, s
         "batch_size": train_cfg.batch_size,
         "base": {"source": train_cfg.base.source, "path": os.path.basename(train_cfg.base.path)},
         "machine": machine(),
-        "study_seconds": round(seconds, 1),
+        "invocation_seconds": round(seconds, 1),
         "train_seconds": round(sum(r["seconds"] for r in training), 1),
     }  # fmt: skip
     titles = {
@@ -416,8 +416,9 @@ def write(config, workdir: str, training, stages, seconds: float) -> dict[str, s
         f"{train_cfg.learning_rate}, {train_cfg.steps} steps of batch {train_cfg.batch_size} "
         f"for adapters and heads alike, merge weight {config.merge_weight}, methods "
         + ", ".join(f"`{m}` {method_params(config, m) or ''}".strip() for m in config.methods)
-        + f". Study time {seconds / 60:.1f} min on {meta['machine']['cpu_count']} CPU cores "
-        f"({meta['machine']['processor']}).\n"
+        + f". This invocation took {seconds / 60:.1f} min on {meta['machine']['cpu_count']} CPU "
+        f"cores ({meta['machine']['processor']}); stages cached in the workdir by earlier "
+        "invocations were read back, not rerun.\n"
     )
     text = "# Study report\n\n" + settings + "\n" + (__doc__.split("\n\n", 1)[1]) + "\n"
     for name, table in made.items():
