@@ -16,7 +16,7 @@ METHODS = ("cat", "ties")
 
 
 def tiny_config(data_dir):
-    config = offline.get_config("seeds=1,steps=20,base=random")
+    config = offline.get_config("seeds=1,steps=10,base=random")
     config.tasks = TASKS
     config.methods = {"cat": {}, "ties": {"density": 0.5}}
     config.main_method = "cat"
@@ -25,7 +25,7 @@ def tiny_config(data_dir):
     t.model.variant, t.model.image_size = "mu/4", 8
     t.model.overrides.update(width=0, depth=0, mlp_dim=0, num_heads=0)
     t.batch_size, t.eval_batch_size = 16, 512
-    t.warmup_steps, t.log_every, t.checkpoint_every = 2, 10, 20
+    t.warmup_steps, t.log_every, t.checkpoint_every = 2, 10, 10
     t.head.hidden = 16
     t.crop_padding = 0
     return config
@@ -56,7 +56,7 @@ def test_report_files_are_written(finished):
     assert kinds.count("merges") == len(METHODS) * (3 + 1)  # 3 pairs and 1 triple
     assert kinds.count("no_adapter") == len(TASKS) and kinds.count("similarity") == 3
     meta = records[0]
-    assert meta["kind"] == "meta" and meta["lora"]["rank"] == 8 and meta["steps"] == 20
+    assert meta["kind"] == "meta" and meta["lora"]["rank"] == 8 and meta["steps"] == 10
 
 
 def test_rerun_skips_every_cached_stage(finished, monkeypatch):
