@@ -24,7 +24,7 @@ ARGS.add_argument("--devices", type=int, default=2, help="CPU devices (one per c
 ARGS.add_argument("--batch", type=int, default=128)
 ARGS.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
 ARGS.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-ARGS.add_argument("--lora_impl", default="merged", choices=["merged", "factored"])
+ARGS.add_argument("--lora_impl", default="factored", choices=["merged", "factored"])
 ARGS.add_argument("--json", action="store_true", help="print one JSON line only")
 ARGS.add_argument("--torch", action="store_true", help="also time PyTorch + PEFT")
 

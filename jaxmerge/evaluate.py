@@ -161,4 +161,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config_lib.split_cpu_into_devices()
     app.run(main)

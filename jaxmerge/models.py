@@ -41,7 +41,11 @@ def build(kwargs: dict, config: ml_collections.ConfigDict | None = None) -> vit.
     """A ViT from architecture kwargs, with the run's compute dtype and LoRA dropout."""
     extra = {}
     if config is not None:
-        extra = dict(dtype=jnp.dtype(config.model.dtype), lora_dropout=config.lora.dropout)
+        extra = dict(
+            dtype=jnp.dtype(config.model.dtype),
+            lora_dropout=config.lora.dropout,
+            lora_impl=config.model.get("lora_impl", "factored"),
+        )
     return vit.ViT(**{k: kwargs[k] for k in ARCHITECTURE_KEYS if k in kwargs}, **extra)
 
 

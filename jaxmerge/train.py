@@ -244,5 +244,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config_lib.split_cpu_into_devices()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
