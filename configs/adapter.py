@@ -1,16 +1,19 @@
+# ruff: noqa: E501  (the docstring holds runnable one-line commands)
 r"""Train one LoRA adapter (mode=lora) or a head-finetuning baseline (mode=head) for a task.
 
-    python -m jaxmerge.train --config configs/adapter.py:task=digits --workdir /tmp/jm
-    python -m jaxmerge.train --config configs/adapter.py:task=digits,mode=head --workdir /tmp/jm
+    python -m jaxmerge.train --config configs/adapter.py:task=digits,base=jaxmerge/assets/fashion_vit --workdir /tmp/jm
+    python -m jaxmerge.train --config configs/adapter.py:task=digits,mode=head,base=jaxmerge/assets/fashion_vit --workdir /tmp/jm
 
 Arguments (after the colon, comma-separated key=value): task (any name in
-`jaxmerge.tasks.TASKS`), mode (lora | head | full), base (a jaxmerge run folder holding a base,
-e.g. /tmp/jm/full/fashion_mnist from configs/pretrain.py; empty = random init, for smoke runs).
-Any field can also be set by flag: --config.lora.rank=16 --config.steps=500.
+`jaxmerge.tasks.TASKS`), mode (lora | head | full), base (a jaxmerge run folder holding a base:
+the shipped `jaxmerge/assets/fashion_vit`, or `workdir/full/fashion_mnist` from
+configs/pretrain.py; empty = a random base, for smoke runs). Any field can also be set by flag:
+--config.lora.rank=16 --config.steps=500.
 
-Expected: on the default random base, digits reaches about 0.8-0.9 test accuracy in 300
-steps (batch 128, about 2-3 min on 2 CPU cores); on the pretrained base of configs/pretrain.py
-it is higher (see experiments/README.md).
+Expected (measured, 2 CPU cores, 8 XLA devices, about 1 min each): on the shipped base,
+digits reaches 0.933 test accuracy with LoRA (r=8 on q, v) and 0.880 with head finetuning in
+300 steps of batch 128. With a checkpoint base the architecture comes from the checkpoint and
+`config.model` is ignored.
 """
 
 from jaxmerge import config_lib
