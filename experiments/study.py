@@ -156,14 +156,17 @@ class TaskScorer:
     def __init__(self, run: evaluate.Run, model_def):
         self.task = run.task
         mesh = data.data_mesh()
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.eval_step = train.make_eval_step(model_def, run.head_def, run.task)
         batches = data.eval_batches(run.task, run.config, model_def)
         self.batches = [data.shard_batch(batch, mesh) for batch in batches]
 
     def __call__(self, backbone, head) -> dict[str, float]:
-        params = {"base": backbone, "head": head}
-        sums = [self.eval_step(params, None, batch) for batch in self.batches]
-        totals = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
+        # Every device holds the whole backbone and head; each waits per batch (train.py says
+        # why multi-device CPU loops must wait).
+        params = jax.device_put({"base": backbone, "head": head}, self.replicated)
+        sums = [jax.device_get(self.eval_step(params, None, batch)) for batch in self.batches]
+        totals = jax.tree.map(lambda *xs: sum(xs), *sums)
         count = float(totals.pop("count"))
         return {k: float(v) / count for k, v in totals.items()} | {"examples": int(count)}
 

@@ -135,4 +135,6 @@ def load(directory: str, step: int | None = None, expected_base: str | None = No
     except Exception as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
     _verify(path, restored.metadata, {"params": restored.params}, expected_base)
-    return restored.params, restored.metadata
+    # As host numpy arrays: Orbax would otherwise place them as they were sharded when saved
+    # (e.g. on 8 devices), and mixing placements in one jitted call fails.
+    return jax.tree.map(np.asarray, restored.params), restored.metadata

@@ -125,6 +125,7 @@ def make_eval_step(model_def, head_def, task: tasks.Task):
 
 def evaluate(eval_step, params, base, batches, mesh) -> dict[str, float]:
     """Averages each metric over every example of an eval split (padding masked out)."""
+    params, base = jax.device_put((params, base), NamedSharding(mesh, P()))
     totals: dict[str, float] = {}
     for batch in batches:
         sums = jax.device_get(eval_step(params, base, data.shard_batch(batch, mesh)))

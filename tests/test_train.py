@@ -2,6 +2,7 @@
 NaN stop, config errors, and the three modes on real data (scikit-learn digits)."""
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -266,3 +267,19 @@ def test_bad_config_is_one_clear_line(tmp_path, flag, message):
 def test_unknown_task_lists_known_ones():
     with pytest.raises(ValueError, match="unknown task 'nope'.*digits"):
         config_lib.validate(tiny_config("", task="nope"))
+
+
+def test_evaluate_single_and_merged_runs_on_eight_devices(data_dir, tmp_path):
+    """Runs saved from 8-device training load, merge, fold and score on any placement."""
+    from jaxmerge import evaluate
+
+    for task in ("digits", "digits_value"):
+        train.train_and_evaluate(tiny_config(data_dir, task=task, steps=10), str(tmp_path))
+    runs = [train.run_dir(str(tmp_path), "lora", t) for t in ("digits", "digits_value")]
+    alone = evaluate.evaluate_runs(runs)
+    merged = evaluate.evaluate_runs(runs, "cat", [1.0, 1.0])
+    removed = evaluate.evaluate_runs(runs, no_adapter=True)
+    for result in (alone, merged, removed):
+        assert result["digits"]["examples"] == 359 and "mae" in result["digits_value"]
+    own = json.load(open(os.path.join(runs[0], "result.json")))
+    assert alone["digits"]["accuracy"] == pytest.approx(own["accuracy"], abs=1e-6)
