@@ -397,18 +397,22 @@ def svd(adapters, weights, key, *, svd_rank=None, svd_clamp=None):
     """PEFT `svd`: the rank-r truncated SVD of `sum_i w_i dW_i`, r = svd_rank or the largest
     input rank, singular values in lora_b, optionally clamped to the `svd_clamp` quantile.
 
-    Computed exactly from the stacked factors (`mu.thin_svd`), never forming a d x d SVD.
+    Computed exactly from the stacked factors (`mu.thin_svds`, all targets in one batched
+    QR and SVD), never forming a d x d SVD.
     """
     del key
     rank = svd_rank or _max_rank(adapters)
-
-    def node(nodes, _):
-        a, b = mu.truncate(*mu.thin_svd(*_weighted_factors(nodes, weights)), rank)
+    items = [lora.target_items(adapter) for adapter in adapters]
+    paths = [path for path, _ in items[0]]
+    nodes = [[it[index][1] for it in items] for index in range(len(paths))]
+    svds = mu.thin_svds([_weighted_factors(target_nodes, weights) for target_nodes in nodes])
+    out: Tree = {}
+    for path, target_nodes, (u, s, vh) in zip(paths, nodes, svds):
+        a, b = mu.truncate(u, s, vh, rank)
         if svd_clamp is not None:
             a, b = mu.clamp_factors(a, b, svd_clamp)
-        return _adapter_node(a, b, nodes[0]["lora_a"].dtype)
-
-    return _map_nodes(node, adapters)
+        out = lora.set_at(out, path, _adapter_node(a, b, target_nodes[0]["lora_a"].dtype))
+    return out
 
 
 @register("ties_svd", peft=True)

@@ -163,6 +163,28 @@ def thin_svd(a: jax.Array, b: jax.Array):
     return matmul(qa, uc), s, matmul(vc, qb.T)
 
 
+def thin_svds(pairs):
+    """`thin_svd` of many `(a, b)` pairs with one batched QR and one batched SVD.
+
+    Every factor is zero-padded to a common (d, R), which leaves each product and its nonzero
+    singular triplets unchanged, so all targets share one LAPACK call of each kind: 72 small
+    calls for 24 targets cost 4x more here. (Two batched QR calls in one jitted program hung
+    XLA:CPU in jax 0.10.2, which is another reason for a single stacked QR.)
+    """
+    dim = max(max(a.shape[0], b.shape[1]) for a, b in pairs)
+    rank = max(a.shape[1] for a, _ in pairs)
+    pad = lambda m: jnp.pad(m, ((0, dim - m.shape[0]), (0, rank - m.shape[1])))  # noqa: E731
+    q, r = jnp.linalg.qr(jnp.stack([pad(a) for a, _ in pairs] + [pad(b.T) for _, b in pairs]))
+    n = len(pairs)
+    uc, s, vc = jnp.linalg.svd(matmul(r[:n], jnp.swapaxes(r[n:], -1, -2)), full_matrices=False)
+    u, vh = matmul(q[:n], uc), matmul(vc, jnp.swapaxes(q[n:], -1, -2))
+    # Each pair keeps its own R triplets (the rest are the padding's zeros).
+    return [
+        (u[i, : a.shape[0], : a.shape[1]], s[i, : a.shape[1]], vh[i, : a.shape[1], : b.shape[1]])
+        for i, (a, b) in enumerate(pairs)
+    ]
+
+
 def dense_svd(delta: jax.Array):
     """Reduced SVD of a dense (in, out) matrix."""
     return jnp.linalg.svd(delta, full_matrices=False)
