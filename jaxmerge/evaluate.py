@@ -93,7 +93,10 @@ def evaluate_runs(
     split: str | None = None,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """{task: metrics} for the runs: each with its own adapter, merged, or without adapter."""
+    """{task: metrics} for the runs: each with its own adapter, merged, or without adapter.
+
+    A task given twice (e.g. its adapter and its head-finetuning run) is keyed "task:mode".
+    """
     runs = [load_run(d) for d in directories]
     if method is not None and any(run.adapter is None for run in runs):
         raise ValueError(
@@ -116,7 +119,10 @@ def evaluate_runs(
         backbones = [
             base if r.adapter is None else lora.fold_into_base(base, r.adapter) for r in runs
         ]
-    return {run.task.name: score(run, model_def, b, split) for run, b in zip(runs, backbones)}
+    names = [run.task.name for run in runs]
+    # The same task twice (an adapter beside its head baseline) is told apart by the run's mode.
+    keys = [f"{n}:{r.config.mode}" if names.count(n) > 1 else n for n, r in zip(names, runs)]
+    return {key: score(run, model_def, b, split) for key, run, b in zip(keys, runs, backbones)}
 
 
 def _parse_param(text: str) -> tuple[str, Any]:

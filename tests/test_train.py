@@ -281,5 +281,9 @@ def test_evaluate_single_and_merged_runs_on_eight_devices(data_dir, tmp_path):
     removed = evaluate.evaluate_runs(runs, no_adapter=True)
     for result in (alone, merged, removed):
         assert result["digits"]["examples"] == 359 and "mae" in result["digits_value"]
+    train.train_and_evaluate(tiny_config(data_dir, mode="head", steps=10), str(tmp_path))
+    head_run = train.run_dir(str(tmp_path), "head", "digits")
+    both = evaluate.evaluate_runs([runs[0], head_run])  # one task twice: both results kept
+    assert set(both) == {"digits:lora", "digits:head"}
     own = json.load(open(os.path.join(runs[0], "result.json")))
     assert alone["digits"]["accuracy"] == pytest.approx(own["accuracy"], abs=1e-6)
