@@ -18,7 +18,7 @@ Two families share the registry `METHODS`:
 Inputs are factored adapters (`{"lora_a", "lora_b", "scale"}` nodes) over the same targets and
 base shapes. Maths runs in float32; factors and deltas come back in the inputs' dtype. SVD
 results carry their singular values in `lora_b` and a fixed sign convention
-(`merge_utils.canonical_signs`), so they are reproducible; PEFT keeps LAPACK's arbitrary signs,
+(`factorize.canonical_signs`), so they are reproducible; PEFT keeps LAPACK's arbitrary signs,
 which only matters with `svd_clamp` (the clamp quantile is taken over signed entries).
 """
 
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 
+from jaxmerge import factorize as fz
 from jaxmerge import lora
 from jaxmerge import merge_utils as mu
 
@@ -222,8 +223,8 @@ def validate(adapters, method, weights, key, params):
 # ----------------------------------------------------------------------------- tree plumbing
 
 
-def _map_nodes(fn, adapters, key=None, draws=None):
-    """Applies `fn(nodes, noise)` to each target across adapters.
+def _targets(adapters, key=None, draws=None):
+    """`(paths, nodes, noises)`: each target's path, its node in every adapter, and its noise.
 
     With a key, `noise` is that target's slice of one flat U[0, 1) draw holding `draws(nodes)`
     numbers per target (one threefry call: its compile time grows with the number of calls);
@@ -238,10 +239,20 @@ def _map_nodes(fn, adapters, key=None, draws=None):
         uniform = jax.random.uniform(key, (sum(counts),))
         starts = [sum(counts[:index]) for index in range(len(counts))]
         noises = [uniform[start : start + count] for start, count in zip(starts, counts)]
+    return paths, nodes, noises
+
+
+def _tree(paths, nodes) -> Tree:
     out: Tree = {}
-    for path, target_nodes, noise in zip(paths, nodes, noises):
-        out = lora.set_at(out, path, fn(target_nodes, noise))
+    for path, node in zip(paths, nodes):
+        out = lora.set_at(out, path, node)
     return out
+
+
+def _map_nodes(fn, adapters, key=None, draws=None):
+    """Applies `fn(nodes, noise)` to each target across adapters (noise as in `_targets`)."""
+    paths, nodes, noises = _targets(adapters, key, draws)
+    return _tree(paths, [fn(target_nodes, noise) for target_nodes, noise in zip(nodes, noises)])
 
 
 def _factor_draws(nodes):
@@ -276,6 +287,12 @@ def _deltas(nodes):
             for n in nodes
         ]
     )
+
+
+def _stacked_a(nodes):
+    """`[a_1, ..., a_n]` (in, sum r_i): its span holds the column space of every dW_i, so it is
+    where a truncated SVD of a combination of pruned dW_i starts looking."""
+    return jnp.concatenate([node["lora_a"].astype(F32) for node in nodes], 1)
 
 
 def _weighted_factors(nodes, weights):
@@ -379,17 +396,30 @@ def magnitude_prune(adapters, weights, key, *, density):
 
 def _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp):
     """PEFT's `*_svd` methods: `dW = combine(dW_i, w_i)` densely, then its rank-r truncated SVD
-    `u_r (s_r vh_r)` becomes `(lora_a, lora_b)`, optionally clamped (see `mu.clamp_factors`)."""
+    `u_r (s_r vh_r)` becomes `(lora_a, lora_b)`, optionally clamped (see `fz.clamp_factors`).
+
+    PEFT takes a full LAPACK SVD of each dW and keeps r triplets; `fz.top_svds` finds those r
+    by subspace iteration from the span of the input `lora_a`s, to a tested residual.
+    """
     rank = svd_rank or _max_rank(adapters)
+    paths, nodes, noises = _targets(adapters, key, _dense_draws)
+    deltas = [combine(_deltas(n), weights, noise) for n, noise in zip(nodes, noises)]
+    triplets = fz.top_svds(deltas, [_stacked_a(n) for n in nodes], rank)
+    return _tree(
+        paths,
+        [
+            _factored_node(triplet, rank, svd_clamp, n[0]["lora_a"].dtype)
+            for n, triplet in zip(nodes, triplets)
+        ],
+    )
 
-    def node(nodes, noise):
-        u, s, vh = mu.dense_svd(combine(_deltas(nodes), weights, noise))
-        a, b = mu.truncate(u, s, vh, rank)
-        if svd_clamp is not None:
-            a, b = mu.clamp_factors(a, b, svd_clamp)
-        return _adapter_node(a, b, nodes[0]["lora_a"].dtype)
 
-    return _map_nodes(node, adapters, key, _dense_draws)
+def _factored_node(triplet, rank, svd_clamp, dtype):
+    """An adapter node from an SVD `(u, s, vh)`: rank-r factors, optionally clamped."""
+    a, b = fz.truncate(*triplet, rank)
+    if svd_clamp is not None:
+        a, b = fz.clamp_factors(a, b, svd_clamp)
+    return _adapter_node(a, b, dtype)
 
 
 @register("svd", peft=True)
@@ -397,22 +427,20 @@ def svd(adapters, weights, key, *, svd_rank=None, svd_clamp=None):
     """PEFT `svd`: the rank-r truncated SVD of `sum_i w_i dW_i`, r = svd_rank or the largest
     input rank, singular values in lora_b, optionally clamped to the `svd_clamp` quantile.
 
-    Computed exactly from the stacked factors (`mu.thin_svds`, all targets in one batched
+    Computed exactly from the stacked factors (`fz.thin_svds`, all targets in one batched
     QR and SVD), never forming a d x d SVD.
     """
     del key
     rank = svd_rank or _max_rank(adapters)
-    items = [lora.target_items(adapter) for adapter in adapters]
-    paths = [path for path, _ in items[0]]
-    nodes = [[it[index][1] for it in items] for index in range(len(paths))]
-    svds = mu.thin_svds([_weighted_factors(target_nodes, weights) for target_nodes in nodes])
-    out: Tree = {}
-    for path, target_nodes, (u, s, vh) in zip(paths, nodes, svds):
-        a, b = mu.truncate(u, s, vh, rank)
-        if svd_clamp is not None:
-            a, b = mu.clamp_factors(a, b, svd_clamp)
-        out = lora.set_at(out, path, _adapter_node(a, b, target_nodes[0]["lora_a"].dtype))
-    return out
+    paths, nodes, _ = _targets(adapters)
+    svds = fz.thin_svds([_weighted_factors(target_nodes, weights) for target_nodes in nodes])
+    return _tree(
+        paths,
+        [
+            _factored_node(triplet, rank, svd_clamp, n[0]["lora_a"].dtype)
+            for n, triplet in zip(nodes, svds)
+        ],
+    )
 
 
 @register("ties_svd", peft=True)
@@ -450,19 +478,29 @@ def magnitude_prune_svd(adapters, weights, key, *, density, svd_rank=None, svd_c
 # ----------------------------------------------------------------------------- delta space
 
 
-def _delta_output(adapters, merged_node, output, rank):
-    """Maps `merged_node(nodes, noise) -> ("dense", dW) | ("lowrank", a, b)` to the output kind."""
+def _delta_method(adapters, merged_node, output, rank, key=None, draws=None):
+    """Runs `merged_node(nodes, noise) -> ("dense", dW) | ("lowrank", a, b)` on every target
+    and returns the `output` kind: `{"delta": dW}` nodes, or rank-r factors of a truncated SVD
+    (exact and thin for low-rank results, `fz.top_svds` from the inputs' span for dense ones).
+    """
     rank = rank or _max_rank(adapters)
-
-    def finish(nodes, parts):
-        dtype = nodes[0]["lora_a"].dtype
-        if output == "delta":
-            delta = parts[1] if parts[0] == "dense" else mu.matmul(parts[1], parts[2])
-            return {"delta": delta.astype(dtype)}
-        svd_parts = mu.dense_svd(parts[1]) if parts[0] == "dense" else mu.thin_svd(*parts[1:])
-        return _adapter_node(*mu.truncate(*svd_parts, rank), dtype)
-
-    return lambda nodes, noise: finish(nodes, merged_node(nodes, noise))
+    paths, nodes, noises = _targets(adapters, key, draws)
+    parts = [merged_node(n, noise) for n, noise in zip(nodes, noises)]
+    dtypes = [n[0]["lora_a"].dtype for n in nodes]
+    if output == "delta":
+        deltas = [p[1] if p[0] == "dense" else mu.matmul(p[1], p[2]) for p in parts]
+        return _tree(paths, [{"delta": d.astype(t)} for d, t in zip(deltas, dtypes)])
+    dense = [i for i, p in enumerate(parts) if p[0] == "dense"]
+    lowrank = [i for i, p in enumerate(parts) if p[0] == "lowrank"]
+    triplets = {}
+    if dense:
+        matrices = [parts[i][1] for i in dense]
+        triplets.update(
+            zip(dense, fz.top_svds(matrices, [_stacked_a(nodes[i]) for i in dense], rank))
+        )
+    if lowrank:
+        triplets.update(zip(lowrank, fz.thin_svds([parts[i][1:] for i in lowrank])))
+    return _tree(paths, [_factored_node(triplets[i], rank, None, t) for i, t in enumerate(dtypes)])
 
 
 @register("task_arithmetic")
@@ -477,7 +515,7 @@ def task_arithmetic(adapters, weights, key, *, scale=1.0, output="delta", rank=N
         a, b = _weighted_factors(nodes, weights)
         return ("lowrank", scale * a, b)
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters)
+    return _delta_method(adapters, node, output, rank)
 
 
 @register("ties_delta")
@@ -505,7 +543,7 @@ def ties_delta(
         mask = mu.majority_sign_mask(weighted, majority_sign_method)
         return ("dense", scale * mu.disjoint_mean(weighted, mask))
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters)
+    return _delta_method(adapters, node, output, rank)
 
 
 @register("dare_delta", needs_key=True)
@@ -517,7 +555,7 @@ def dare_delta(adapters, weights, key, *, density=0.1, scale=1.0, output="delta"
         pruned = mu.random_prune(noise, _deltas(nodes), density)
         return ("dense", scale * mu.weighted_sum(pruned, weights))
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters, key, _dense_draws)
+    return _delta_method(adapters, node, output, rank, key, _dense_draws)
 
 
 @register("breadcrumbs")
@@ -534,7 +572,7 @@ def breadcrumbs(
         masked = jnp.stack([d * mu.magnitude_band_mask(d, density, gamma) for d in deltas])
         return ("dense", scale * mu.weighted_sum(masked, weights))
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters)
+    return _delta_method(adapters, node, output, rank)
 
 
 @register("knots")
@@ -579,7 +617,7 @@ def knots(
                 weighted, mu.majority_sign_mask(weighted, majority_sign_method)
             )
         else:
-            merged = weighted.sum(0)
+            merged = mu.task_sum(weighted)
         return ("lowrank", scale * merged * s, mu.matmul(vh_core, q_b.T))
 
-    return _map_nodes(_delta_output(adapters, node, output, rank), adapters)
+    return _delta_method(adapters, node, output, rank)

@@ -1,0 +1,132 @@
+"""`factorize.top_svds` against float64 LAPACK, on every path it can take.
+
+The matrices are what PEFT's dense `*_svd` methods factor: combinations of pruned LoRA deltas
+(full rank, with a leading low-rank part), plus the cases that defeat subspace iteration (a flat
+spectrum), exactly low-rank and zero matrices, tall matrices and mixed shapes. Width 256 with
+three rank-8 adapters keeps the iterative path in use (block 24, at most a quarter of 256).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmerge import factorize as fz
+from jaxmerge import merge
+from jaxmerge import merge_utils as mu
+
+WIDTH, RANK, TASKS = 256, 8, 3
+WEIGHTS = jnp.asarray([0.5, 0.3, 0.2])
+
+
+def lora_deltas(seed: int, shape=(WIDTH, WIDTH)):
+    """(TASKS, in, out) deltas a_i @ b_i and the stacked a_i (in, TASKS * RANK)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((TASKS, shape[0], RANK)) / np.sqrt(shape[0])
+    b = rng.standard_normal((TASKS, RANK, shape[1])) * 0.01
+    deltas = jnp.asarray(a @ b, jnp.float32)
+    return deltas, jnp.asarray(np.concatenate(list(a), 1), jnp.float32)
+
+
+def combine(kind: str, deltas: jax.Array) -> jax.Array:
+    uniform = jax.random.uniform(jax.random.key(1), (deltas.size,))
+    if kind == "magnitude_prune":
+        return mu.weighted_sum(mu.magnitude_prune(deltas, 0.5), WEIGHTS)
+    if kind == "ties":
+        return mu.ties_combine(mu.magnitude_prune(deltas, 0.5), WEIGHTS, "total")
+    if kind == "dare_linear":
+        return mu.weighted_sum(mu.random_prune(uniform, deltas, 0.5), WEIGHTS)
+    assert kind == "dare_flat"  # so few entries kept that the spectrum is flat
+    return mu.weighted_sum(mu.random_prune(uniform, deltas, 0.02), WEIGHTS)
+
+
+def truncated(matrix, rank: int) -> np.ndarray:
+    """The rank-r truncation of `matrix` by a float64 LAPACK SVD."""
+    u, s, vh = np.linalg.svd(np.asarray(matrix, np.float64))
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def assert_matches(triplet, matrix, rank: int, tol: float = 3e-5):
+    u, s, vh = (np.asarray(x, np.float64) for x in triplet)
+    want = truncated(matrix, rank)
+    scale = np.abs(want).max() if np.abs(want).max() > 0 else 1.0
+    np.testing.assert_array_less(np.abs((u * s) @ vh - want).max() / scale, tol)
+    kept = int(np.sum(s > 1e-3 * s[0])) if s[0] > 0 else 0
+    np.testing.assert_allclose(u[:, :kept].T @ u[:, :kept], np.eye(kept), atol=1e-5)
+    np.testing.assert_allclose(vh[:kept] @ vh[:kept].T, np.eye(kept), atol=1e-5)
+    assert np.all(np.diff(s) <= 1e-6 * max(s[0], 1e-30)), "singular values must descend"
+
+
+@pytest.mark.parametrize("kind", ["magnitude_prune", "ties", "dare_linear"])
+def test_pruned_lora_deltas_converge_on_the_fast_path(kind):
+    deltas, start = lora_deltas(0)
+    matrix = combine(kind, deltas)
+    q0 = jnp.linalg.qr(start[None])[0]
+    _, _, converged = fz._power_iterate(matrix[None], q0, RANK, fz.TOLERANCE, fz.POWER_STEPS)
+    assert bool(converged), "pruned LoRA deltas should not need the fallbacks"
+    [triplet] = jax.jit(lambda m, s: fz.top_svds([m], [s], RANK))(matrix, start)
+    assert_matches(triplet, matrix, RANK)
+
+
+def test_flat_spectrum_falls_back_and_stays_exact():
+    deltas, start = lora_deltas(1)
+    matrix = combine("dare_flat", deltas)
+    q0 = jnp.linalg.qr(start[None])[0]
+    _, _, converged = fz._power_iterate(matrix[None], q0, RANK, fz.TOLERANCE, fz.POWER_STEPS)
+    assert not bool(converged), "this case is meant to exercise the fallbacks"
+    [triplet] = fz.top_svds([matrix], [start], RANK)
+    assert_matches(triplet, matrix, RANK)
+
+
+@pytest.mark.parametrize("path", ["eigen_start", "dense"])
+def test_each_fallback_alone_is_exact(path):
+    deltas, start = lora_deltas(2)
+    matrix = combine("ties", deltas)
+    # steps=0 goes straight to the eigenvectors of M M^T; tol=0 can never pass, so LAPACK.
+    steps, tol = (0, fz.TOLERANCE) if path == "eigen_start" else (fz.POWER_STEPS, 0.0)
+    u, s, vh = fz._top_svd_batch(matrix[None], start[None], RANK, tol, steps)
+    assert_matches((u[0], s[0], vh[0]), matrix, RANK)
+
+
+def test_low_rank_zero_tall_and_mixed_shapes_in_one_call():
+    deltas, start = lora_deltas(3)
+    low_rank = deltas[0, :, :] * 2.0  # rank 8 exactly: the next singular values are zero
+    zero = jnp.zeros((WIDTH, WIDTH))
+    tall, tall_start = lora_deltas(4, shape=(WIDTH, 160))
+    tall = combine("ties", tall)
+    small, small_start = lora_deltas(5, shape=(40, 24))  # too small to iterate: LAPACK
+    small = combine("ties", small)
+    matrices = [low_rank, zero, tall, small]
+    starts = [start, start, tall_start, small_start]
+    results = fz.top_svds(matrices, starts, 2 * RANK)
+    for matrix, triplet in zip(matrices, results):
+        assert all(np.isfinite(np.asarray(x)).all() for x in triplet)
+        assert_matches(triplet, matrix, 2 * RANK)
+    assert results[3][1].shape == (2 * RANK,)
+    assert float(jnp.abs(results[1][1]).max()) == 0.0
+
+
+def test_dense_svd_merges_match_float64_truncation():
+    """`ties_svd` and `ties_delta(output="factored")` at width 256 go through `top_svds`."""
+    rng = np.random.default_rng(6)
+    factors = [
+        (rng.standard_normal((WIDTH, RANK)) / 16, rng.standard_normal((RANK, WIDTH)) / 100)
+        for _ in range(TASKS)
+    ]
+    adapters = [
+        {"q": {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32),
+               "scale": jnp.float32(2.0)}}
+        for a, b in factors
+    ]  # fmt: skip
+    deltas = jnp.stack([2.0 * jnp.asarray(a @ b, jnp.float32) for a, b in factors])
+    weights = [float(w) for w in WEIGHTS]
+    ties_svd = merge.merge(adapters, "ties_svd", weights, density=0.5)["q"]
+    peft_ties = mu.ties_combine(mu.magnitude_prune(deltas, 0.5), WEIGHTS, "total")
+    ties_delta = merge.merge(adapters, "ties_delta", weights, density=0.5, output="factored")["q"]
+    dense_ties = merge.merge(adapters, "ties_delta", weights, density=0.5)["q"]["delta"]
+    for node, dense in [(ties_svd, peft_ties), (ties_delta, dense_ties)]:
+        got = np.asarray(node["lora_a"] @ node["lora_b"], np.float64)
+        want = truncated(dense, RANK)
+        assert np.abs(got - want).max() / np.abs(want).max() < 3e-5
