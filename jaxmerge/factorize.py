@@ -1,7 +1,7 @@
 """SVD factorisations behind the merge methods; every function is pure and traces under `jit`.
 
-* `thin_svd`, `thin_svds`: the exact SVD of a low-rank product `a @ b` from QRs of its factors,
-  never forming the (in, out) matrix (PEFT's `svd` method).
+* `thin_svds`: the exact leading SVD of low-rank products `a @ b` from their factors, never
+  forming the (in, out) matrices (PEFT's `svd` method, factored delta-space outputs).
 * `top_svds`: the leading singular triplets of dense matrices. PEFT's other `*_svd` methods prune
   dense deltas, which makes them full rank, and then keep only r triplets of a full LAPACK SVD;
   subspace iteration from the merged factors' span finds those r triplets to a tested residual
@@ -32,38 +32,82 @@ def _swap(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- low-rank products
 
 
-def thin_svd(a: jax.Array, b: jax.Array):
-    """Exact SVD `u s vh = a @ b` of a low-rank product without forming the (in, out) matrix.
+def _householder_thin_svd(a, b, rank):
+    """Leading triplets of each `a @ b` in a batch ((n, d, R) @ (n, R, d)) from Householder QRs:
+    with `a = Qa Ra`, `b^T = Qb Rb`, `a @ b = Qa (Ra Rb^T) Qb^T` and the SVD of the R x R core
+    gives `u = Qa uc`, `vh = vc Qb^T`. Stable at any rank. Both factors share one stacked QR:
+    two independent batched QRs in one program hung XLA:CPU (jax 0.10.2)."""
+    n = a.shape[0]
+    q, r = jnp.linalg.qr(jnp.concatenate([a, _swap(b)]))
+    uc, s, vc = jnp.linalg.svd(matmul(r[:n], _swap(r[n:])), full_matrices=False)
+    return matmul(q[:n], uc[..., :rank]), s[..., :rank], matmul(vc[..., :rank, :], _swap(q[n:]))
 
-    With `a = Qa Ra` and `b^T = Qb Rb` (reduced QR), `a @ b = Qa (Ra Rb^T) Qb^T`; the SVD of the
-    small core `Ra Rb^T = uc s vc` gives `u = Qa uc`, `vh = vc Qb^T`. Cost O((in + out) R^2)
-    for a (in, R) and b (R, out), against O(in out min(in, out)) for a dense SVD.
+
+def _gram_thin_svd(a, b, rank):
+    """The same triplets from R x R Gram matrices, with no LAPACK call on a d x R matrix.
+
+    `a^T a = P D P^T` gives `a = Ua D^1/2 P^T` (Ua orthonormal), so `a @ b = Ua (X^T b)` with
+    X = P D^1/2, and the eigenpairs `(w, s^2)` of the core `X^T (b b^T) X` give `u = Ua w`,
+    `vh = w^T X^T b / s`. Squaring costs precision for tiny singular values, hence
+    `_verified`; directions of `a` below 1e-4 of its largest singular value are dropped.
     """
-    qa, ra = jnp.linalg.qr(a)
-    qb, rb = jnp.linalg.qr(b.T)
-    uc, s, vc = jnp.linalg.svd(matmul(ra, rb.T), full_matrices=False)
-    return matmul(qa, uc), s, matmul(vc, qb.T)
+    d, p = jnp.linalg.eigh(matmul(_swap(a), a))
+    root = jnp.sqrt(jnp.maximum(d, 0.0))
+    kept = root > 1e-4 * root[..., -1:]
+    x = p * root[..., None, :]
+    core = matmul(_swap(x), matmul(matmul(b, _swap(b)), x))
+    lam, w = jnp.linalg.eigh(core)
+    lam, w = lam[..., ::-1][..., :rank], w[..., ::-1][..., :rank]  # descending
+    s = jnp.sqrt(jnp.maximum(lam, 0.0))
+    inverse_root = jnp.where(kept, 1.0 / jnp.where(kept, root, 1.0), 0.0)
+    u = matmul(a, matmul(p * inverse_root[..., None, :], w))
+    vh = matmul(_swap(matmul(x, w)), b) / jnp.where(s > 0, s, 1.0)[..., :, None]
+    return u, s, vh
 
 
-def thin_svds(pairs):
-    """`thin_svd` of many `(a, b)` pairs with one batched QR and one batched SVD.
+def _verified(a, b, u, s, vh, tol):
+    """Whether `(u, s, vh)` are singular triplets of every `a @ b` to `tol * s_1`: both residuals
+    `|M vh_j^T - s_j u_j|`, `|M^T u_j - s_j vh_j^T|` and the orthonormality of u and vh."""
+    scale = jnp.maximum(s[..., :1], jnp.finfo(s.dtype).tiny)
+    left = matmul(a, matmul(b, _swap(vh))) - u * s[..., None, :]
+    right = matmul(_swap(b), matmul(_swap(a), u)) - _swap(vh) * s[..., None, :]
+    residual = jnp.maximum(jnp.linalg.norm(left, axis=-2), jnp.linalg.norm(right, axis=-2))
+    live = s > 0  # zero singular values carry no product; their vectors need not be checked
+    eye = jnp.eye(s.shape[-1], dtype=s.dtype)
+    pairs = live[..., :, None] & live[..., None, :]
+    u_error = jnp.where(pairs, matmul(_swap(u), u) - eye, 0.0)
+    v_error = jnp.where(pairs, matmul(vh, _swap(vh)) - eye, 0.0)
+    orthonormal = jnp.maximum(jnp.abs(u_error).max(), jnp.abs(v_error).max()) <= 10 * tol
+    return jnp.all(residual <= tol * scale) & orthonormal
 
-    Every factor is zero-padded to a common (d, R), which leaves each product and its nonzero
-    singular triplets unchanged, so all targets share one LAPACK call of each kind: 72 small
-    calls for 24 targets cost 4x more here. (Two independent batched QR calls in one jitted
-    program hung XLA:CPU in jax 0.10.2, which is another reason for a single stacked QR.)
+
+def thin_svds(pairs, rank: int, *, tol: float = TOLERANCE):
+    """Leading `min(rank, R)` singular triplets of many low-rank products `a @ b`, exactly.
+
+    Never forms the (in, out) matrices. Every factor is zero-padded to a common (d, R), which
+    leaves each product and its nonzero triplets unchanged, so all targets share one batched
+    computation: the Gram route (`_gram_thin_svd`, two R x R eigh), verified by residuals, else
+    the Householder route (`_householder_thin_svd`). On 24 ViT-B targets at R = 48 the Gram
+    route took 8 ms and the QRs 23 ms, most of it LAPACK on the (768, 48) factors.
+
+    Returns:
+      One `(u (in, k), s (k,), vh (k, out))` per pair, k = min(rank, that pair's R).
     """
     dim = max(max(a.shape[0], b.shape[1]) for a, b in pairs)
-    rank = max(a.shape[1] for a, _ in pairs)
-    pad = lambda m: jnp.pad(m, ((0, dim - m.shape[0]), (0, rank - m.shape[1])))  # noqa: E731
-    q, r = jnp.linalg.qr(jnp.stack([pad(a) for a, _ in pairs] + [pad(b.T) for _, b in pairs]))
-    n = len(pairs)
-    uc, s, vc = jnp.linalg.svd(matmul(r[:n], _swap(r[n:])), full_matrices=False)
-    u, vh = matmul(q[:n], uc), matmul(vc, _swap(q[n:]))
-    # Each pair keeps its own R triplets (the rest are the padding's zeros).
+    width = max(a.shape[1] for a, _ in pairs)
+    rank = min(rank, width)
+    a = jnp.stack([jnp.pad(a, ((0, dim - a.shape[0]), (0, width - a.shape[1]))) for a, _ in pairs])
+    b = jnp.stack([jnp.pad(b, ((0, width - b.shape[0]), (0, dim - b.shape[1]))) for _, b in pairs])
+    gram = _gram_thin_svd(a, b, rank)
+    u, s, vh = jax.lax.cond(
+        _verified(a, b, *gram, tol),
+        lambda: gram,
+        lambda: _householder_thin_svd(a, b, rank),
+    )
     return [
-        (u[i, : a.shape[0], : a.shape[1]], s[i, : a.shape[1]], vh[i, : a.shape[1], : b.shape[1]])
-        for i, (a, b) in enumerate(pairs)
+        (u[i, : pa.shape[0], :k], s[i, :k], vh[i, :k, : pb.shape[1]])
+        for i, (pa, pb) in enumerate(pairs)
+        for k in [min(rank, pa.shape[1])]
     ]
 
 

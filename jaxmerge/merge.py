@@ -428,12 +428,12 @@ def svd(adapters, weights, key, *, svd_rank=None, svd_clamp=None):
     input rank, singular values in lora_b, optionally clamped to the `svd_clamp` quantile.
 
     Computed exactly from the stacked factors (`fz.thin_svds`, all targets in one batched
-    QR and SVD), never forming a d x d SVD.
+    computation), never forming a d x d matrix.
     """
     del key
     rank = svd_rank or _max_rank(adapters)
     paths, nodes, _ = _targets(adapters)
-    svds = fz.thin_svds([_weighted_factors(target_nodes, weights) for target_nodes in nodes])
+    svds = fz.thin_svds([_weighted_factors(n, weights) for n in nodes], rank)
     return _tree(
         paths,
         [
@@ -499,7 +499,7 @@ def _delta_method(adapters, merged_node, output, rank, key=None, draws=None):
             zip(dense, fz.top_svds(matrices, [_stacked_a(nodes[i]) for i in dense], rank))
         )
     if lowrank:
-        triplets.update(zip(lowrank, fz.thin_svds([parts[i][1:] for i in lowrank])))
+        triplets.update(zip(lowrank, fz.thin_svds([parts[i][1:] for i in lowrank], rank)))
     return _tree(paths, [_factored_node(triplets[i], rank, None, t) for i, t in enumerate(dtypes)])
 
 

@@ -130,3 +130,48 @@ def test_dense_svd_merges_match_float64_truncation():
         got = np.asarray(node["lora_a"] @ node["lora_b"], np.float64)
         want = truncated(dense, RANK)
         assert np.abs(got - want).max() / np.abs(want).max() < 3e-5
+
+
+def low_rank_pairs(seed: int, duplicate: bool = False, zero_b: bool = False):
+    """Stacked-factor pairs (a (in, R), b (R, out)) of the shapes a merge meets."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for shape, width in [((WIDTH, WIDTH), 3 * RANK), ((WIDTH, 160), 2 * RANK), ((96, 64), 5)]:
+        a = rng.standard_normal((shape[0], width)) / np.sqrt(shape[0])
+        b = rng.standard_normal((width, shape[1])) * 0.01
+        if duplicate:  # the same adapter merged twice: a has repeated columns
+            a[:, width // 2 :] = a[:, : width - width // 2]
+        if zero_b:  # freshly initialised adapters: B = 0
+            b[:] = 0.0
+        pairs.append((jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+    return pairs
+
+
+@pytest.mark.parametrize("case", ["generic", "duplicate", "zero_b"])
+def test_thin_svds_match_float64_truncation(case):
+    pairs = low_rank_pairs(7, duplicate=case == "duplicate", zero_b=case == "zero_b")
+    results = jax.jit(lambda p: fz.thin_svds(p, RANK))(pairs)
+    for (a, b), triplet in zip(pairs, results):
+        assert triplet[1].shape == (min(RANK, a.shape[1]),)
+        assert_matches(triplet, np.asarray(a, np.float64) @ np.asarray(b, np.float64), RANK)
+
+
+def test_thin_svd_routes_agree_and_the_check_rejects_bad_triplets():
+    pairs = low_rank_pairs(8)
+    a = jnp.stack([jnp.pad(p[0], ((0, 0), (0, 3 * RANK - p[0].shape[1]))) for p in pairs[:1]])
+    b = jnp.stack([jnp.pad(p[1], ((0, 3 * RANK - p[1].shape[0]), (0, 0))) for p in pairs[:1]])
+    gram = fz._gram_thin_svd(a, b, RANK)
+    householder = fz._householder_thin_svd(a, b, RANK)
+    assert bool(fz._verified(a, b, *gram, fz.TOLERANCE))
+    assert bool(fz._verified(a, b, *householder, fz.TOLERANCE))
+    np.testing.assert_allclose(gram[1], householder[1], rtol=1e-5)
+    u, s, vh = gram
+    assert not bool(fz._verified(a, b, u, s * 1.001, vh, fz.TOLERANCE))  # wrong values
+    assert not bool(fz._verified(a, b, u[..., ::-1], s, vh, fz.TOLERANCE))  # mismatched pairs
+
+
+def test_repeated_columns_can_fail_the_gram_route_and_fall_back():
+    """The `duplicate` case above includes this pair, so its batch is factored by Householder."""
+    a, b = low_rank_pairs(7, duplicate=True)[2]
+    gram = fz._gram_thin_svd(a[None], b[None], RANK)
+    assert not bool(fz._verified(a[None], b[None], *gram, fz.TOLERANCE))
