@@ -8,6 +8,9 @@ three rank-8 adapters keeps the iterative path in use (block 24, at most a quart
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,3 +178,24 @@ def test_repeated_columns_can_fail_the_gram_route_and_fall_back():
     a, b = low_rank_pairs(7, duplicate=True)[2]
     gram = fz._gram_thin_svd(a[None], b[None], RANK)
     assert not bool(fz._verified(a[None], b[None], *gram, fz.TOLERANCE))
+
+
+def test_shape_groups_run_one_at_a_time_without_deadlock():
+    """Two batched groups (q/v-like and MLP-like shapes) in one jitted merge. Run concurrently,
+    their LAPACK kernels deadlocked XLA's 2-thread pool; a hang here fails after 240 s."""
+    script = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxmerge import factorize as fz
+rng = np.random.default_rng(0)
+mats, starts = [], []
+for shape in [(256, 256)] * 3 + [(256, 1024)] * 3:
+    a = rng.standard_normal((shape[0], 24)).astype(np.float32)
+    mats.append(jnp.asarray(a @ rng.standard_normal((24, shape[1])).astype(np.float32)))
+    starts.append(jnp.asarray(a))
+out = jax.jit(lambda m, s: fz.top_svds(m, s, 8))(mats, starts)
+print(float(sum(t[1].sum() for t in out)))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
