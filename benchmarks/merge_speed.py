@@ -9,11 +9,10 @@ and peft import, PEFT's `add_weighted_adapter` runs the same method on the same 
 torch module of 12 blocks of q/v `nn.Linear(768, 768)` under `get_peft_model`). `--json`
 prints one line {method: jaxmerge steady-state seconds}.
 
-The dense-SVD methods (`*_svd` other than `svd`) spend their time in LAPACK, which jax takes
-from scipy's OpenBLAS. Where OPENBLAS_CORETYPE is set in the environment (this project's CI
-machines set it to Haswell), OpenBLAS runs older kernels, about 4x slower here: the table's
-header names the kernel in use. `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python ...`
-measures the machine's own speed.
+Where OPENBLAS_CORETYPE is set in the environment (this project's CI machines set it to
+Haswell), the LAPACK that jax takes from scipy's OpenBLAS runs older kernels: the header names
+the kernel in use, and `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python ...` measures the
+machine's own speed. Measured tables: `benchmarks/RESULTS.md`.
 """
 
 from __future__ import annotations
