@@ -1,4 +1,4 @@
-"""Array maths behind `merge.py`: pruning, sign election and disjoint means (SVDs: `factorize`).
+"""Array maths behind the merge methods: pruning, sign election, disjoint means (SVDs: `factorize`).
 
 Every function here is pure and shape-static, so it traces under `jax.jit`; integer counts such
 as `k = int(density * size)` come from Python floats that the caller keeps static. Task tensors
