@@ -114,9 +114,10 @@ def thin_svds(pairs, rank: int, *, tol: float = TOLERANCE):
 # ----------------------------------------------------------------------------- dense matrices
 
 
-def dense_svd(delta: jax.Array):
-    """Reduced SVD of a dense (in, out) matrix (LAPACK)."""
-    return jnp.linalg.svd(delta, full_matrices=False)
+def _lapack_top(m, rank):
+    """The leading `rank` triplets from LAPACK's full SVD of each matrix (what PEFT computes)."""
+    u, s, vh = jnp.linalg.svd(m, full_matrices=False)
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
 def _gram_ritz(m, q):
@@ -169,9 +170,8 @@ def _top_svd_batch(m, start, rank, tol, steps):
     """Leading `rank` triplets of each (n, p) matrix in `m` (b, n, p), n <= p, from `start`."""
     n, p = m.shape[-2:]
     block = max(start.shape[-1], 2 * rank)  # oversampling: convergence goes as s_{block+1}/s_rank
-    if 4 * block > n:  # too small for iteration to pay: LAPACK on the whole matrix
-        u, s, vh = jnp.linalg.svd(m, full_matrices=False)
-        return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    if 4 * block > n:  # too small for iteration to pay
+        return _lapack_top(m, rank)
     if start.shape[-1] < block:  # widen with a fixed Gaussian sketch of M's column space
         sketch = jax.random.normal(jax.random.key(0), (p, block - start.shape[-1]), m.dtype)
         start = jnp.concatenate([start, matmul(m, sketch)], -1)
@@ -182,12 +182,7 @@ def _top_svd_batch(m, start, rank, tol, steps):
         return _power_iterate(m, q, rank, tol, 2)
 
     q, z, done = jax.lax.cond(done, lambda: (q, z, done), eigen_start)
-
-    def dense():
-        u, s, vh = jnp.linalg.svd(m, full_matrices=False)
-        return u[..., :rank], s[..., :rank], vh[..., :rank, :]
-
-    return jax.lax.cond(done, lambda: _ritz_svd(q, z, rank), dense)
+    return jax.lax.cond(done, lambda: _ritz_svd(q, z, rank), lambda: _lapack_top(m, rank))
 
 
 def _after(x: jax.Array, token: jax.Array) -> jax.Array:
