@@ -37,6 +37,7 @@ def targets(adapters, key=None, draws=None):
 
 
 def tree(paths, nodes) -> Tree:
+    """The adapter tree holding `nodes[i]` at `paths[i]`."""
     out: Tree = {}
     for path, node in zip(paths, nodes):
         out = lora.set_at(out, path, node)
@@ -50,10 +51,12 @@ def map_nodes(fn, adapters, key=None, draws=None):
 
 
 def factor_draws(nodes):
+    """Uniforms a target needs for DARE on its factors: one per factor entry of every task."""
     return sum(n["lora_a"].size + n["lora_b"].size for n in nodes)
 
 
 def dense_draws(nodes):
+    """Uniforms a target needs for DARE on its dense dW: one per entry of every task."""
     return len(nodes) * nodes[0]["lora_a"].shape[0] * nodes[0]["lora_b"].shape[1]
 
 
