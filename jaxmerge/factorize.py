@@ -36,7 +36,7 @@ def _householder_thin_svd(a, b, rank):
     """Leading triplets of each `a @ b` in a batch ((n, d, R) @ (n, R, d)) from Householder QRs:
     with `a = Qa Ra`, `b^T = Qb Rb`, `a @ b = Qa (Ra Rb^T) Qb^T` and the SVD of the R x R core
     gives `u = Qa uc`, `vh = vc Qb^T`. Stable at any rank. Both factors share one stacked QR:
-    two independent batched QRs in one program hung XLA:CPU (jax 0.10.2)."""
+    two independent batched QRs in one program deadlock XLA:CPU (see `_after`)."""
     n = a.shape[0]
     q, r = jnp.linalg.qr(jnp.concatenate([a, _swap(b)]))
     uc, s, vc = jnp.linalg.svd(matmul(r[:n], _swap(r[n:])), full_matrices=False)
