@@ -45,7 +45,15 @@ def fingerprint(base: Tree) -> str:
 def manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
     """A CheckpointManager for one adapter's run; keeps the newest `max_to_keep` steps."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    # Naming each item's handler lets `item_metadata` read the saved shapes before a restore.
+    handlers = {
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "metadata": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_handlers=handlers
+    )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params: Tree, opt_state: Tree, metadata: dict):
@@ -125,16 +133,22 @@ def load(directory: str, step: int | None = None, expected_base: str | None = No
         raise CheckpointError(f"checkpoint folder {os.path.abspath(directory)} holds no checkpoint")
     path = os.path.join(str(mngr.directory), str(step))
     try:
+        # Restored onto this process's first device whatever the saving topology: Orbax would
+        # otherwise recreate the saved sharding (e.g. 8 devices) and refuse on any other count.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = mngr.item_metadata(step)["params"]
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+        )
         restored = mngr.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(),
+                params=ocp.args.StandardRestore(target),
                 metadata=ocp.args.JsonRestore(),
             ),
         )
     except Exception as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
     _verify(path, restored.metadata, {"params": restored.params}, expected_base)
-    # As host numpy arrays: Orbax would otherwise place them as they were sharded when saved
-    # (e.g. on 8 devices), and mixing placements in one jitted call fails.
+    # As host numpy arrays, so that callers place them on their own mesh.
     return jax.tree.map(np.asarray, restored.params), restored.metadata

@@ -287,3 +287,46 @@ def test_evaluate_single_and_merged_runs_on_eight_devices(data_dir, tmp_path):
     assert set(both) == {"digits:lora", "digits:head"}
     own = json.load(open(os.path.join(runs[0], "result.json")))
     assert alone["digits"]["accuracy"] == pytest.approx(own["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_adapter_trained_on_eight_devices_loads_on_fewer(data_dir, tmp_path, devices):
+    """A checkpoint records the 8-device topology it was saved from; loading it in a plain
+    script on 1 or 2 devices, and scoring it with the evaluate CLI there, must still work."""
+    config = tiny_config(data_dir, steps=10)
+    assert jax.device_count() == 8
+    train.train_and_evaluate(config, str(tmp_path))
+    run = train.run_dir(str(tmp_path), "lora", "digits")
+    saved, _ = checkpoint.load(os.path.join(run, "checkpoints"))
+    script = (
+        "import sys, jax, numpy as np\n"
+        "from jaxmerge import checkpoint\n"
+        "params, _ = checkpoint.load(sys.argv[1])\n"
+        "assert jax.device_count() == int(sys.argv[2]), jax.device_count()\n"
+        "np.savez(sys.argv[3], *jax.tree.leaves(params))\n"
+    )
+    env = {**_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out = tmp_path / "leaves.npz"
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, os.path.join(run, "checkpoints"), str(devices), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    with np.load(out) as leaves:
+        for index, leaf in enumerate(jax.tree.leaves(saved)):
+            np.testing.assert_array_equal(leaves[f"arr_{index}"], leaf)
+    scored = subprocess.run(
+        [sys.executable, "-m", "jaxmerge.evaluate", f"--run={run}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    own = json.load(open(os.path.join(run, "result.json")))
+    assert json.loads(scored.stdout)["digits"]["accuracy"] == pytest.approx(
+        own["accuracy"], abs=1e-6
+    )
