@@ -3,7 +3,7 @@
     python benchmarks/merge_speed.py [--repeats 5] [--methods svd,ties] [--json] [--no-peft]
 
 Three adapters, 12 blocks with query and value targets of width 768, rank 16, random nonzero
-factors. For each method of `jaxmerge.merge.METHODS` it reports the first call (compile
+factors. For each method of `jaxmerge.merging.METHODS` it reports the first call (compile
 included) and the steady state (median of `--repeats` calls, `block_until_ready`). When torch
 and peft import, PEFT's `add_weighted_adapter` runs the same method on the same factors (a
 torch module of 12 blocks of q/v `nn.Linear(768, 768)` under `get_peft_model`). `--json`
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge import lora, merge
+from jaxmerge import lora, merging
 
 
 def openblas_kernel() -> str:
@@ -77,7 +77,7 @@ def to_adapter(factors) -> lora.Tree:
 
 
 def method_params(method: str) -> dict:
-    params = merge.METHODS[method].params
+    params = merging.METHODS[method].params
     return {"density": DENSITY} if params.get("density") is inspect.Parameter.empty else {}
 
 
@@ -98,7 +98,7 @@ def time_jaxmerge(adapters, method: str, repeats: int) -> tuple[float, float]:
     key = jax.random.key(0)
     params = method_params(method)
     return time_calls(
-        lambda: jax.block_until_ready(merge.merge(adapters, method, WEIGHTS, key=key, **params)),
+        lambda: jax.block_until_ready(merging.merge(adapters, method, WEIGHTS, key=key, **params)),
         repeats,
     )
 
@@ -154,7 +154,7 @@ def peft_available() -> bool:
 
 def main(argv=None) -> None:
     args = ARGS.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m] or sorted(merge.METHODS)
+    methods = [m for m in args.methods.split(",") if m] or sorted(merging.METHODS)
     task_factors = [random_factors(seed) for seed in range(TASKS)]
     adapters = [to_adapter(factors) for factors in task_factors]
     use_peft = not args.no_peft and not args.json and peft_available()
@@ -164,7 +164,7 @@ def main(argv=None) -> None:
         first, median = time_jaxmerge(adapters, method, args.repeats)
         steady[method] = median
         peft_cell, speedup = "-", "-"
-        if model is not None and merge.METHODS[method].peft:
+        if model is not None and merging.METHODS[method].peft:
             _, peft_median = time_peft(model, method, args.repeats)
             peft_cell, speedup = f"{peft_median:.4f}", f"{peft_median / median:.1f}x"
         rows.append(f"| {method} | {first:.3f} | {median:.4f} | {peft_cell} | {speedup} |")

@@ -49,7 +49,7 @@ def median_seconds(fn, repeats: int) -> float:
 def load_model(args):
     import jax
 
-    from jaxmerge import models, vit
+    from jaxmerge.models import load, vit
 
     if args.variant:
         model = vit.ViT(**vit.variant(args.variant, image_size=args.image_size))
@@ -57,7 +57,7 @@ def load_model(args):
     from experiments.configs import offline
 
     config = offline.get_config().train
-    model, base, _ = models.load_base(config)
+    model, base, _ = load.load_base(config)
     return model, base
 
 
@@ -65,7 +65,7 @@ def run(args) -> dict:
     import jax
     import numpy as np
 
-    from jaxmerge import heads, lora, merge, multitask
+    from jaxmerge import heads, lora, merging, multitask
 
     model, base = load_model(args)
     counts = [int(n) for n in args.tasks.split(",")]
@@ -87,7 +87,7 @@ def run(args) -> dict:
     results = []
     for n in counts:
         names = [f"task{i}" for i in range(n)]
-        merged = lora.fold_into_base(base, merge.merge(adapters[:n], "cat"))
+        merged = lora.fold_into_base(base, merging.merge(adapters[:n], "cat"))
         predict = multitask.make_predictor(model, dict(zip(names, head_defs[:n])))
         heads_n = dict(zip(names, head_params[:n]))
         backbones = [lora.fold_into_base(base, a) for a in adapters[:n]]

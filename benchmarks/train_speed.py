@@ -24,7 +24,7 @@ ARGS.add_argument("--devices", type=int, default=2, help="CPU devices (one per c
 ARGS.add_argument("--batch", type=int, default=128)
 ARGS.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
 ARGS.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-ARGS.add_argument("--lora_impl", default="factored", choices=["merged", "factored"])
+ARGS.add_argument("--lora_compute", default="branch", choices=["branch", "fold"])
 ARGS.add_argument("--json", action="store_true", help="print one JSON line only")
 ARGS.add_argument("--torch", action="store_true", help="also time PyTorch + PEFT")
 
@@ -52,14 +52,17 @@ def jax_speed(args) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxmerge import config_lib, data, heads, tasks, train, vit
+    from jaxmerge import config_lib, data, heads, scoring, tasks, train
+    from jaxmerge.models import vit
 
     config = config_lib.base_config()
     config.batch_size = args.batch
     config.model.dtype = args.dtype
     config.steps = 1000
     model = vit.ViT(
-        **vit.variant("Ti/4", image_size=32), dtype=jnp.dtype(args.dtype), lora_impl=args.lora_impl
+        **vit.variant("Ti/4", image_size=32),
+        dtype=jnp.dtype(args.dtype),
+        lora_compute=args.lora_compute,
     )
     base = vit.init_params(model, jax.random.key(0))
     head = heads.MlpHead(256, 10)
@@ -80,7 +83,7 @@ def jax_speed(args) -> dict:
     }
     batch = data.shard_batch(batch, mesh)
     step_fn = train.make_train_step(model, head, task, optimizer)
-    eval_fn = train.make_eval_step(model, head, task)
+    eval_fn = scoring.make_eval_step(model, head, task)
     key = jax.random.key(2)
 
     # XLA's cost analysis counts one device's share of the sharded program.

@@ -1,7 +1,7 @@
 r"""Export a pretrained base from a full training run as a slim run folder (no optimizer state).
 
-    python -m experiments.export_base /tmp/jm_pretrain/full/fashion_mnist \
-        jaxmerge/assets/fashion_vit
+    python -m experiments.export_base --source /tmp/jm_pretrain/full/fashion_mnist \
+        --dest jaxmerge/assets/fashion_vit
 
 Reads the latest verified checkpoint of a `mode="full"` run (configs/pretrain.py) and writes
 `DEST/checkpoints/<step>/` holding only `{"base": params}` with the run's metadata (the ViT
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import numpy as np
+from absl import flags
 
 from jaxmerge import checkpoint
+from jaxmerge import cli as cli_lib
 
 
 def export_base(source: str, dest: str) -> str:
@@ -39,14 +40,20 @@ def export_base(source: str, dest: str) -> str:
     return checkpoint.fingerprint(params["base"])
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        raise SystemExit("usage: python -m experiments.export_base SOURCE_RUN DEST")
-    try:
-        print(f"exported base {export_base(*argv)} to {argv[1]}")
-    except (ValueError, checkpoint.CheckpointError) as error:
-        raise SystemExit(f"export_base: error: {error}") from None
+def define_flags():
+    flags.DEFINE_string("source", None, "The full training run folder to export.")
+    flags.DEFINE_string("dest", None, "The new run folder (must not exist).")
+
+
+def main(argv):
+    del argv
+    source, dest = flags.FLAGS.source, flags.FLAGS.dest
+    print(f"exported base {export_base(source, dest)} to {dest}")
+
+
+def cli():
+    cli_lib.run(main, define_flags, required=["source", "dest"])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

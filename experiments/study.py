@@ -6,7 +6,7 @@ For each seed and task it trains a LoRA adapter and a head-finetuning baseline
 (`train.train_and_evaluate`); merges every pair and every triple of adapters with each method
 of `config.methods`, folds the merge into the base and scores each task of the merge with its
 own head; scores each head on the bare base ("adapter removed"); measures how alike every pair
-of adapters is (`jaxmerge.similarity`); then writes the report (`experiments/report.py`).
+of adapters is (`jaxmerge.similarity`); then writes the report (`experiments/report/`).
 
 Stages are cached in the workdir, so a rerun (or a resumed, interrupted one) skips what is done:
 finished training runs are read from their `result.json`, merge scores from `merges.jsonl`
@@ -28,11 +28,12 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags, logging
+from absl import flags
 from tqdm import tqdm
 
 from experiments import report
-from jaxmerge import config_lib, data, evaluate, lora, merge, similarity, tasks, train
+from jaxmerge import cli as cli_lib
+from jaxmerge import config_lib, evaluate, lora, merging, scoring, similarity, tasks, train
 
 MODES = ("lora", "head")
 
@@ -54,9 +55,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.merge_sizes: got {sizes!r}; allowed: sizes in 2..{len(config.tasks)}"
         )
     for method in config.methods:
-        if method not in merge.METHODS:
+        if method not in merging.METHODS:
             raise ValueError(
-                f"config.methods: unknown method {method!r}; known: {sorted(merge.METHODS)}"
+                f"config.methods: unknown method {method!r}; known: {sorted(merging.METHODS)}"
             )
     if config.main_method not in config.methods:
         raise ValueError(
@@ -147,41 +148,17 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 # ----------------------------------------------------------------------------- scoring
 
 
-class TaskScorer:
-    """Scores heads on backbones for one task, compiling once and reading the data once.
-
-    `scorer(backbone, head)` -> {metric: mean over the eval split} (as `train.evaluate`).
-    """
-
-    def __init__(self, run: evaluate.Run, model_def):
-        self.task = run.task
-        mesh = data.data_mesh()
-        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.eval_step = train.make_eval_step(model_def, run.head_def, run.task)
-        batches = data.eval_batches(run.task, run.config, model_def)
-        self.batches = [data.shard_batch(batch, mesh) for batch in batches]
-
-    def __call__(self, backbone, head) -> dict[str, float]:
-        # Every device holds the whole backbone and head; each waits per batch (train.py says
-        # why multi-device CPU loops must wait).
-        params = jax.device_put({"base": backbone, "head": head}, self.replicated)
-        sums = [jax.device_get(self.eval_step(params, None, batch)) for batch in self.batches]
-        totals = jax.tree.map(lambda *xs: sum(xs), *sums)
-        count = float(totals.pop("count"))
-        return {k: float(v) / count for k, v in totals.items()} | {"examples": int(count)}
-
-
 def merge_adapters(config, adapters: Sequence, method: str, seed: int):
     """The merged update of `adapters` with `method` and the config's weight and parameters."""
     weights = jnp.full((len(adapters),), config.merge_weight, jnp.float32)
     params = report.method_params(config, method)
-    return merge.merge(adapters, method, weights, key=jax.random.key(seed), **params)
+    return merging.merge(adapters, method, weights, key=jax.random.key(seed), **params)
 
 
 def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, list[dict]]:
     """Adapter-removed scores, similarities and merge scores of one seed, cached in JSONL files.
 
-    `scorers` ({task: TaskScorer}) is filled on first use and shared across seeds, so each
+    `scorers` ({task: scoring.Scorer}) is filled on first use and shared across seeds, so each
     task's eval step compiles once per study.
     """
     runs = {
@@ -191,7 +168,7 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
     model_def, base = evaluate.load_base_of(list(runs.values()))
     for name, run in runs.items():
         if name not in scorers:
-            scorers[name] = TaskScorer(run, model_def)
+            scorers[name] = scoring.Scorer(run.task, run.head_def, model_def, run.config)
     out = {}
 
     path = os.path.join(workdir, "no_adapter.jsonl")
@@ -244,16 +221,14 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return report.write(config, workdir, training, stages, seconds)
 
 
-# --config (a config file, here a study config such as experiments/configs/offline.py) and
-# --workdir are the flags jaxmerge.train defines at import; absl allows one definition each.
-FLAGS = flags.FLAGS
+def define_flags():
+    cli_lib.define_config("A study config, e.g. experiments/configs/offline.py:seeds=1.")
+    flags.DEFINE_string("workdir", None, "Where the runs, caches and the report go.")
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
-    with config_lib.one_line_errors():
-        paths = run_study(FLAGS.config, FLAGS.workdir)
+    paths = run_study(flags.FLAGS.config, flags.FLAGS.workdir)
     with open(paths["main_table"]) as f:
         print(f.read())
     print("report:")
@@ -261,7 +236,9 @@ def main(argv):
         print(f"  {name}: {path}")
 
 
+def cli():
+    cli_lib.run(main, define_flags, required=["config", "workdir"])
+
+
 if __name__ == "__main__":
-    config_lib.split_cpu_into_devices()
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli()

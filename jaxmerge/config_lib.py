@@ -1,4 +1,4 @@
-"""The training config: its defaults, its validation, and one-line errors for the CLIs.
+"""The training config: its defaults and its validation.
 
 Every `configs/*.py` starts from `base_config()` and overrides what it needs, so every config
 has every field and `validate` can check each one before anything compiles.
@@ -6,15 +6,12 @@ has every field and `validate` can check each one before anything compiles.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import sys
 
 import ml_collections
 
-from jaxmerge import lora, tasks, vit
-from jaxmerge.checkpoint import CheckpointError
+from jaxmerge import lora, models, tasks
+from jaxmerge.models import cpu_kernels, layers
 
 BASE_SOURCES = ("random", "checkpoint", "hf", "bigvision")
 MODES = ("lora", "head", "full")
@@ -31,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.manual_dir = ""  # where the paper's hand-downloaded files are
 
     c.model = ml_collections.ConfigDict()
+    c.model.family = "vit"  # a name in jaxmerge.models.FAMILIES
     c.model.variant = "Ti/4"
     c.model.image_size = 32
     c.model.pool = "cls"
@@ -38,7 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-6
     c.model.gelu_approximate = False
     c.model.dtype = "float32"
-    c.model.lora_impl = "factored"  # or "merged" (see vit.LoraDense; factored trains faster here)
+    # How LoRA factors are applied: "branch" (x @ a @ b beside the kernel, the default: measured
+    # faster for training in benchmarks/RESULTS.md) or "fold" (x @ (kernel + s a @ b)).
+    c.model.lora_compute = "branch"
+    c.model.kernels = "auto"  # LayerNorm / GELU: "auto" (CPU-tuned on CPU), "cpu" or "plain"
     c.model.overrides = ml_collections.ConfigDict(
         {"depth": 0, "width": 0, "mlp_dim": 0, "num_heads": 0}
     )
@@ -83,16 +84,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
     tasks.get(c.task)
     _check(c.mode in MODES, "mode", c.mode, str(MODES))
     _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
-    vit.variant(c.model.variant)
-    _check(c.model.pool in vit.POOLS, "model.pool", c.model.pool, str(vit.POOLS))
+    family = models.get(c.model.family)
+    family.variant(c.model.variant)
+    _check(c.model.pool in ("cls", "mean"), "model.pool", c.model.pool, "('cls', 'mean')")
     _check(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, str(DTYPES))
     _check(
-        c.model.lora_impl in vit.LORA_IMPLS,
-        "model.lora_impl",
-        c.model.lora_impl,
-        str(vit.LORA_IMPLS),
+        c.model.lora_compute in layers.LORA_COMPUTES,
+        "model.lora_compute",
+        c.model.lora_compute,
+        str(layers.LORA_COMPUTES),
     )
-    patch = vit.variant(c.model.variant)["patch_size"]
+    _check(
+        c.model.kernels in cpu_kernels.KERNELS,
+        "model.kernels",
+        c.model.kernels,
+        str(cpu_kernels.KERNELS),
+    )
+    patch = family.variant(c.model.variant)["patch_size"]
     _check(
         isinstance(c.model.image_size, int)
         and c.model.image_size > 0
@@ -162,13 +170,14 @@ def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig:
         targets=c.lora.targets,
         use_rslora=c.lora.use_rslora,
         dropout=c.lora.dropout,
+        family=c.model.family,
     )
 
 
-def vit_kwargs(c: ml_collections.ConfigDict) -> dict:
-    """ViT constructor arguments from `config.model` (a variant plus explicit overrides)."""
+def model_kwargs(c: ml_collections.ConfigDict) -> dict:
+    """Model constructor arguments from `config.model` (a variant plus explicit overrides)."""
     overrides = {k: v for k, v in c.model.overrides.items() if v}
-    return vit.variant(
+    return models.get(c.model.family).variant(
         c.model.variant,
         image_size=c.model.image_size,
         pool=c.model.pool,
@@ -188,29 +197,3 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     if bad:
         raise ValueError(f"config argument: {bad[0]!r} is not key=value")
     return dict(p.split("=", 1) for p in pairs)
-
-
-CPU_DEVICES = 8
-
-
-def split_cpu_into_devices(count: int = CPU_DEVICES) -> None:
-    """On CPU, run data parallel over `count` host devices instead of one.
-
-    XLA:CPU parallelises one device's program poorly; 8 devices on this project's 2-core
-    machines train 1.2x and evaluate 1.3x faster than 2, and much faster than 1
-    (benchmarks/train_speed.py). Only sets XLA_FLAGS, so it must run before JAX starts its
-    backends; a device count the user set is kept. GPU and TPU runs are unaffected.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """Turns a bad config or input into one line on stderr and exit status 2, not a traceback."""
-    try:
-        yield
-    except (ValueError, FloatingPointError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -4,7 +4,7 @@
         --merge ties --weights 0.5,0.5 --merge_param density=0.5 --output merged.json
 
 Each task is scored with its own head (heads are never merged). With `--merge`, the adapters
-are merged with a method of `jaxmerge.merge.METHODS` and folded into the base once, so every
+are merged with a method of `jaxmerge.merging.METHODS` and folded into the base once, so every
 task runs on the same backbone; `--no_adapter` scores each head on the bare base (how much of a
 task lives in its adapter).
 """
@@ -19,9 +19,11 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags
 
-from jaxmerge import checkpoint, config_lib, data, heads, lora, merge, models, tasks, train
+from jaxmerge import checkpoint, heads, lora, merging, scoring, tasks
+from jaxmerge import cli as cli_lib
+from jaxmerge.models import load
 
 Tree = Any
 
@@ -62,7 +64,7 @@ def load_base_of(runs: Sequence[Run]):
     if len(prints) != 1:
         listing = ", ".join(f"{r.directory} ({r.base_fingerprint})" for r in runs)
         raise ValueError(f"runs were trained on different bases and cannot be merged: {listing}")
-    model_def, base, _ = models.load_base(runs[0].config)
+    model_def, base, _ = load.load_base(runs[0].config)
     if checkpoint.fingerprint(base) != runs[0].base_fingerprint:
         raise checkpoint.CheckpointError(
             f"the base named in {runs[0].directory}'s config ({runs[0].config.base.source}: "
@@ -71,17 +73,10 @@ def load_base_of(runs: Sequence[Run]):
     return model_def, base
 
 
-def score(run: Run, model_def, backbone: Tree, split: str | None = None, batch_size: int = 0):
+def score(run: Run, model_def, backbone: Tree, split: str | None = None):
     """Metrics of `run.task` with the run's head on `backbone` (base params, adapter folded)."""
-    config = run.config.copy_and_resolve_references()
-    if batch_size:
-        config.unlock()
-        config.eval_batch_size = batch_size
-    mesh = data.data_mesh()
-    eval_step = train.make_eval_step(model_def, run.head_def, run.task)
-    params = {"base": backbone, "head": run.head}
-    batches = data.eval_batches(run.task, config, model_def, split)
-    return train.evaluate(eval_step, params, None, batches, mesh)
+    scorer = scoring.Scorer(run.task, run.head_def, model_def, run.config, split)
+    return scorer(backbone, run.head)
 
 
 def evaluate_runs(
@@ -104,7 +99,7 @@ def evaluate_runs(
         )
     model_def, base = load_base_of(runs)
     if method is not None:
-        merged = merge.merge(
+        merged = merging.merge(
             [run.adapter for run in runs],
             method,
             weights,
@@ -135,37 +130,40 @@ def _parse_param(text: str) -> tuple[str, Any]:
     return name, {"none": None, "true": True, "false": False}.get(value.lower(), value)
 
 
-_RUNS = flags.DEFINE_multi_string("run", [], "A run folder, e.g. WORKDIR/adapters/digits.")
-_MERGE = flags.DEFINE_string("merge", None, "A merge method; omit to score each run alone.")
-_WEIGHTS = flags.DEFINE_list("weights", None, "One weight per run (merge only).")
-_PARAMS = flags.DEFINE_multi_string("merge_param", [], "name=value for the merge method.")
-_NO_ADAPTER = flags.DEFINE_bool("no_adapter", False, "Score each head on the bare base.")
-_SPLIT = flags.DEFINE_string("split", None, "Eval split (default: each task's eval split).")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+def define_flags():
+    flags.DEFINE_multi_string("run", [], "A run folder, e.g. WORKDIR/adapters/digits.")
+    flags.DEFINE_string("merge", None, "A merge method; omit to score each run alone.")
+    flags.DEFINE_list("weights", None, "One weight per run (merge only).")
+    flags.DEFINE_multi_string("merge_param", [], "name=value for the merge method.")
+    flags.DEFINE_bool("no_adapter", False, "Score each head on the bare base.")
+    flags.DEFINE_string("split", None, "Eval split (default: each task's eval split).")
+    flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    with config_lib.one_line_errors():
-        if not _RUNS.value:
-            raise ValueError("--run: give at least one run folder")
-        weights = [float(w) for w in _WEIGHTS.value] if _WEIGHTS.value else None
-        results = evaluate_runs(
-            _RUNS.value,
-            _MERGE.value,
-            weights,
-            dict(_parse_param(p) for p in _PARAMS.value),
-            _NO_ADAPTER.value,
-            _SPLIT.value,
-        )
+    args = flags.FLAGS
+    if not args.run:
+        raise ValueError("--run: give at least one run folder")
+    weights = [float(w) for w in args.weights] if args.weights else None
+    results = evaluate_runs(
+        args.run,
+        args.merge,
+        weights,
+        dict(_parse_param(p) for p in args.merge_param),
+        args.no_adapter,
+        args.split,
+    )
     text = json.dumps(results, indent=2)
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
+    if args.output:
+        with open(args.output, "w") as f:
             f.write(text + "\n")
     print(text)
 
 
+def cli():
+    cli_lib.run(main, define_flags)
+
+
 if __name__ == "__main__":
-    config_lib.split_cpu_into_devices()
-    app.run(main)
+    cli()

@@ -21,17 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmerge import models
+
 Tree = Any
 FACTORS = ("lora_a", "lora_b", "scale")
-
-# Regexes over target paths ("block_3/attention/query") for the usual choices.
-TARGET_PRESETS = {
-    "qv": r"attention/(query|value)$",
-    "qkv": r"attention/(query|key|value)$",
-    "attention": r"attention/(query|key|value|out)$",
-    "mlp": r"mlp/(fc1|fc2)$",
-    "all": r"(attention/(query|key|value|out)|mlp/(fc1|fc2))$",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +35,12 @@ class LoraConfig:
       rank: r, the inner dimension of the update.
       alpha: scaling numerator; the update is scaled by alpha / r, or alpha / sqrt(r) with
         `use_rslora` (Kalajdzievski 2023), as in PEFT.
-      targets: a preset name from `TARGET_PRESETS` or a regex searched in each target path.
+      targets: a preset name of the model family (`models.get(family).target_presets`, e.g.
+        "qv", "all") or a regex searched in each target path.
       rank_pattern, alpha_pattern: {regex: value} overriding rank / alpha on matching paths;
         the first regex that matches (searched, as PEFT does) wins.
       dropout: dropout on the LoRA branch's input during training.
+      family: the model family whose target presets `targets` may name.
     """
 
     rank: int = 8
@@ -55,6 +50,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
     dropout: float = 0.0
+    family: str = "vit"
 
     def __post_init__(self):
         for name, value in [
@@ -79,7 +75,7 @@ class LoraConfig:
 
     @property
     def target_regex(self) -> str:
-        return TARGET_PRESETS.get(self.targets, self.targets)
+        return models.get(self.family).target_presets.get(self.targets, self.targets)
 
     def rank_for(self, path: str) -> int:
         return next((r for p, r in self.rank_pattern.items() if re.search(p, path)), self.rank)
@@ -237,11 +233,4 @@ def zeros_like_adapter(adapter: Tree) -> Tree:
             else {"delta": jnp.zeros_like(n["delta"])}
         ),
         adapter,
-    )
-
-
-def trainable_mask(adapter: Tree) -> Tree:
-    """A bool tree for optax.masked: the factors train, the constant `scale` does not."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) != "scale", adapter
     )

@@ -17,7 +17,8 @@ from typing import Any
 
 import jax
 
-from jaxmerge import heads, vit
+from jaxmerge import heads
+from jaxmerge.models import vit
 
 Tree = Any
 

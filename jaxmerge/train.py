@@ -22,16 +22,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxmerge import checkpoint, config_lib, data, heads, lora, models, tasks
+from jaxmerge import checkpoint, config_lib, data, heads, lora, scoring, tasks
+from jaxmerge import cli as cli_lib
+from jaxmerge.models import load
 
 Tree = Any
-MODES = ("lora", "head", "full")
 # Wait on a result at least this often: multi-device CPU loops that never wait can deadlock in
 # a collective (seen here after ~60 s), and NaN checks need the value anyway.
 MAX_STEPS_WITHOUT_SYNC = 10
@@ -79,21 +79,12 @@ def init_params(config, model_def, head_def, base: Tree, key: jax.Array) -> Tree
     return params
 
 
-def _forward(model_def, head_def, params: Tree, base: Tree, images, train: bool, rng=None):
-    variables = {"params": params.get("base", base)}
-    if "lora" in params:
-        variables["lora"] = params["lora"]
-    rngs = {"dropout": rng} if train else {}
-    pooled = model_def.apply(variables, images, train=train, rngs=rngs)["pooled"]
-    return head_def.apply({"params": params["head"]}, pooled)
-
-
 def make_train_step(model_def, head_def, task: tasks.Task, optimizer):
     """update(state, base, batch, rng) -> (state, metrics), jitted with the state donated."""
     kind, spec = task.head_kind, task.loss_spec
 
     def loss_fn(params, base, batch, rng):
-        outputs = _forward(model_def, head_def, params, base, batch["image"], True, rng)
+        outputs = scoring.forward(model_def, head_def, params, base, batch["image"], True, rng)
         return kind.loss(outputs, batch, spec).mean(), outputs
 
     def update(state: TrainState, base: Tree, batch: dict, rng: jax.Array):
@@ -110,31 +101,6 @@ def make_train_step(model_def, head_def, task: tasks.Task, optimizer):
     return jax.jit(update, donate_argnums=(0,))
 
 
-def make_eval_step(model_def, head_def, task: tasks.Task):
-    """eval_step(params, base, batch) -> {metric: sum over unmasked examples, "count": n}."""
-    kind, spec = task.head_kind, task.loss_spec
-
-    def eval_step(params, base, batch):
-        outputs = _forward(model_def, head_def, params, base, batch["image"], False)
-        mask = batch["mask"].astype(jnp.float32)
-        sums = {k: (v * mask).sum() for k, v in kind.metrics(outputs, batch, spec).items()}
-        return {**sums, "count": mask.sum()}
-
-    return jax.jit(eval_step)
-
-
-def evaluate(eval_step, params, base, batches, mesh) -> dict[str, float]:
-    """Averages each metric over every example of an eval split (padding masked out)."""
-    params, base = jax.device_put((params, base), NamedSharding(mesh, P()))
-    totals: dict[str, float] = {}
-    for batch in batches:
-        sums = jax.device_get(eval_step(params, base, data.shard_batch(batch, mesh)))
-        for name, value in sums.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
-    count = totals.pop("count")
-    return {name: value / count for name, value in totals.items()} | {"examples": int(count)}
-
-
 def _log(path: str, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -147,7 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = data.data_mesh()
     replicated = NamedSharding(mesh, P())
 
-    model_def, base, base_info = models.load_base(config)
+    model_def, base, base_info = load.load_base(config)
     head_def = heads.MlpHead(config.head.hidden, task.outputs)
     base = jax.device_put(base, replicated)
     base_print = checkpoint.fingerprint(base)
@@ -179,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = int(state.step)
 
     train_step = make_train_step(model_def, head_def, task, optimizer)
-    eval_step = make_eval_step(model_def, head_def, task)
+    eval_step = scoring.make_eval_step(model_def, head_def, task)
     rng = jax.random.key(config.seed + 1)
     metrics_path = os.path.join(directory, "metrics.jsonl")
     batches = data.train_batches(task, config, model_def, start_step=start)
@@ -217,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             checkpoint.save(mngr, done, state.params, state.opt_state, metadata)
     bar.close()
 
-    result = evaluate(
+    result = scoring.evaluate(
         eval_step, state.params, base, data.eval_batches(task, config, model_def), mesh
     )
     result = {"task": task.name, "mode": config.mode, "step": int(state.step), **result}
@@ -227,24 +193,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return result
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Multi-host: call jax.distributed.initialize() (TPU pods, SLURM, ...)."
-)
+def define_flags():
+    cli_lib.define_config("A configs/*.py file.")
+    flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+    flags.DEFINE_bool(
+        "distributed", False, "Multi-host: call jax.distributed.initialize() (TPU pods, SLURM)."
+    )
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
-    if _DISTRIBUTED.value:
+    if flags.FLAGS.distributed:
         jax.distributed.initialize()
-    with config_lib.one_line_errors():
-        result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     print(json.dumps(result))
 
 
+def cli():
+    cli_lib.run(main, define_flags, required=["config", "workdir"])
+
+
 if __name__ == "__main__":
-    config_lib.split_cpu_into_devices()
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli()

@@ -51,10 +51,11 @@ intermediate.dense, output.dense; rank_pattern/alpha_pattern keys renamed accord
 asserts that their outputs equal the v5 goldens.
 
 Export check (default run, needs jaxmerge importable, i.e. jax in this venv): the script loads
-adapters with `jaxmerge.peft_io`, exports them with `save_peft_adapter` to tests/golden/exported/
+adapters with `jaxmerge.interop.peft`, exports them with `save_peft_adapter` to
+tests/golden/exported/
 (`patterns` in v5 naming, `cls` with its classifier head, `rslora` in v4 naming re-read here
 only by jaxmerge, `mixed`, a hand-built adapter with a different rank and scale at every
-target, and `merged_ties` / `merged_cat`, merges made by `jaxmerge.merge` when it exists),
+target, and `merged_ties` / `merged_cat`, merges made by `jaxmerge.merging.merge`),
 loads the v5 exports with `PeftModel.from_pretrained` and asserts the outputs equal jaxmerge's
 within 1e-4 relative. It prints each check. The test suite re-imports these folders too.
 """
@@ -365,9 +366,12 @@ def export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
     import jax.numpy as jnp
     from peft import PeftModel
 
-    from jaxmerge import lora, peft_io, pretrained, vit
+    from jaxmerge import lora, merging
+    from jaxmerge.interop import hf
+    from jaxmerge.interop import peft as peft_io
+    from jaxmerge.models import vit
 
-    vit_kwargs, params, _ = pretrained.load_hf_vit(os.path.join(GOLDEN, "hf_vit"))
+    vit_kwargs, params, _ = hf.load_hf_vit(os.path.join(GOLDEN, "hf_vit"))
     model = vit.ViT(**vit_kwargs)
     apply = jax.jit(lambda adapter: model.apply({"params": params, "lora": adapter}, images))
     exported = os.path.join(GOLDEN, "exported")
@@ -392,15 +396,9 @@ def export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
         adapters["patterns"],
     )
     adapters["mixed"] = mixed
-    try:
-        from jaxmerge import merge
-    except ImportError:
-        merge = None
-        print("export check: jaxmerge.merge not found, skipping the merged-adapter export")
-    if merge is not None:
-        load = lambda n: peft_io.load_peft_adapter(os.path.join(GOLDEN, "adapters", n))[0]  # noqa: E731
-        adapters["merged_ties"] = merge.merge([load(n) for n in ABC], "ties", W3, density=0.5)
-        adapters["merged_cat"] = merge.merge([load("a"), load("rank8")], "cat", [0.7, 0.3])
+    load = lambda n: peft_io.load_peft_adapter(os.path.join(GOLDEN, "adapters", n))[0]  # noqa: E731
+    adapters["merged_ties"] = merging.merge([load(n) for n in ABC], "ties", W3, density=0.5)
+    adapters["merged_cat"] = merging.merge([load("a"), load("rank8")], "cat", [0.7, 0.3])
     for name, adapter in adapters.items():
         naming = "v4" if name == "rslora" else "v5"
         folder = os.path.join(exported, name)

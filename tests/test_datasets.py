@@ -6,6 +6,8 @@ sources.
 """
 
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -14,7 +16,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxmerge.datasets import BUILDERS, expw, fashion_mnist, firerisk, textures, utkface, wflw
-from jaxmerge.datasets.prepare import main, prepare
+from jaxmerge.datasets.prepare import prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def prepare_and_read(name, tmp_path, manual_dir=None, **kwargs):
@@ -281,8 +285,14 @@ def test_prepare_rejects_unknown_name_config_and_missing_manual_dir(tmp_path):
         prepare("expw", str(tmp_path), manual_dir=str(tmp_path / "missing"))
 
 
-def test_cli_reports_one_line_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="prepare: error: dataset='nope' is unknown"):
-        main(["--dataset", "nope", "--data_dir", str(tmp_path)])
-    main(["--dataset", "lfw_subset", "--data_dir", str(tmp_path)])
-    assert "prepared lfw_subset/1.0.0" in capsys.readouterr().out
+def test_cli_reports_one_line_errors(tmp_path):
+    command = [sys.executable, "-m", "jaxmerge.datasets.prepare", f"--data_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    bad = subprocess.run([*command, "--dataset=nope"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: dataset='nope' is unknown" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    good = subprocess.run(
+        [*command, "--dataset=lfw_subset"], env=env, capture_output=True, text=True
+    )
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "prepared lfw_subset/1.0.0" in good.stdout

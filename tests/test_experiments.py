@@ -99,11 +99,12 @@ def test_normalised_scores_are_merged_over_single(finished):
 def test_scorer_reproduces_the_training_evaluation(finished):
     """The study's cached scorer on the folded adapter gives the run's own final evaluation."""
     config, workdir, _ = finished
-    from jaxmerge import evaluate, lora, train
+    from jaxmerge import evaluate, lora, scoring, train
 
     run = evaluate.load_run(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
     model_def, base = evaluate.load_base_of([run])
-    scores = study.TaskScorer(run, model_def)(lora.fold_into_base(base, run.adapter), run.head)
+    scorer = scoring.Scorer(run.task, run.head_def, model_def, run.config)
+    scores = scorer(lora.fold_into_base(base, run.adapter), run.head)
     with open(os.path.join(run.directory, "result.json")) as f:
         result = json.load(f)
     assert scores["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)

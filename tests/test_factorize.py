@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmerge import factorize as fz
-from jaxmerge import merge
-from jaxmerge import merge_utils as mu
+from jaxmerge import merging
+from jaxmerge.merging import factorize as fz
+from jaxmerge.merging import ops as mu
 
 WIDTH, RANK, TASKS = 256, 8, 3
 WEIGHTS = jnp.asarray([0.5, 0.3, 0.2])
@@ -125,10 +125,10 @@ def test_dense_svd_merges_match_float64_truncation():
     ]  # fmt: skip
     deltas = jnp.stack([2.0 * jnp.asarray(a @ b, jnp.float32) for a, b in factors])
     weights = [float(w) for w in WEIGHTS]
-    ties_svd = merge.merge(adapters, "ties_svd", weights, density=0.5)["q"]
+    ties_svd = merging.merge(adapters, "ties_svd", weights, density=0.5)["q"]
     peft_ties = mu.ties_combine(mu.magnitude_prune(deltas, 0.5), WEIGHTS, "total")
-    ties_delta = merge.merge(adapters, "ties_delta", weights, density=0.5, output="factored")["q"]
-    dense_ties = merge.merge(adapters, "ties_delta", weights, density=0.5)["q"]["delta"]
+    ties_delta = merging.merge(adapters, "ties_delta", weights, density=0.5, output="factored")["q"]
+    dense_ties = merging.merge(adapters, "ties_delta", weights, density=0.5)["q"]["delta"]
     for node, dense in [(ties_svd, peft_ties), (ties_delta, dense_ties)]:
         got = np.asarray(node["lora_a"] @ node["lora_b"], np.float64)
         want = truncated(dense, RANK)
@@ -185,7 +185,7 @@ def test_shape_groups_run_one_at_a_time_without_deadlock():
     their LAPACK kernels deadlocked XLA's 2-thread pool; a hang here fails after 120 s."""
     script = """
 import jax, jax.numpy as jnp, numpy as np
-from jaxmerge import factorize as fz
+from jaxmerge.merging import factorize as fz
 rng = np.random.default_rng(0)
 mats, starts = [], []
 for shape in [(768, 768)] * 2 + [(768, 1536)] * 2:  # smaller shapes did not deadlock

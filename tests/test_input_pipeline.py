@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxmerge import input_pipeline as ip
+from jaxmerge.data import loader, ops, sources
 from jaxmerge.datasets import wflw
 from jaxmerge.datasets.prepare import prepare
 
@@ -20,7 +20,7 @@ def make_source(n, size=8, channels=1):
     ]
 
 
-AUGMENT = ip.compose(ip.random_crop(2), ip.random_flip())
+AUGMENT = ops.compose(ops.random_crop(2), ops.random_flip())
 
 
 def take(iterator, count):
@@ -40,16 +40,16 @@ def assert_batches_equal(a, b):
 
 def test_same_seed_same_batches_other_seed_other_order():
     source = make_source(10)
-    first = take(ip.train_batches(source, AUGMENT, 4, seed=3), 6)
-    again = take(ip.train_batches(source, AUGMENT, 4, seed=3, prefetch=0), 6)
+    first = take(loader.train_batches(source, AUGMENT, 4, seed=3), 6)
+    again = take(loader.train_batches(source, AUGMENT, 4, seed=3, prefetch=0), 6)
     assert_batches_equal(first, again)
-    other = take(ip.train_batches(source, AUGMENT, 4, seed=4), 6)
+    other = take(loader.train_batches(source, AUGMENT, 4, seed=4), 6)
     assert any(not np.array_equal(a["label"], b["label"]) for a, b in zip(first, other))
 
 
 def test_each_epoch_visits_every_example_once_in_a_new_order():
     source = make_source(12)
-    batches = take(ip.train_batches(source, ip.compose(), 4, seed=0), 6)
+    batches = take(loader.train_batches(source, ops.compose(), 4, seed=0), 6)
     epoch0 = np.concatenate([b["label"] for b in batches[:3]])
     epoch1 = np.concatenate([b["label"] for b in batches[3:]])
     assert sorted(epoch0) == list(range(12)) and sorted(epoch1) == list(range(12))
@@ -58,16 +58,16 @@ def test_each_epoch_visits_every_example_once_in_a_new_order():
 
 def test_resuming_at_step_s_equals_continuing():
     source = make_source(10)  # batches of 4 straddle epoch boundaries
-    continuous = take(ip.train_batches(source, AUGMENT, 4, seed=1), 9)
-    resumed = take(ip.train_batches(source, AUGMENT, 4, seed=1, start_step=5), 4)
+    continuous = take(loader.train_batches(source, AUGMENT, 4, seed=1), 9)
+    resumed = take(loader.train_batches(source, AUGMENT, 4, seed=1, start_step=5), 4)
     assert_batches_equal(continuous[5:], resumed)
 
 
 def test_host_slices_partition_the_global_batch():
     source = make_source(10)
-    single = take(ip.train_batches(source, AUGMENT, 6, seed=2), 4)
+    single = take(loader.train_batches(source, AUGMENT, 6, seed=2), 4)
     hosts = [
-        take(ip.train_batches(source, AUGMENT, 6, seed=2, process_index=h, process_count=3), 4)
+        take(loader.train_batches(source, AUGMENT, 6, seed=2, process_index=h, process_count=3), 4)
         for h in range(3)
     ]
     for step in range(4):
@@ -79,8 +79,8 @@ def test_host_slices_partition_the_global_batch():
 
 def test_threads_and_prefetch_do_not_change_the_batches():
     source = make_source(9)
-    plain = take(ip.train_batches(source, AUGMENT, 3, seed=5, prefetch=0), 5)
-    threaded = take(ip.train_batches(source, AUGMENT, 3, seed=5, prefetch=3, num_threads=2), 5)
+    plain = take(loader.train_batches(source, AUGMENT, 3, seed=5, prefetch=0), 5)
+    threaded = take(loader.train_batches(source, AUGMENT, 3, seed=5, prefetch=3, num_threads=2), 5)
     assert_batches_equal(plain, threaded)
 
 
@@ -90,14 +90,16 @@ def test_eval_covers_every_example_once_with_a_padding_mask(process_count):
     seen = []
     for h in range(process_count):
         batches = list(
-            ip.eval_batches(source, ip.compose(), 4, process_index=h, process_count=process_count)
+            loader.eval_batches(
+                source, ops.compose(), 4, process_index=h, process_count=process_count
+            )
         )
-        assert len(batches) == ip.num_eval_steps(10, 4) == 3
+        assert len(batches) == loader.num_eval_steps(10, 4) == 3
         for batch in batches:
             assert batch["mask"].dtype == bool and len(batch["mask"]) == 4 // process_count
             seen.extend(batch["label"][batch["mask"]].tolist())
     assert sorted(seen) == list(range(10))
-    last = list(ip.eval_batches(source, ip.compose(), 4))[-1]
+    last = list(loader.eval_batches(source, ops.compose(), 4))[-1]
     np.testing.assert_array_equal(last["mask"], [True, True, False, False])
 
 
@@ -110,33 +112,33 @@ def test_source_errors_reach_the_consumer():
             raise OSError("disk gone")
 
     with pytest.raises(OSError, match="disk gone"):
-        next(ip.train_batches(Broken(), ip.compose(), 2, seed=0, prefetch=2))
+        next(loader.train_batches(Broken(), ops.compose(), 2, seed=0, prefetch=2))
 
 
 def test_invalid_arguments_name_the_field():
     with pytest.raises(ValueError, match="divisible by process_count=3"):
-        ip.train_batches(make_source(4), ip.compose(), 4, seed=0, process_count=3)
+        loader.train_batches(make_source(4), ops.compose(), 4, seed=0, process_count=3)
     with pytest.raises(ValueError, match="process_index=2"):
-        ip.eval_batches(make_source(4), ip.compose(), 4, process_index=2, process_count=2)
+        loader.eval_batches(make_source(4), ops.compose(), 4, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="std must be > 0"):
-        ip.normalize((0.5,), (0.0,))
+        ops.normalize((0.5,), (0.0,))
 
 
 def test_normalisation_and_channel_conversions():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
     ex = {"image": image}
-    scaled = ip.normalize_to_minus_one_one()(ex, rng)["image"]
+    scaled = ops.normalize_to_minus_one_one()(ex, rng)["image"]
     assert scaled.dtype == np.float32 and scaled.min() >= -1 and scaled.max() <= 1
     np.testing.assert_allclose(scaled, image / 127.5 - 1, atol=1e-6)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    out = ip.normalize(mean, std)(ex, rng)["image"]
+    out = ops.normalize(mean, std)(ex, rng)["image"]
     np.testing.assert_allclose(out[1, 2], (image[1, 2] / 255 - mean) / std, rtol=1e-5)
     grey = {"image": image[..., :1]}
-    rgb = ip.to_rgb()(grey, rng)["image"]
+    rgb = ops.to_rgb()(grey, rng)["image"]
     assert rgb.shape == (6, 6, 3) and (rgb == image[..., :1]).all()
-    np.testing.assert_array_equal(ip.to_grayscale()({"image": rgb}, rng)["image"], image[..., :1])
-    luma = ip.to_grayscale()(ex, rng)["image"]
+    np.testing.assert_array_equal(ops.to_grayscale()({"image": rgb}, rng)["image"], image[..., :1])
+    luma = ops.to_grayscale()(ex, rng)["image"]
     expected = np.round(image[0, 0] @ np.array([0.299, 0.587, 0.114]))
     assert luma.shape == (6, 6, 1) and abs(int(luma[0, 0, 0]) - expected) <= 1
 
@@ -144,20 +146,20 @@ def test_normalisation_and_channel_conversions():
 def test_resize_and_random_crop_shapes_and_content():
     rng = np.random.default_rng(0)
     ex = {"image": np.full((10, 14, 1), 200, np.uint8), "label": 1}
-    assert ip.resize(16)(ex, rng)["image"].shape == (16, 16, 1)
-    assert ip.resize(5, 7)(ex, rng)["image"].shape == (5, 7, 1)
+    assert ops.resize(16)(ex, rng)["image"].shape == (16, 16, 1)
+    assert ops.resize(5, 7)(ex, rng)["image"].shape == (5, 7, 1)
     rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)  # RGB path == channel by channel
-    per_channel = [ip.resize(7, 9)({"image": rgb[..., c : c + 1]}, rng)["image"] for c in range(3)]
+    per_channel = [ops.resize(7, 9)({"image": rgb[..., c : c + 1]}, rng)["image"] for c in range(3)]
     np.testing.assert_array_equal(
-        ip.resize(7, 9)({"image": rgb}, rng)["image"], np.concatenate(per_channel, axis=-1)
+        ops.resize(7, 9)({"image": rgb}, rng)["image"], np.concatenate(per_channel, axis=-1)
     )
-    np.testing.assert_array_equal(ip.random_crop(0)(ex, rng)["image"], ex["image"])
-    crops = [ip.random_crop(3)(ex, np.random.default_rng(s))["image"] for s in range(20)]
+    np.testing.assert_array_equal(ops.random_crop(0)(ex, rng)["image"], ex["image"])
+    crops = [ops.random_crop(3)(ex, np.random.default_rng(s))["image"] for s in range(20)]
     assert all(c.shape == (10, 14, 1) for c in crops)
     assert all(set(np.unique(c)) <= {0, 200} for c in crops)  # zero padding shifted in
     assert any((c == 0).any() for c in crops)
     with pytest.raises(ValueError, match="uint8"):
-        ip.resize(4)({"image": np.zeros((8, 8, 1), np.float32)}, rng)
+        ops.resize(4)({"image": np.zeros((8, 8, 1), np.float32)}, rng)
 
 
 def landmark_example(points_px, height=12, width=16):
@@ -178,7 +180,7 @@ def pixel_under(example, i):
 def test_random_crop_moves_landmarks_with_the_pixels():
     ex = landmark_example([(5, 4), (9, 7), (12, 6)])
     for seed in range(10):
-        out = ip.random_crop(2)(ex, np.random.default_rng(seed))
+        out = ops.random_crop(2)(ex, np.random.default_rng(seed))
         for i in range(3):
             x, y = out["landmarks"][i]
             if 0 <= x < 1 and 0 <= y < 1:
@@ -189,17 +191,17 @@ def test_flip_mirrors_x_and_swaps_left_right_landmarks():
     # points 0 and 1 are a left/right pair, point 2 lies on the midline
     ex = landmark_example([(3, 5), (12, 5), (8, 2)])
     perm = np.array([1, 0, 2])
-    flipped = ip.flip_horizontally(ex, perm)
+    flipped = ops.flip_horizontally(ex, perm)
     np.testing.assert_array_equal(flipped["image"], ex["image"][:, ::-1])
     for i in range(3):  # point i now sits on the mirrored pixel of point perm[i]
         assert pixel_under(flipped, i) == 10 * (perm[i] + 1)
     np.testing.assert_allclose(flipped["landmarks"][0, 0], 1 - ex["landmarks"][1, 0])
-    twice = ip.flip_horizontally(flipped, perm)
+    twice = ops.flip_horizontally(flipped, perm)
     np.testing.assert_allclose(twice["landmarks"], ex["landmarks"], atol=1e-6)
     with pytest.raises(ValueError, match="landmark_permutation"):
-        ip.flip_horizontally(ex, None)
+        ops.flip_horizontally(ex, None)
     with pytest.raises(ValueError, match="permutation of 0..K-1"):
-        ip.random_flip([0, 0, 1])
+        ops.random_flip([0, 0, 1])
 
 
 def test_wflw_flip_keeps_a_symmetric_face_symmetric():
@@ -213,22 +215,22 @@ def test_wflw_flip_keeps_a_symmetric_face_symmetric():
         elif perm[i] == i:
             points[i, 0] = 0.5
     ex = {"image": np.zeros((4, 4, 3), np.uint8), "landmarks": points}
-    np.testing.assert_allclose(ip.flip_horizontally(ex, perm)["landmarks"], points, atol=1e-6)
-    mirrored_only = ip.flip_horizontally(ex, np.arange(98))["landmarks"]  # no left/right swap
+    np.testing.assert_allclose(ops.flip_horizontally(ex, perm)["landmarks"], points, atol=1e-6)
+    mirrored_only = ops.flip_horizontally(ex, np.arange(98))["landmarks"]  # no left/right swap
     assert np.abs(mirrored_only - points).max() > 0.1
 
 
 def test_open_source_reads_a_prepared_dataset_and_names_missing_ones(tmp_path):
     with pytest.raises(ValueError, match="'lfw_subset' is not prepared in data_dir="):
-        ip.open_source("lfw_subset", "test", str(tmp_path))
+        sources.open_source("lfw_subset", "test", str(tmp_path))
     with pytest.raises(ValueError, match="'nope' is not a registered TFDS builder"):
-        ip.open_source("nope", "test", str(tmp_path))
+        sources.open_source("nope", "test", str(tmp_path))
     prepare("lfw_subset", str(tmp_path))
     with pytest.raises(ValueError, match="split='val' is not in dataset 'lfw_subset'"):
-        ip.open_source("lfw_subset", "val", str(tmp_path))
-    source = ip.open_source("lfw_subset", "test", str(tmp_path))
-    preprocess = ip.compose(ip.to_rgb(), ip.resize(32), ip.normalize_to_minus_one_one())
-    batches = list(ip.eval_batches(source, preprocess, 16))
+        sources.open_source("lfw_subset", "val", str(tmp_path))
+    source = sources.open_source("lfw_subset", "test", str(tmp_path))
+    preprocess = ops.compose(ops.to_rgb(), ops.resize(32), ops.normalize_to_minus_one_one())
+    batches = list(loader.eval_batches(source, preprocess, 16))
     assert [int(b["mask"].sum()) for b in batches] == [16, 16, 8]
     assert batches[0]["image"].shape == (16, 32, 32, 3) and batches[0]["label"].shape == (16,)
 
@@ -240,10 +242,10 @@ def test_closing_or_dropping_an_iterator_stops_its_thread():
     def prefetch_threads():
         return [t for t in threading.enumerate() if t.name == "input_pipeline_prefetch"]
 
-    batches = ip.train_batches(make_source(8), ip.compose(), 2, seed=0, prefetch=1)
+    batches = loader.train_batches(make_source(8), ops.compose(), 2, seed=0, prefetch=1)
     next(batches)
     batches.close()
-    dropped = ip.train_batches(make_source(8), ip.compose(), 2, seed=0, prefetch=1)
+    dropped = loader.train_batches(make_source(8), ops.compose(), 2, seed=0, prefetch=1)
     next(dropped)
     del dropped
     gc.collect()

@@ -1,4 +1,4 @@
-"""Tests of jaxmerge.merge: invariants of every registered method, exactness, validation."""
+"""Tests of jaxmerge.merging: invariants of every registered method, exactness, validation."""
 
 import inspect
 
@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxmerge import lora, merge
-from jaxmerge import merge_utils as mu
+from jaxmerge import lora, merging
+from jaxmerge.merging import ops as mu
 
 SHAPES = {"block_0/attention/query": (10, 8), "block_0/attention/value": (10, 12)}
 QUERY = "block_0/attention/query"
-METHODS = sorted(merge.METHODS)
+METHODS = sorted(merging.METHODS)
 KEY = jax.random.key(0)
 
 
@@ -35,7 +35,7 @@ def make_adapter(seed, ranks=3, dtype=jnp.float32, shapes=SHAPES):
 
 def required(method):
     """The parameters a method cannot run without (PEFT's pruning methods need a density)."""
-    params = merge.METHODS[method].params
+    params = merging.METHODS[method].params
     return {"density": 0.5} if params.get("density") is inspect.Parameter.empty else {}
 
 
@@ -71,7 +71,7 @@ WEIGHTS = [0.7, -0.4, 1.3]
 @pytest.mark.parametrize("method", METHODS)
 def test_keeps_structure_and_dtype(method, dtype):
     adapters = [make_adapter(seed, dtype=dtype) for seed in range(3)]
-    merged = merge.merge(adapters, method, WEIGHTS, key=KEY, **required(method))
+    merged = merging.merge(adapters, method, WEIGHTS, key=KEY, **required(method))
     items = lora.target_items(merged)
     assert [path for path, _ in items] == sorted(SHAPES)
     for path, node in items:
@@ -91,24 +91,24 @@ def test_keeps_structure_and_dtype(method, dtype):
 @pytest.mark.parametrize("method", METHODS)
 def test_jit_equals_eager(method):
     params = required(method)
-    jitted = merge.merge(ADAPTERS, method, WEIGHTS, key=KEY, **params)
+    jitted = merging.merge(ADAPTERS, method, WEIGHTS, key=KEY, **params)
     with jax.disable_jit():
-        eager = merge.merge(ADAPTERS, method, WEIGHTS, key=KEY, **params)
+        eager = merging.merge(ADAPTERS, method, WEIGHTS, key=KEY, **params)
     assert_deltas_close(deltas(jitted), deltas(eager), rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_valued_adapters_give_zero_delta(method):
     zeros = [lora.zeros_like_adapter(adapter) for adapter in ADAPTERS]
-    merged = merge.merge(zeros, method, WEIGHTS, key=KEY, **required(method))
+    merged = merging.merge(zeros, method, WEIGHTS, key=KEY, **required(method))
     for path, delta in deltas(merged).items():
         assert np.abs(delta).max() == 0.0, path
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if merge.METHODS[m].needs_key])
+@pytest.mark.parametrize("method", [m for m in METHODS if merging.METHODS[m].needs_key])
 def test_random_methods_are_deterministic_per_key(method):
     def run(key):
-        return deltas(merge.merge(ADAPTERS, method, WEIGHTS, key=key, **required(method)))
+        return deltas(merging.merge(ADAPTERS, method, WEIGHTS, key=key, **required(method)))
 
     first, again, other = run(KEY), run(KEY), run(jax.random.key(1))
     for path in SHAPES:
@@ -121,7 +121,7 @@ def test_random_methods_are_deterministic_per_key(method):
 
 def test_cat_is_the_exact_weighted_sum_even_for_unequal_ranks():
     adapters = [make_adapter(0, ranks=2), make_adapter(1, ranks=5)]
-    merged = merge.merge(adapters, "cat", [0.3, -1.7])
+    merged = merging.merge(adapters, "cat", [0.3, -1.7])
     assert merged[("block_0")]["attention"]["query"]["lora_a"].shape == (10, 7)
     assert_deltas_close(deltas(merged), weighted_delta_sum(adapters, [0.3, -1.7]))
 
@@ -129,7 +129,7 @@ def test_cat_is_the_exact_weighted_sum_even_for_unequal_ranks():
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "svd", "ties"])
 def test_single_adapter_with_weight_one_is_identity(method):
     # PEFT merges a single adapter with `linear` whatever the method, so ties/svd are too.
-    merged = merge.merge(
+    merged = merging.merge(
         ADAPTERS[:1], method, [1.0], **({"density": 0.3} if method == "ties" else {})
     )
     assert_deltas_close(deltas(merged), deltas(ADAPTERS[0]))
@@ -137,21 +137,21 @@ def test_single_adapter_with_weight_one_is_identity(method):
 
 @pytest.mark.parametrize("method", ["ties_delta", "knots"])
 def test_ties_with_density_one_and_one_adapter_is_identity(method):
-    merged = merge.merge(ADAPTERS[:1], method, [1.0], density=1.0)
+    merged = merging.merge(ADAPTERS[:1], method, [1.0], density=1.0)
     assert_deltas_close(deltas(merged), deltas(ADAPTERS[0]), rtol=1e-5)
 
 
 def test_svd_at_full_rank_reproduces_the_weighted_sum():
     adapters = [make_adapter(0, ranks=2), make_adapter(1, ranks=3)]
-    merged = merge.merge(adapters, "svd", [0.5, 2.0], svd_rank=5)
+    merged = merging.merge(adapters, "svd", [0.5, 2.0], svd_rank=5)
     assert_deltas_close(deltas(merged), weighted_delta_sum(adapters, [0.5, 2.0]))
 
 
 def test_thin_and_dense_svd_give_the_same_factors():
     # magnitude_prune_svd at density 1 is `svd` through a dense d x d SVD; with the canonical
     # signs the factors themselves (not only their product) must agree.
-    thin = merge.merge(ADAPTERS, "svd", WEIGHTS, svd_rank=4)
-    dense = merge.merge(ADAPTERS, "magnitude_prune_svd", WEIGHTS, density=1.0, svd_rank=4)
+    thin = merging.merge(ADAPTERS, "svd", WEIGHTS, svd_rank=4)
+    dense = merging.merge(ADAPTERS, "magnitude_prune_svd", WEIGHTS, density=1.0, svd_rank=4)
     for (_, t), (_, d) in zip(lora.target_items(thin), lora.target_items(dense)):
         scale = float(jnp.abs(d["lora_b"]).max())
         np.testing.assert_allclose(t["lora_a"], d["lora_a"], atol=1e-4)
@@ -159,8 +159,8 @@ def test_thin_and_dense_svd_give_the_same_factors():
 
 
 def test_svd_clamp_bounds_every_factor_entry():
-    merged = merge.merge(ADAPTERS, "svd", WEIGHTS, svd_clamp=0.8)
-    unclamped = merge.merge(ADAPTERS, "svd", WEIGHTS)
+    merged = merging.merge(ADAPTERS, "svd", WEIGHTS, svd_clamp=0.8)
+    unclamped = merging.merge(ADAPTERS, "svd", WEIGHTS)
     for (_, node), (_, raw) in zip(lora.target_items(merged), lora.target_items(unclamped)):
         values = np.concatenate([np.ravel(raw["lora_a"]), np.ravel(raw["lora_b"])])
         high = np.quantile(values, 0.8)
@@ -168,17 +168,17 @@ def test_svd_clamp_bounds_every_factor_entry():
             np.testing.assert_allclose(node[name], np.clip(raw[name], -high, high), atol=1e-6)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if "output" in merge.METHODS[m].params])
+@pytest.mark.parametrize("method", [m for m in METHODS if "output" in merging.METHODS[m].params])
 def test_factored_output_at_full_rank_equals_delta_output(method):
     full_rank = max(min(shape) for shape in SHAPES.values())  # padded with zeros where larger
-    delta = merge.merge(ADAPTERS, method, WEIGHTS, key=KEY, output="delta")
-    factored = merge.merge(ADAPTERS, method, WEIGHTS, key=KEY, output="factored", rank=full_rank)
+    delta = merging.merge(ADAPTERS, method, WEIGHTS, key=KEY, output="delta")
+    factored = merging.merge(ADAPTERS, method, WEIGHTS, key=KEY, output="factored", rank=full_rank)
     assert lora.ranks(factored) == {path: full_rank for path in SHAPES}
     assert_deltas_close(deltas(factored), deltas(delta), rtol=1e-5)
 
 
 def test_task_arithmetic_scale_multiplies_the_sum():
-    merged = merge.merge(ADAPTERS, "task_arithmetic", WEIGHTS, scale=0.3)
+    merged = merging.merge(ADAPTERS, "task_arithmetic", WEIGHTS, scale=0.3)
     want = {p: 0.3 * d for p, d in weighted_delta_sum(ADAPTERS, WEIGHTS).items()}
     assert_deltas_close(deltas(merged), want)
 
@@ -206,8 +206,10 @@ def test_dare_is_unbiased(method, mean_of):
     # E[A' B'] = E[A'] E[B'] = A B of `linear`. The tolerance is 6 standard errors of the mean.
     samples = 2000
     keys = jax.random.split(KEY, samples)
-    runs = jax.vmap(lambda key: merge.merge(ADAPTERS, method, WEIGHTS, key=key, density=0.4))(keys)
-    expected = deltas(merge.merge(ADAPTERS, mean_of, WEIGHTS))
+    runs = jax.vmap(lambda key: merging.merge(ADAPTERS, method, WEIGHTS, key=key, density=0.4))(
+        keys
+    )
+    expected = deltas(merging.merge(ADAPTERS, mean_of, WEIGHTS))
     for path, node in lora.target_items(runs):
         sampled = np.asarray(jax.vmap(lora.delta_of)(node), np.float64)
         error = np.abs(sampled.mean(0) - expected[path])
@@ -224,8 +226,11 @@ def test_dare_is_unbiased(method, mean_of):
     st.lists(st.floats(-3, 3), min_size=3, max_size=3),
 )
 def test_cat_is_linear_in_the_weights(w1, w2):
-    both = deltas(merge.merge(ADAPTERS, "cat", np.add(w1, w2)))
-    one, two = deltas(merge.merge(ADAPTERS, "cat", w1)), deltas(merge.merge(ADAPTERS, "cat", w2))
+    both = deltas(merging.merge(ADAPTERS, "cat", np.add(w1, w2)))
+    one, two = (
+        deltas(merging.merge(ADAPTERS, "cat", w1)),
+        deltas(merging.merge(ADAPTERS, "cat", w2)),
+    )
     for path in SHAPES:
         np.testing.assert_allclose(
             both[path], one[path] + two[path], atol=1e-4 * (1 + np.abs(both[path]).max())
@@ -236,8 +241,8 @@ def test_cat_is_linear_in_the_weights(w1, w2):
 @given(st.lists(st.floats(-3, 3), min_size=3, max_size=3), st.floats(0.01, 10))
 def test_linear_is_positively_homogeneous(weights, factor):
     # (sum sqrt(c w_i s_i) a_i)(sum sqrt(c w_i s_i) b_i) = c * merged(w) for c > 0.
-    scaled = deltas(merge.merge(ADAPTERS, "linear", np.multiply(weights, factor)))
-    plain = deltas(merge.merge(ADAPTERS, "linear", weights))
+    scaled = deltas(merging.merge(ADAPTERS, "linear", np.multiply(weights, factor)))
+    plain = deltas(merging.merge(ADAPTERS, "linear", weights))
     for path in SHAPES:
         tol = 1e-4 * (1 + np.abs(scaled[path]).max())
         np.testing.assert_allclose(scaled[path], factor * plain[path], atol=tol)
@@ -247,7 +252,7 @@ def test_linear_is_positively_homogeneous(weights, factor):
 @given(st.integers(1, 3), st.lists(st.floats(-3, 3), min_size=3, max_size=3), st.integers(0, 99))
 def test_svd_rank_is_bounded(svd_rank, weights, seed):
     adapters = [make_adapter(seed + i) for i in range(3)]
-    merged = merge.merge(adapters, "svd", weights, svd_rank=svd_rank)
+    merged = merging.merge(adapters, "svd", weights, svd_rank=svd_rank)
     for path, delta in deltas(merged).items():
         assert lora.ranks(merged)[path] == svd_rank
         singular = np.linalg.svd(delta, compute_uv=False)
@@ -294,4 +299,4 @@ def test_svd_rank_is_bounded(svd_rank, weights, seed):
 )
 def test_bad_input_raises_a_value_error_naming_the_field(args, params, field):
     with pytest.raises(ValueError, match=field):
-        merge.merge(*args, **params)
+        merging.merge(*args, **params)

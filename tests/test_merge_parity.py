@@ -1,4 +1,4 @@
-"""Parity of jaxmerge.merge with PEFT 0.21's `add_weighted_adapter` on golden files.
+"""Parity of jaxmerge.merging with PEFT 0.21's `add_weighted_adapter` on golden files.
 
 The goldens (tests/golden/merges.json, outputs.npz, adapters/) come from scripts/make_golden.py
 (PyTorch + PEFT); this test needs neither. Each deterministic case must reproduce PEFT's merged
@@ -17,9 +17,10 @@ import os
 import numpy as np
 import pytest
 
-from jaxmerge import factorize as fz
-from jaxmerge import lora, merge
-from jaxmerge import merge_utils as mu
+from jaxmerge import lora, merging
+from jaxmerge.interop import peft as peft_io
+from jaxmerge.merging import factorize as fz
+from jaxmerge.merging import ops as mu
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 MERGES_JSON = os.path.join(GOLDEN, "merges.json")
@@ -46,7 +47,6 @@ def golden():
 
 @pytest.fixture(scope="module")
 def adapters():
-    from jaxmerge import peft_io
 
     folder = os.path.join(GOLDEN, "adapters")
     return {
@@ -57,7 +57,7 @@ def adapters():
 
 def merge_params(case):
     """The case's PEFT arguments that the jaxmerge method takes (PEFT ignores the others)."""
-    allowed = merge.METHODS[case["combination_type"]].params
+    allowed = merging.METHODS[case["combination_type"]].params
     fields = ("svd_rank", "svd_clamp", "density", "majority_sign_method")
     return {f: case[f] for f in fields if f in allowed and case.get(f) is not None}
 
@@ -83,7 +83,7 @@ def best_sign_error(node, clamp, want):
 
 
 DETERMINISTIC = [
-    case for case in load_cases() if not merge.METHODS[case["combination_type"]].needs_key
+    case for case in load_cases() if not merging.METHODS[case["combination_type"]].needs_key
 ]
 
 
@@ -91,12 +91,12 @@ DETERMINISTIC = [
 def test_merge_matches_peft(case, golden, adapters):
     params = merge_params(case)
     inputs = [adapters[name] for name in case["adapters"]]
-    merged = merge.merge(inputs, case["combination_type"], case["weights"], **params)
+    merged = merging.merge(inputs, case["combination_type"], case["weights"], **params)
     want = golden_deltas(golden, case["name"])
     assert want and sorted(want) == [path for path, _ in lora.target_items(merged)]
     clamp = params.pop("svd_clamp", None)
     if clamp is not None and len(inputs) > 1:
-        merged = merge.merge(inputs, case["combination_type"], case["weights"], **params)
+        merged = merging.merge(inputs, case["combination_type"], case["weights"], **params)
     for path, node in lora.target_items(merged):
         if clamp is not None and len(inputs) > 1:
             assert node["lora_a"].shape[1] <= 10, "too many sign patterns to search"

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmerge import heads, lora, merge, multitask, vit
+from jaxmerge import heads, lora, merging, multitask
+from jaxmerge.models import vit
 
 TASKS = {"a": 10, "b": 1, "c": 4}
 
@@ -26,7 +27,7 @@ def setup():
             adapter,
         )
         adapters.append(adapter)
-    merged = merge.merge(adapters, "cat")
+    merged = merging.merge(adapters, "cat")
     backbone = lora.fold_into_base(base, merged)
     head_defs = {t: heads.MlpHead(16, n) for t, n in TASKS.items()}
     feature = np.zeros((1, model.width), np.float32)

@@ -13,7 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmerge import lora, peft_io, pretrained, vit
+from jaxmerge import lora, merging
+from jaxmerge.interop import hf
+from jaxmerge.interop import peft as peft_io
+from jaxmerge.models import vit
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 ADAPTERS = ("a", "b", "c", "rank8", "rslora", "patterns", "cls")
@@ -33,7 +36,7 @@ def golden() -> dict[str, np.ndarray]:
 
 @functools.cache
 def base():
-    vit_kwargs, params, head = pretrained.load_hf_vit(os.path.join(GOLDEN, "hf_vit"))
+    vit_kwargs, params, head = hf.load_hf_vit(os.path.join(GOLDEN, "hf_vit"))
     model = vit.ViT(**vit_kwargs)
     return model, params, jax.jit(lambda variables: model.apply(variables, golden()["images"]))
 
@@ -137,13 +140,11 @@ def test_exported_folders_reimport(name):
         assert len({float(n["scale"]) for _, n in lora.target_items(tree)}) == 12
         assert config["rank_pattern"] and config["alpha_pattern"]
     else:
-        from jaxmerge import merge
-
         abc = [adapter(n)[0] for n in ("a", "b", "c")]
         if name == "merged_ties":
-            want = merge.merge(abc, "ties", [0.5, 0.3, 0.2], density=0.5)
+            want = merging.merge(abc, "ties", [0.5, 0.3, 0.2], density=0.5)
         else:
-            want = merge.merge([adapter("a")[0], adapter("rank8")[0]], "cat", [0.7, 0.3])
+            want = merging.merge([adapter("a")[0], adapter("rank8")[0]], "cat", [0.7, 0.3])
         for (p1, n1), (p2, n2) in zip(lora.target_items(tree), lora.target_items(want)):
             assert p1 == p2
             np.testing.assert_allclose(lora.delta_of(n1), lora.delta_of(n2), rtol=1e-5, atol=1e-6)

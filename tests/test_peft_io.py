@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmerge import lora, merge, peft_io
+from jaxmerge import lora, merging
+from jaxmerge.interop import peft as peft_io
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
@@ -143,7 +144,7 @@ def test_export_names_and_layout(tmp_path):
 
 def test_export_merged_adapter(tmp_path):
     adapters = [load(n)[0] for n in ("a", "b", "c")]
-    merged = merge.merge(adapters, "cat", [0.5, 0.3, 0.2])
+    merged = merging.merge(adapters, "cat", [0.5, 0.3, 0.2])
     peft_io.save_peft_adapter(str(tmp_path), merged)
     got, _, config = peft_io.load_peft_adapter(str(tmp_path))
     assert config["r"] == 12

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxmerge import pretrained, vit
+from jaxmerge.interop import bigvision, hf
+from jaxmerge.models import vit
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 HF = os.path.join(GOLDEN, "hf_vit")
@@ -58,7 +59,7 @@ def hf_state() -> dict[str, np.ndarray]:
 
 
 def test_hf_vit_kwargs():
-    vit_kwargs, params, head = pretrained.load_hf_vit(HF)
+    vit_kwargs, params, head = hf.load_hf_vit(HF)
     assert vit_kwargs == dict(
         width=32,
         depth=2,
@@ -78,7 +79,7 @@ def test_hf_vit_kwargs():
 
 def test_hf_patch_embedding_order():
     """kernel[(row * p + col) * C + channel, d] = conv weight[d, channel, row, col]."""
-    _, params, _ = pretrained.load_hf_vit(HF)
+    _, params, _ = hf.load_hf_vit(HF)
     conv = hf_state()["embeddings.patch_embeddings.projection.weight"]
     kernel = np.asarray(params["patch_embed"]["kernel"])
     row, col, channel, d = 3, 1, 2, 5
@@ -92,7 +93,7 @@ def test_hf_classification_checkpoint(tmp_path):
     state["classifier.weight"] = rng.normal(size=(5, 32)).astype(np.float32)
     state["classifier.bias"] = rng.normal(size=(5,)).astype(np.float32)
     folder = write_hf(tmp_path, state, {"architectures": ["ViTForImageClassification"]})
-    vit_kwargs, params, head = pretrained.load_hf_vit(folder)
+    vit_kwargs, params, head = hf.load_hf_vit(folder)
     assert not vit_kwargs["pooler"] and "pooler" not in params
     np.testing.assert_array_equal(head["out"]["kernel"], state["classifier.weight"].T)
     np.testing.assert_array_equal(head["out"]["bias"], state["classifier.bias"])
@@ -108,15 +109,15 @@ def test_hf_transformers5_names_load_the_same(tmp_path):
             name = name.replace(old, new)
         state[name] = value
     assert "layers.0.mlp.fc2.weight" in state
-    _, want, _ = pretrained.load_hf_vit(HF)
-    _, got, _ = pretrained.load_hf_vit(write_hf(tmp_path, state))
+    _, want, _ = hf.load_hf_vit(HF)
+    _, got, _ = hf.load_hf_vit(write_hf(tmp_path, state))
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
 def test_hf_without_qkv_bias(tmp_path):
     state = {k: v for k, v in hf_state().items() if not re_qkv_bias(k)}
     folder = write_hf(tmp_path, state, {"qkv_bias": False})
-    _, params, _ = pretrained.load_hf_vit(folder)
+    _, params, _ = hf.load_hf_vit(folder)
     assert not np.any(params["block_1"]["attention"]["key"]["bias"])
 
 
@@ -126,10 +127,10 @@ def re_qkv_bias(name: str) -> bool:
 
 def test_hf_missing_files(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
-        pretrained.load_hf_vit(str(tmp_path))
+        hf.load_hf_vit(str(tmp_path))
     shutil.copy(os.path.join(HF, "config.json"), tmp_path / "config.json")
     with pytest.raises(ValueError, match="model.safetensors"):
-        pretrained.load_hf_vit(str(tmp_path))
+        hf.load_hf_vit(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -144,22 +145,22 @@ def test_hf_missing_files(tmp_path):
 )
 def test_hf_bad_config(tmp_path, changes, match):
     with pytest.raises(ValueError, match=match):
-        pretrained.load_hf_vit(write_hf(tmp_path, hf_state(), changes))
+        hf.load_hf_vit(write_hf(tmp_path, hf_state(), changes))
 
 
 def test_hf_bad_tensors(tmp_path):
     state = hf_state()
     state["embeddings.position_embeddings"] = np.zeros((1, 5, 32), np.float32)
     with pytest.raises(ValueError, match="pos_embedding.*embeddings.position_embeddings.*shape"):
-        pretrained.load_hf_vit(write_hf(tmp_path / "shape", state))
+        hf.load_hf_vit(write_hf(tmp_path / "shape", state))
     state = hf_state()
     state["decoder.conv.weight"] = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="decoder.conv.weight"):
-        pretrained.load_hf_vit(write_hf(tmp_path / "extra", state))
+        hf.load_hf_vit(write_hf(tmp_path / "extra", state))
     state = hf_state()
     del state["encoder.layer.1.output.dense.bias"]
     with pytest.raises(ValueError, match="block_1/mlp/fc2/bias.*missing"):
-        pretrained.load_hf_vit(write_hf(tmp_path / "missing", state))
+        hf.load_hf_vit(write_hf(tmp_path / "missing", state))
 
 
 # ----------------------------------------------------------------------------- big_vision
@@ -259,7 +260,7 @@ def write_npz(tmp_path, flat, name="vit.npz") -> str:
 
 def test_bigvision_matches_numpy_forward(tmp_path):
     flat = augreg_tree()
-    vit_kwargs, params, head = pretrained.load_bigvision_npz(write_npz(tmp_path, flat))
+    vit_kwargs, params, head = bigvision.load_bigvision_npz(write_npz(tmp_path, flat))
     assert vit_kwargs["image_size"] == GRID * PATCH and vit_kwargs["gelu_approximate"]
     assert vit_kwargs["layer_norm_eps"] == 1e-6 and vit_kwargs["pooler"]
     images = np.random.default_rng(1).normal(size=(2, 12, 12, 3)).astype(np.float32)
@@ -289,14 +290,14 @@ def test_bigvision_scanned_and_prefixed_layout(tmp_path):
             other[key] = value
     layout = {f"params/{k}": v for k, v in other.items()}
     layout.update({f"params/{k}": np.stack(v) for k, v in scanned.items()})
-    _, want, _ = pretrained.load_bigvision_npz(write_npz(tmp_path, flat, "augreg.npz"))
-    _, got, _ = pretrained.load_bigvision_npz(write_npz(tmp_path, layout, "bv.npz"))
+    _, want, _ = bigvision.load_bigvision_npz(write_npz(tmp_path, flat, "augreg.npz"))
+    _, got, _ = bigvision.load_bigvision_npz(write_npz(tmp_path, layout, "bv.npz"))
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
 def test_bigvision_resamples_position_embeddings(tmp_path):
     flat = augreg_tree()
-    vit_kwargs, params, _ = pretrained.load_bigvision_npz(write_npz(tmp_path, flat), image_size=20)
+    vit_kwargs, params, _ = bigvision.load_bigvision_npz(write_npz(tmp_path, flat), image_size=20)
     assert vit_kwargs["image_size"] == 20
     pos = flat["Transformer/posembed_input/pos_embedding"]
     want = vit.resample_pos_embedding(pos, 25, has_cls=True)
@@ -308,16 +309,16 @@ def test_bigvision_resamples_position_embeddings(tmp_path):
 
 def test_bigvision_errors(tmp_path):
     with pytest.raises(ValueError, match="missing.npz"):
-        pretrained.load_bigvision_npz(str(tmp_path / "missing.npz"))
+        bigvision.load_bigvision_npz(str(tmp_path / "missing.npz"))
     flat = augreg_tree()
     path = write_npz(tmp_path, flat)
     with pytest.raises(ValueError, match="image_size=18"):
-        pretrained.load_bigvision_npz(path, image_size=18)
+        bigvision.load_bigvision_npz(path, image_size=18)
     broken = dict(flat)
     del broken["Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"]
     with pytest.raises(ValueError, match="encoderblock_1/MlpBlock_3/Dense_1/bias"):
-        pretrained.load_bigvision_npz(write_npz(tmp_path, broken, "broken.npz"))
+        bigvision.load_bigvision_npz(write_npz(tmp_path, broken, "broken.npz"))
     broken = dict(flat)
     broken["Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel"] = np.zeros((25, WIDTH))
     with pytest.raises(ValueError, match="block_0/mlp/fc2/kernel.*shape"):
-        pretrained.load_bigvision_npz(write_npz(tmp_path, broken, "shape.npz"))
+        bigvision.load_bigvision_npz(write_npz(tmp_path, broken, "shape.npz"))

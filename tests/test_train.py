@@ -16,7 +16,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmerge import checkpoint, config_lib, data, heads, tasks, train, vit
+from jaxmerge import checkpoint, config_lib, data, heads, tasks, train
+from jaxmerge.models import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

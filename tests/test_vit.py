@@ -4,16 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge import vit
+from jaxmerge.models import cpu_kernels, vit
 
 
 def test_gelu_exact_and_its_closed_form_derivative_match_jax():
     x = jnp.linspace(-9.0, 9.0, 20001)
     reference = lambda v: jax.nn.gelu(v, approximate=False)
-    np.testing.assert_allclose(vit.gelu_exact(x), reference(x), atol=1e-6)
-    grad = jax.vmap(jax.grad(vit.gelu_exact))(x)
+    np.testing.assert_allclose(cpu_kernels.cpu_gelu_exact(x), reference(x), atol=1e-6)
+    grad = jax.vmap(jax.grad(cpu_kernels.cpu_gelu_exact))(x)
     np.testing.assert_allclose(grad, jax.vmap(jax.grad(reference))(x), atol=1e-6)
-    second = jax.vmap(jax.grad(jax.grad(vit.gelu_exact)))(x)  # differentiable twice
+    second = jax.vmap(jax.grad(jax.grad(cpu_kernels.cpu_gelu_exact)))(x)  # differentiable twice
     np.testing.assert_allclose(second, jax.vmap(jax.grad(jax.grad(reference)))(x), atol=1e-5)
 
 
@@ -48,9 +48,9 @@ def test_layer_norm_and_its_written_out_backward_match_autodiff():
     scale, bias = jax.random.normal(keys[1], (16,)), jax.random.normal(keys[2], (16,))
     dy = jax.random.normal(keys[3], x.shape)
     np.testing.assert_allclose(
-        vit.layer_norm(x, scale, bias, 1e-6), reference(x, scale, bias), atol=1e-5
+        cpu_kernels.cpu_layer_norm(x, scale, bias, 1e-6), reference(x, scale, bias), atol=1e-5
     )
-    ours = jax.vjp(lambda *a: vit.layer_norm(*a, 1e-6), x, scale, bias)[1](dy)
+    ours = jax.vjp(lambda *a: cpu_kernels.cpu_layer_norm(*a, 1e-6), x, scale, bias)[1](dy)
     expected = jax.vjp(reference, x, scale, bias)[1](dy)
     for a, b in zip(ours, expected):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

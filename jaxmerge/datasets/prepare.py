@@ -6,17 +6,17 @@
 The paper's datasets (and `image_folder`) are read from files downloaded by hand into
 manual_dir; the offline ones (sklearn_digits, fashion_mnist_idx, skimage_textures, lfw_subset)
 need no manual_dir. Afterwards read a split with
-`input_pipeline.open_source(name, split, data_dir)`.
+`jaxmerge.data.sources.open_source(name, split, data_dir)`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import tensorflow_datasets as tfds
+from absl import flags
 
+from jaxmerge import cli as cli_lib
 from jaxmerge.datasets import BUILDERS
 
 
@@ -75,22 +75,26 @@ def prepare(
     return builder
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(BUILDERS)}")
-    parser.add_argument("--data_dir", required=True, help="TFDS data folder to write into")
-    parser.add_argument("--manual_dir", default=None, help="folder of hand-downloaded files")
-    parser.add_argument("--config", default=None, help="builder config, e.g. size64")
-    parser.add_argument("--max_examples_per_split", type=int, default=None)
-    args = parser.parse_args(argv)
+def define_flags():
+    flags.DEFINE_string("dataset", None, f"One of: {', '.join(BUILDERS)}.")
+    flags.DEFINE_string("data_dir", None, "TFDS data folder to write into.")
+    flags.DEFINE_string("manual_dir", None, "Folder of hand-downloaded files.")
+    flags.DEFINE_string("config", None, "Builder config, e.g. size64.")
+    flags.DEFINE_integer("max_examples_per_split", None, "Keep the first N of each split.")
+
+
+def main(argv):
+    del argv
+    args = flags.FLAGS
     name = f"{args.dataset}/{args.config}" if args.config else args.dataset
-    try:
-        builder = prepare(name, args.data_dir, args.manual_dir, args.max_examples_per_split)
-    except ValueError as e:
-        raise SystemExit(f"prepare: error: {e}") from None
+    builder = prepare(name, args.data_dir, args.manual_dir, args.max_examples_per_split)
     splits = {split: info.num_examples for split, info in builder.info.splits.items()}
     print(f"prepared {builder.info.full_name} in {args.data_dir}: {splits}")
 
 
+def cli():
+    cli_lib.run(main, define_flags, required=["dataset", "data_dir"])
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

@@ -9,9 +9,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmerge import factorize as fz
 from jaxmerge import lora
-from jaxmerge import merge_utils as mu
+from jaxmerge.merging import factorize as fz
+from jaxmerge.merging import ops as mu
 
 Tree = Any
 F32 = jnp.float32

@@ -32,34 +32,19 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge import lora, pretrained
+from jaxmerge import lora
+from jaxmerge.interop import hf
+from jaxmerge.models import vit
 
 Tree = Any
 NAMINGS = ("v5", "v4")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-# jaxmerge path inside a block -> module name inside a transformers block, per naming.
-_BLOCK_MODULES = {
-    "v5": {
-        "attention/query": "attention.q_proj",
-        "attention/key": "attention.k_proj",
-        "attention/value": "attention.v_proj",
-        "attention/out": "attention.o_proj",
-        "mlp/fc1": "mlp.fc1",
-        "mlp/fc2": "mlp.fc2",
-    },
-    "v4": {
-        "attention/query": "attention.attention.query",
-        "attention/key": "attention.attention.key",
-        "attention/value": "attention.attention.value",
-        "attention/out": "attention.output.dense",
-        "mlp/fc1": "intermediate.dense",
-        "mlp/fc2": "output.dense",
-    },
-}
-_LAYERS = {"v5": "layers", "v4": "encoder.layer"}
+# Targets PEFT can adapt: the linear layers of the blocks (from the one HF name table in
+# `models.vit`) and the pooler.
+_BLOCK_LINEARS = [p for p in vit.HF_BLOCK_NAMES if not p.startswith("norm")]
+_LINEAR_PATH = re.compile(rf"block_\d+/({'|'.join(_BLOCK_LINEARS)})|pooler")
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight")
-_LINEAR_PATH = re.compile(r"block_\d+/(attention/(query|key|value|out)|mlp/fc[12])|pooler")
 # Config values a plain LoRA adapter has; anything else changes the maths.
 _PLAIN = {"use_dora": False, "lora_bias": False, "bias": "none", "fan_in_fan_out": False}
 
@@ -143,7 +128,7 @@ def load_peft_adapter(folder: str) -> tuple[Tree, Tree | None, dict]:
     adapter: dict = {}
     use_rslora = bool(config.get("use_rslora", False))
     for module, pair in sorted(factors.items()):
-        path = pretrained.hf_module_path(module)
+        path = hf.hf_module_path(module)
         if path is None or not _LINEAR_PATH.fullmatch(path):
             raise ValueError(
                 f"{source}: LoRA on module {module!r}; allowed: the ViT's linear layers"
@@ -191,13 +176,14 @@ def peft_module_name(path: str, naming: str) -> str:
     if path == "pooler":
         return "pooler.dense"
     match = re.fullmatch(r"block_(\d+)/(.+)", path)
-    if match is None or match.group(2) not in _BLOCK_MODULES[naming]:
-        allowed = sorted(_BLOCK_MODULES[naming]) + ["pooler"]
+    if match is None or match.group(2) not in _BLOCK_LINEARS:
+        allowed = sorted(_BLOCK_LINEARS) + ["pooler"]
         raise ValueError(
             f"save_peft_adapter: target {path!r} has no PEFT LoRA equivalent; allowed: "
             f"block_N/<one of {allowed[:-1]}> and 'pooler'"
         )
-    return f"{_LAYERS[naming]}.{match.group(1)}.{_BLOCK_MODULES[naming][match.group(2)]}"
+    module = vit.HF_BLOCK_NAMES[match.group(2)][naming]
+    return f"{vit.HF_LAYERS[naming]}.{match.group(1)}.{module}"
 
 
 def _most_common(values: list) -> Any:

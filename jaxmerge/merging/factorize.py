@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxmerge.merge_utils import matmul
+from jaxmerge.merging.ops import matmul
 
 # Converged when every kept pair's Gram residual |M M^T u - s^2 u| <= TOLERANCE * s_1^2. The
 # float32 floor is about 1e-6; the leading-r product then agrees with LAPACK's to about 1e-5

@@ -1,4 +1,4 @@
-"""Delta-space merge methods from the merging literature, registered in `merge.METHODS`:
+"""Delta-space merge methods from the merging literature, registered in `merging.METHODS`:
 `task_arithmetic`, `ties_delta`, `dare_delta`, `breadcrumbs` and `knots`, on
 `dW_i = scale_i a_i @ b_i`. Their `output` is "delta" (`{"delta": dW}` nodes) or "factored"
 (an adapter of rank `rank`, by default the largest input rank, from a truncated SVD).
@@ -10,12 +10,24 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 
-from jaxmerge import factorize as fz
-from jaxmerge import merge_targets as mt
-from jaxmerge import merge_utils as mu
-from jaxmerge.merge import register
+from jaxmerge.merging import factorize as fz
+from jaxmerge.merging import ops as mu
+from jaxmerge.merging import registry as checks
+from jaxmerge.merging import targets as mt
+from jaxmerge.merging.registry import register
 
 F32 = jnp.float32
+# Every delta-space method scales its result and returns a delta tree or rank-r factors.
+_OUTPUT = {"scale": checks.number, "output": checks.OUTPUT, "rank": checks.rank}
+_TIES = {"density": checks.density, "majority_sign_method": checks.SIGN_METHOD}
+
+
+def _gamma_and_density(params):
+    if params["gamma"] + params["density"] > 1.0:
+        raise ValueError(
+            f"gamma: got gamma={params['gamma']} with density={params['density']}; allowed: "
+            f"gamma + density <= 1"
+        )
 
 
 def _delta_method(adapters, merged_node, output, rank, key=None, draws=None):
@@ -45,7 +57,7 @@ def _delta_method(adapters, merged_node, output, rank, key=None, draws=None):
     )
 
 
-@register("task_arithmetic")
+@register("task_arithmetic", checks=_OUTPUT)
 def task_arithmetic(adapters, weights, key, *, scale=1.0, output="delta", rank=None):
     """Task arithmetic (Ilharco et al. 2023): `dW = scale * sum_i w_i dW_i`.
 
@@ -60,7 +72,7 @@ def task_arithmetic(adapters, weights, key, *, scale=1.0, output="delta", rank=N
     return _delta_method(adapters, node, output, rank)
 
 
-@register("ties_delta")
+@register("ties_delta", checks={**_TIES, **_OUTPUT})
 def ties_delta(
     adapters,
     weights,
@@ -88,7 +100,7 @@ def ties_delta(
     return _delta_method(adapters, node, output, rank)
 
 
-@register("dare_delta", needs_key=True)
+@register("dare_delta", checks={"density": checks.density, **_OUTPUT}, needs_key=True)
 def dare_delta(adapters, weights, key, *, density=0.1, scale=1.0, output="delta", rank=None):
     """DARE (Yu et al. 2023) on dW: `dW = scale * sum_i w_i m_i dW_i / density`, with
     `m_i ~ Bernoulli(density)` per entry, so that E[dW] is the task-arithmetic sum."""
@@ -100,7 +112,11 @@ def dare_delta(adapters, weights, key, *, density=0.1, scale=1.0, output="delta"
     return _delta_method(adapters, node, output, rank, key, mt.dense_draws)
 
 
-@register("breadcrumbs")
+@register(
+    "breadcrumbs",
+    checks={"density": checks.density, "gamma": checks.fraction, **_OUTPUT},
+    check_together=_gamma_and_density,
+)
 def breadcrumbs(
     adapters, weights, key, *, density=0.1, gamma=0.01, scale=1.0, output="delta", rank=None
 ):
@@ -117,7 +133,7 @@ def breadcrumbs(
     return _delta_method(adapters, node, output, rank)
 
 
-@register("knots")
+@register("knots", checks={"combine": checks.choice("ties", "task_arithmetic"), **_TIES, **_OUTPUT})
 def knots(
     adapters,
     weights,

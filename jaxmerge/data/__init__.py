@@ -2,8 +2,11 @@
 
 This joins the task registry to the TF-free input pipeline: it opens the task's dataset
 (preparing it on first use: offline builders need nothing, the paper's need
-`config.manual_dir`), picks the preprocessing for the model's image size, and places each
-host's slice of the global batch on the ('data',) mesh.
+`config.manual_dir`), picks the task's preprocessing for the model's image size, and places
+each host's slice of the global batch on the ('data',) mesh.
+
+The pipeline itself, one job per module: `ops` (preprocessing functions), `loader` (resumable,
+host-sliced batches), `prefetch` (a background thread), `sources` (TFDS datasets by name).
 """
 
 from __future__ import annotations
@@ -16,15 +19,15 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmerge import input_pipeline as pipeline
 from jaxmerge import tasks
+from jaxmerge.data import loader, ops, sources
 
 
 def data_dir(config) -> str:
     return os.path.expanduser(config.data_dir or os.path.join("~", "tensorflow_datasets"))
 
 
-def open_split(task: tasks.Task, split: str, config) -> pipeline.Source:
+def open_split(task: tasks.Task, split: str, config) -> loader.Source:
     """The task's split as a random-access source, preparing the dataset if it is not yet."""
     from jaxmerge.datasets import BUILDERS, prepare
 
@@ -36,24 +39,29 @@ def open_split(task: tasks.Task, split: str, config) -> pipeline.Source:
         )
         if not builder.is_prepared():
             prepare.prepare(task.dataset, directory, config.manual_dir or None)
-    return pipeline.open_source(task.dataset, split, directory)
+    return sources.open_source(task.dataset, split, directory)
+
+
+def default_preprocess(task: tasks.Task, image_size: int, train: bool, crop_padding: int = 0):
+    """Resize to the model's size, 3 channels, training augmentation, scale to [-1, 1]."""
+    steps = [ops.resize(image_size), ops.to_rgb()]
+    if train and crop_padding:
+        steps.append(ops.random_crop(crop_padding))
+    if train and task.flip:
+        steps.append(ops.random_flip(task.flip_permutation))
+    steps += [ops.normalize_to_minus_one_one(), ops.keep("image", task.target)]
+    return ops.compose(*steps)
 
 
 def preprocess(task: tasks.Task, image_size: int, train: bool, crop_padding: int = 0):
-    """Resize to the model's size, 3 channels, training augmentation, scale to [-1, 1]."""
-    steps = [pipeline.resize(image_size), pipeline.to_rgb()]
-    if train and crop_padding:
-        steps.append(pipeline.random_crop(crop_padding))
-    if train and task.flip:
-        steps.append(pipeline.random_flip(task.flip_permutation))
-    steps += [pipeline.normalize_to_minus_one_one(), pipeline.keep("image", task.target)]
-    return pipeline.compose(*steps)
+    """The task's own preprocessing (`Task.preprocess`), or `default_preprocess`."""
+    return (task.preprocess or default_preprocess)(task, image_size, train, crop_padding)
 
 
 def train_batches(task: tasks.Task, config, model_def, start_step: int = 0) -> Iterator[dict]:
     """This host's slices of the global training batches, from `start_step` on."""
     source = open_split(task, task.train_split, config)
-    return pipeline.train_batches(
+    return loader.train_batches(
         source,
         preprocess(task, model_def.image_size, True, config.crop_padding),
         config.batch_size,
@@ -67,7 +75,7 @@ def train_batches(task: tasks.Task, config, model_def, start_step: int = 0) -> I
 def eval_batches(task: tasks.Task, config, model_def, split: str | None = None) -> Iterator[dict]:
     """Every example of the eval split once, with a `mask` marking padding."""
     source = open_split(task, split or task.eval_split, config)
-    return pipeline.eval_batches(
+    return loader.eval_batches(
         source,
         preprocess(task, model_def.image_size, False),
         config.eval_batch_size,

@@ -18,13 +18,15 @@ Every dense kernel is 2-D with layout (in, out), so a LoRA update is `x @ a @ b`
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxmerge.models import cpu_kernels
+from jaxmerge.models.layers import LORA_COMPUTES, LoraDense
 
 # width, depth, mlp_dim, num_heads; the table big_vision and the ViT papers use.
 _SIZES = {
@@ -37,6 +39,54 @@ _SIZES = {
     "H": (1280, 32, 5120, 16),
 }
 POOLS = ("cls", "mean")
+
+# Regexes over target paths ("block_3/attention/query") for the usual choices of LoRA targets.
+TARGET_PRESETS = {
+    "qv": r"attention/(query|value)$",
+    "qkv": r"attention/(query|key|value)$",
+    "attention": r"attention/(query|key|value|out)$",
+    "mlp": r"mlp/(fc1|fc2)$",
+    "all": r"(attention/(query|key|value|out)|mlp/(fc1|fc2))$",
+}
+
+# ViT attributes a base checkpoint fixes; the rest (dtype, dropout, kernels) are the run's choice.
+ARCHITECTURE_KEYS = (
+    "width",
+    "depth",
+    "mlp_dim",
+    "num_heads",
+    "patch_size",
+    "image_size",
+    "channels",
+    "pool",
+    "pooler",
+    "layer_norm_eps",
+    "gelu_approximate",
+)
+
+# The one table of Hugging Face names: jaxmerge path inside a block -> the transformers module
+# name inside `<layers>.N.`, per naming. "v4": transformers 4.x and the Hub's files (5.x writes
+# them on save too); "v5": transformers 5.x in memory.
+HF_LAYERS = {"v4": "encoder.layer", "v5": "layers"}
+HF_BLOCK_NAMES = {
+    "attention/query": {"v4": "attention.attention.query", "v5": "attention.q_proj"},
+    "attention/key": {"v4": "attention.attention.key", "v5": "attention.k_proj"},
+    "attention/value": {"v4": "attention.attention.value", "v5": "attention.v_proj"},
+    "attention/out": {"v4": "attention.output.dense", "v5": "attention.o_proj"},
+    "mlp/fc1": {"v4": "intermediate.dense", "v5": "mlp.fc1"},
+    "mlp/fc2": {"v4": "output.dense", "v5": "mlp.fc2"},
+    "norm1": {"v4": "layernorm_before", "v5": "layernorm_before"},
+    "norm2": {"v4": "layernorm_after", "v5": "layernorm_after"},
+}
+# Outside the blocks (after a "vit." prefix, which ViTForImageClassification adds).
+HF_TOP_NAMES = {
+    "embeddings.cls_token": "cls",
+    "embeddings.position_embeddings": "pos_embedding",
+    "embeddings.patch_embeddings.projection": "patch_embed",
+    "layernorm": "encoder_norm",
+    "pooler.dense": "pooler",
+    "classifier": "head/out",
+}
 
 
 def variant(name: str, **overrides: Any) -> dict[str, Any]:
@@ -62,125 +112,23 @@ def variant(name: str, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
-LORA_IMPLS = ("factored", "merged")
-
-
-class LoraDense(nn.Module):
-    """y = x @ kernel + bias, plus a LoRA update read from the 'lora' collection when present.
-
-    The 'lora' collection at this module's scope holds either factors
-    `{lora_a: (in, r), lora_b: (r, out), scale: ()}`, giving `y += scale * (dropout(x) @ a) @ b`,
-    or a dense update `{delta: (in, out)}` (a merged delta-space result), giving `y += x @ delta`.
-
-    `lora_impl` picks how factors are applied; both give the same function:
-      factored: the branch above; never forms the (in, out) product, so its cost grows with r.
-      merged: `x @ (kernel + scale * a @ b)`, one wide matmul instead of four skinny ones; on
-        XLA:CPU with ViT-Ti widths this trains faster (benchmarks/train_speed.py). Falls back
-        to `factored` while LoRA dropout is active, since dropout acts on the branch's input.
-    """
-
-    in_features: int
-    features: int
-    lora_dropout: float = 0.0
-    lora_impl: str = "factored"
-    kernel_init: Any = nn.initializers.lecun_normal()
-    dtype: Any = None
-
-    def setup(self):
-        self.kernel = self.param("kernel", self.kernel_init, (self.in_features, self.features))
-        self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        self.dropout = nn.Dropout(self.lora_dropout)
-
-    def _factors(self, dtype):
-        if not self.has_variable("lora", "lora_a"):
-            return None
-        a = self.get_variable("lora", "lora_a").astype(dtype)
-        b = self.get_variable("lora", "lora_b").astype(dtype)
-        # The scale is a constant of the adapter (alpha / r), never a trained quantity.
-        scale = jax.lax.stop_gradient(self.get_variable("lora", "scale")).astype(dtype)
-        return a, b, scale
-
-    def _folds_factors(self, train: bool) -> bool:
-        return self.lora_impl == "merged" and not (train and self.lora_dropout > 0)
-
-    def weights(self, train: bool, dtype) -> tuple[jax.Array, jax.Array]:
-        """(kernel, bias) in `dtype`, with every update that can be folded in added."""
-        kernel = self.kernel.astype(dtype)
-        if self.has_variable("lora", "delta"):
-            kernel = kernel + self.get_variable("lora", "delta").astype(dtype)
-        elif (factors := self._factors(dtype)) is not None and self._folds_factors(train):
-            a, b, scale = factors
-            kernel = kernel + (a @ b) * scale
-        return kernel, self.bias.astype(dtype)
-
-    def branch(self, x: jax.Array, train: bool) -> jax.Array | None:
-        """The factored LoRA update of `x` not folded into `weights`, or None."""
-        factors = self._factors(x.dtype)
-        if factors is None or self._folds_factors(train):
-            return None
-        a, b, scale = factors
-        h = self.dropout(x, deterministic=not train)
-        return ((h @ a) @ b) * scale
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = x.astype(self.dtype or x.dtype)
-        kernel, bias = self.weights(train, x.dtype)
-        y = x @ kernel + bias
-        update = self.branch(x, train)
-        return y if update is None else y + update
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis, computed in float32.
-
-    The backward pass is written out, `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` with
-    `g = dy * scale`: two reductions instead of the many XLA:CPU derives by itself.
-    """
-    return _layer_norm_forward(x, scale, bias, eps)[0]
-
-
-def _layer_norm_forward(x, scale, bias, eps):
-    x32 = x.astype(jnp.float32)
-    centred = x32 - x32.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
-    xhat = centred * rstd
-    y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype), (xhat, rstd, scale)
-
-
-def _layer_norm_backward(eps, residuals, dy):
-    xhat, rstd, scale = residuals
-    dy32 = dy.astype(jnp.float32)
-    g = dy32 * scale.astype(jnp.float32)
-    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
-    batch_axes = tuple(range(dy.ndim - 1))
-    dscale = (dy32 * xhat).sum(batch_axes).astype(scale.dtype)
-    dbias = dy32.sum(batch_axes).astype(scale.dtype)
-    return dx.astype(dy.dtype), dscale, dbias
-
-
-layer_norm.defvjp(
-    lambda x, scale, bias, eps: _layer_norm_forward(x, scale, bias, eps), _layer_norm_backward
-)
-
-
 class LayerNorm(nn.Module):
-    """Layer normalisation with flax's parameter names (`scale`, `bias`) and `layer_norm`."""
+    """Layer normalisation with flax's parameter names (`scale`, `bias`)."""
 
     epsilon: float = 1e-6
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        return layer_norm(x, scale, bias, self.epsilon)
+        return cpu_kernels.norm_and_gelu(self.kernels)[0](x, scale, bias, self.epsilon)
 
 
 class Attention(nn.Module):
     num_heads: int
     lora_dropout: float = 0.0
-    lora_impl: str = "factored"
+    lora_compute: str = "branch"
     dtype: Any = None
 
     @nn.compact
@@ -189,7 +137,7 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
         x = x.astype(self.dtype or x.dtype)
         layers = [
-            LoraDense(width, width, self.lora_dropout, self.lora_impl, dtype=self.dtype, name=n)
+            LoraDense(width, width, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=n)
             for n in ("query", "key", "value", "out")
         ]
         # One (width, 3 * width) matmul for query, key and value: XLA:CPU runs narrow matmuls
@@ -210,39 +158,25 @@ class Attention(nn.Module):
         return layers[3](context, train)
 
 
-@jax.custom_jvp
-def gelu_exact(x: jax.Array) -> jax.Array:
-    """GELU with the exact erf, `x * Phi(x)`, as Hugging Face ViT uses.
-
-    Its derivative is given in closed form, `Phi(x) + x * phi(x)`: differentiating through
-    `erf` costs XLA:CPU about a third of a ViT's backward pass.
-    """
-    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476).astype(x.dtype))
-
-
-@gelu_exact.defjvp
-def _gelu_exact_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    cdf = 0.5 * (1.0 + jax.lax.erf(x * 0.7071067811865476))
-    pdf = jnp.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
-    return x * cdf, (cdf + x * pdf) * dx
-
-
 class Mlp(nn.Module):
     mlp_dim: int
     gelu_approximate: bool = False
     lora_dropout: float = 0.0
-    lora_impl: str = "factored"
+    lora_compute: str = "branch"
     dtype: Any = None
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         width = x.shape[-1]
         dense = lambda n_in, n_out, name: LoraDense(  # noqa: E731
-            n_in, n_out, self.lora_dropout, self.lora_impl, dtype=self.dtype, name=name
+            n_in, n_out, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=name
         )
         h = dense(width, self.mlp_dim, "fc1")(x, train)
-        h = nn.gelu(h, approximate=True) if self.gelu_approximate else gelu_exact(h)
+        if self.gelu_approximate:
+            h = nn.gelu(h, approximate=True)
+        else:
+            h = cpu_kernels.norm_and_gelu(self.kernels)[1](h)
         return dense(self.mlp_dim, width, "fc2")(h, train)
 
 
@@ -252,22 +186,24 @@ class Block(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = False
     lora_dropout: float = 0.0
-    lora_impl: str = "factored"
+    lora_compute: str = "branch"
     dtype: Any = None
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        norm = lambda name: LayerNorm(self.layer_norm_eps, name=name)  # noqa: E731
+        norm = lambda name: LayerNorm(self.layer_norm_eps, self.kernels, name=name)  # noqa: E731
         attention = Attention(
-            self.num_heads, self.lora_dropout, self.lora_impl, self.dtype, name="attention"
+            self.num_heads, self.lora_dropout, self.lora_compute, self.dtype, name="attention"
         )
         x = x + attention(norm("norm1")(x), train)
         mlp = Mlp(
             self.mlp_dim,
             self.gelu_approximate,
             self.lora_dropout,
-            self.lora_impl,
+            self.lora_compute,
             self.dtype,
+            self.kernels,
             name="mlp",
         )
         return x + mlp(norm("norm2")(x), train)
@@ -283,7 +219,8 @@ class ViT(nn.Module):
       layer_norm_eps: 1e-12 for Hugging Face checkpoints, 1e-6 for big_vision ones.
       gelu_approximate: tanh GELU as in big_vision checkpoints; exact erf GELU as in HF.
       image_size: sets the number of position embeddings (one per patch, plus the class token).
-      lora_impl: "factored" or "merged", how LoRA factors are applied (see `LoraDense`).
+      lora_compute: "branch" or "fold", how LoRA factors are applied (see `LoraDense`).
+      kernels: "auto", "cpu" or "plain" LayerNorm and GELU (see `cpu_kernels`).
     """
 
     width: int = 192
@@ -298,19 +235,18 @@ class ViT(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = False
     lora_dropout: float = 0.0
-    lora_impl: str = "factored"
+    lora_compute: str = "branch"
     dtype: Any = None
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         if self.pool not in POOLS:
             raise ValueError(f"ViT.pool: got {self.pool!r}; allowed: {POOLS}")
-        if self.lora_impl not in LORA_IMPLS:
-            raise ValueError(f"ViT.lora_impl: got {self.lora_impl!r}; allowed: {LORA_IMPLS}")
+        if self.lora_compute not in LORA_COMPUTES:
+            raise ValueError(
+                f"ViT.lora_compute: got {self.lora_compute!r}; allowed: {LORA_COMPUTES}"
+            )
         batch, height, width, channels = images.shape
         p = self.patch_size
         if height % p or width % p or height != width or height != self.image_size:
@@ -326,7 +262,7 @@ class ViT(nn.Module):
             p * p * channels,
             self.width,
             self.lora_dropout,
-            self.lora_impl,
+            self.lora_compute,
             dtype=self.dtype,
             name="patch_embed",
         )(patches, train)
@@ -344,11 +280,12 @@ class ViT(nn.Module):
                 self.layer_norm_eps,
                 self.gelu_approximate,
                 self.lora_dropout,
-                self.lora_impl,
+                self.lora_compute,
                 self.dtype,
+                self.kernels,
                 name=f"block_{i}",
             )(x, train)
-        tokens = LayerNorm(self.layer_norm_eps, name="encoder_norm")(x)
+        tokens = LayerNorm(self.layer_norm_eps, self.kernels, name="encoder_norm")(x)
         pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(axis=1)
         if self.pooler:
             pooler = LoraDense(self.width, self.width, dtype=self.dtype, name="pooler")
@@ -378,3 +315,9 @@ def init_params(model: ViT, key: jax.Array) -> dict:
     """Random base parameters for `model` (for tests and pretraining from scratch)."""
     images = jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
     return jax.jit(model.init)(key, images)["params"]
+
+
+# The family entry that `models.get("vit")` returns (imported by `jaxmerge.models`).
+from jaxmerge import models  # noqa: E402, I001
+
+models.register(models.Family("vit", ViT, variant, ARCHITECTURE_KEYS, TARGET_PRESETS, init_params))

@@ -1,4 +1,4 @@
-"""Builds the ViT a config describes and loads its base parameters from any supported source.
+"""Builds the model a config describes and loads its base parameters from any supported source.
 
 Sources (`config.base.source`):
   random      fresh parameters from `config.seed` (tests; pretraining from scratch)
@@ -18,43 +18,39 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxmerge import checkpoint, config_lib, vit
+from jaxmerge import checkpoint, config_lib, models
 
 Tree = Any
-# ViT attributes a base checkpoint fixes; the rest (dtype, dropout) are the run's choice.
-ARCHITECTURE_KEYS = (
-    "width",
-    "depth",
-    "mlp_dim",
-    "num_heads",
-    "patch_size",
-    "image_size",
-    "channels",
-    "pool",
-    "pooler",
-    "layer_norm_eps",
-    "gelu_approximate",
-)
 
 
-def build(kwargs: dict, config: ml_collections.ConfigDict | None = None) -> vit.ViT:
-    """A ViT from architecture kwargs, with the run's compute dtype and LoRA dropout."""
+def family_of(config: ml_collections.ConfigDict | None) -> models.Family:
+    """The model family a config names (runs saved before families existed are ViTs)."""
+    return models.get("vit" if config is None else config.model.get("family", "vit"))
+
+
+def build(kwargs: dict, config: ml_collections.ConfigDict | None = None):
+    """A model from architecture kwargs, with the run's compute dtype, LoRA dropout, how LoRA
+    is computed and which kernels run."""
+    family = family_of(config)
     extra = {}
     if config is not None:
         extra = dict(
             dtype=jnp.dtype(config.model.dtype),
             lora_dropout=config.lora.dropout,
-            lora_impl=config.model.get("lora_impl", "factored"),
+            lora_compute=config.model.get("lora_compute", "branch"),
+            kernels=config.model.get("kernels", "auto"),
         )
-    return vit.ViT(**{k: kwargs[k] for k in ARCHITECTURE_KEYS if k in kwargs}, **extra)
+    keys = family.architecture_keys
+    return family.module(**{k: kwargs[k] for k in keys if k in kwargs}, **extra)
 
 
-def load_base(config: ml_collections.ConfigDict) -> tuple[vit.ViT, Tree, dict]:
+def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
     """(model, base params, architecture kwargs) for the config's base source."""
     source, path = config.base.source, os.path.expanduser(config.base.path)
+    family = family_of(config)
     if source == "random":
-        kwargs = config_lib.vit_kwargs(config)
-        params = vit.init_params(build(kwargs), jax.random.key(config.seed + 10_000))
+        kwargs = config_lib.model_kwargs(config)
+        params = family.init_params(build(kwargs), jax.random.key(config.seed + 10_000))
     elif source == "checkpoint":
         params, metadata = checkpoint.load(os.path.join(path, "checkpoints"))
         if "base" not in params:
@@ -64,12 +60,13 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[vit.ViT, Tree, dict]:
             )
         params, kwargs = params["base"], metadata["model"]
     elif source == "hf":
-        from jaxmerge import pretrained
+        from jaxmerge.interop import hf
 
-        kwargs, params = pretrained.load_hf_vit(path)[:2]
+        kwargs, params = hf.load_hf_vit(path)[:2]
     else:
-        from jaxmerge import pretrained
+        from jaxmerge.interop import bigvision
 
-        kwargs, params = pretrained.load_bigvision_npz(path, image_size=config.model.image_size)[:2]
+        kwargs, params = bigvision.load_bigvision_npz(path, image_size=config.model.image_size)[:2]
     kwargs = {k: (v.item() if hasattr(v, "item") else v) for k, v in kwargs.items()}
-    return build(kwargs, config), params, {k: kwargs[k] for k in ARCHITECTURE_KEYS if k in kwargs}
+    keys = family.architecture_keys
+    return build(kwargs, config), params, {k: kwargs[k] for k in keys if k in kwargs}

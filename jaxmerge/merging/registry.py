@@ -1,28 +1,7 @@
-"""Merging LoRA adapters: a registry of methods, each a pure jitted function on adapter trees.
+"""The registry of merge methods, `merge()` and the validation of its inputs.
 
-    merged = merge([adapter_1, adapter_2], "ties", [0.7, 0.3], density=0.5)
-    params = lora.fold_into_base(base, merged)
-
-Two families share the registry `METHODS`:
-
-* `merge_peft`: PEFT's `add_weighted_adapter` (PEFT 0.21 names, parameters and numerics):
-  `cat`, `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` and the SVD variants
-  `svd`, `ties_svd`, `dare_linear_svd`, `dare_ties_svd`, `magnitude_prune_svd`. The result is an
-  adapter whose `scale` is 1.0 (PEFT gives the new adapter `lora_alpha = r`). As in PEFT, a
-  single adapter is always merged with `linear`.
-* `merge_delta`: methods from the merging literature, on `dW_i = scale_i a_i @ b_i`:
-  `task_arithmetic`, `ties_delta`, `dare_delta`, `breadcrumbs`, `knots`. Their `output` is
-  "delta" (a delta tree of `{"delta": dW}` nodes) or "factored" (an adapter of rank `rank`,
-  by default the largest input rank, `scale` 1.0, from a truncated SVD).
-
-This module holds the registry, `merge` and the validation of its inputs; `merge_targets` the
-per-target plumbing; `merge_utils` and `factorize` the array maths.
-
-Inputs are factored adapters (`{"lora_a", "lora_b", "scale"}` nodes) over the same targets and
-base shapes. Maths runs in float32; factors and deltas come back in the inputs' dtype. SVD
-results carry their singular values in `lora_b` and a fixed sign convention
-(`factorize.canonical_signs`), so they are reproducible; PEFT keeps LAPACK's arbitrary signs,
-which only matters with `svd_clamp` (the clamp quantile is taken over signed entries).
+A method is one function registered by name with the checks of its own keyword parameters;
+`merge` validates every input against them before anything is traced.
 """
 
 from __future__ import annotations
@@ -41,13 +20,17 @@ Tree = Any
 F32 = jnp.float32
 
 
+Check = Callable[[str, Any], None]  # check(field, value) raises ValueError naming both
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeMethod:
-    """A registered method: `fn(adapters, weights, key, **params) -> tree` and its needs."""
+    """A registered method: its jitted `fn(adapters, weights, key, **params) -> tree` and needs."""
 
     name: str
-    fn: Callable[..., Tree]
     params: dict[str, Any]  # keyword name -> default (inspect.Parameter.empty if required)
+    checks: dict[str, Check]  # keyword name -> its check
+    check_together: Callable[[dict[str, Any]], None] | None  # constraints across parameters
     equal_ranks: bool
     needs_key: bool
     peft: bool
@@ -57,15 +40,42 @@ class MergeMethod:
 METHODS: dict[str, MergeMethod] = {}
 
 
-def register(name: str, *, equal_ranks: bool = False, needs_key: bool = False, peft: bool = False):
+def register(
+    name: str,
+    *,
+    checks: dict[str, Check] | None = None,
+    check_together: Callable[[dict[str, Any]], None] | None = None,
+    equal_ranks: bool = False,
+    needs_key: bool = False,
+    peft: bool = False,
+):
     """Registers `fn(adapters, weights, key, *, **params)` under `name`, jitted with every
-    keyword-only parameter static (they set shapes and branches); weights and key are traced."""
+    keyword-only parameter static (they set shapes and branches); weights and key are traced.
+
+    Args:
+      checks: one check per keyword parameter (e.g. `{"density": density}`); a parameter
+        without one is refused here, so no user value ever reaches a method unchecked.
+      check_together: called with every parameter (defaults filled in) after `checks`.
+      equal_ranks: the method needs every adapter to have the same rank per target.
+      needs_key: the method draws random masks and needs `key`.
+      peft: a PEFT `add_weighted_adapter` method (one adapter is then merged with `linear`).
+    """
+    checks = dict(checks or {})
 
     def decorate(fn):
         signature = inspect.signature(fn).parameters.values()
         params = {p.name: p.default for p in signature if p.kind is p.KEYWORD_ONLY}
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        if params.keys() != checks.keys():
+            raise ValueError(
+                f"merge method {name!r}: parameters {sorted(params)} need exactly one check "
+                f"each; checks given for {sorted(checks)}"
+            )
         jitted = jax.jit(fn, static_argnames=tuple(params))
-        METHODS[name] = MergeMethod(name, fn, params, equal_ranks, needs_key, peft, jitted)
+        METHODS[name] = MergeMethod(
+            name, params, checks, check_together, equal_ranks, needs_key, peft, jitted
+        )
         return fn
 
     return decorate
@@ -100,45 +110,44 @@ def merge(
     return spec.jitted(list(adapters), weights, key, **params)
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- parameter checks
 
 
-def _check_choice(field, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{field}: got {value!r}; allowed: one of {list(allowed)}")
+def choice(*allowed: Any) -> Check:
+    """A check that the value is one of `allowed`."""
+
+    def check(field, value):
+        if value not in allowed:
+            raise ValueError(f"{field}: got {value!r}; allowed: one of {list(allowed)}")
+
+    return check
 
 
-def _check_rank(field, value):
+def rank(field, value):
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{field}: got {value!r}; allowed: None or an integer >= 1")
 
 
-def _check_density(field, value):
+def density(field, value):
     if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise ValueError(f"{field}: got {value!r}; allowed: a number in (0, 1]")
 
 
-def _check_fraction(field, value):
+def fraction(field, value):
     if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
         raise ValueError(f"{field}: got {value!r}; allowed: None or a number in [0, 1]")
 
 
-def _check_number(field, value):
+def number(field, value):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{field}: got {value!r}; allowed: a real number")
 
 
-_PARAM_CHECKS = {
-    "density": _check_density,
-    "majority_sign_method": lambda f, v: _check_choice(f, v, ("total", "frequency")),
-    "svd_rank": _check_rank,
-    "svd_clamp": _check_fraction,
-    "rank": _check_rank,
-    "output": lambda f, v: _check_choice(f, v, ("delta", "factored")),
-    "combine": lambda f, v: _check_choice(f, v, ("ties", "task_arithmetic")),
-    "gamma": _check_fraction,
-    "scale": _check_number,
-}
+SIGN_METHOD = choice("total", "frequency")
+OUTPUT = choice("delta", "factored")
+
+
+# ----------------------------------------------------------------------------- validation
 
 
 def _check_adapters(adapters, equal_ranks: bool, method: str) -> None:
@@ -202,13 +211,9 @@ def validate(adapters, method, weights, key, params):
     for name, value in full.items():
         if value is inspect.Parameter.empty:
             raise ValueError(f"{name}: method {method!r} needs {name}=...; none was given")
-        if name in _PARAM_CHECKS:
-            _PARAM_CHECKS[name](name, value)
-    if "gamma" in full and full["gamma"] + full["density"] > 1.0:
-        raise ValueError(
-            f"gamma: got gamma={full['gamma']} with density={full['density']}; allowed: "
-            f"gamma + density <= 1"
-        )
+        spec.checks[name](name, value)
+    if spec.check_together is not None:
+        spec.check_together(full)
     if spec.needs_key and key is None:
         raise ValueError(f"key: method {method!r} draws random masks; pass key=jax.random.key(0)")
     n = len(adapters)
@@ -218,8 +223,3 @@ def validate(adapters, method, weights, key, params):
             f"weights: got shape {weights.shape}; allowed: one weight per adapter, shape ({n},)"
         )
     return spec, weights, full
-
-
-# The methods register themselves on import (PEFT's first, so `METHODS` lists them first).
-from jaxmerge import merge_peft  # noqa: E402, F401, I001
-from jaxmerge import merge_delta  # noqa: E402, F401, I001

@@ -1,5 +1,5 @@
 """PEFT's `add_weighted_adapter` methods (PEFT 0.21 names, parameters and numerics), registered
-in `merge.METHODS`: `cat`, `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` on the
+in `merging.METHODS`: `cat`, `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` on the
 factors, and `svd`, `ties_svd`, `dare_linear_svd`, `dare_ties_svd`, `magnitude_prune_svd`
 through a truncated SVD of the combined dW.
 """
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxmerge import factorize as fz
-from jaxmerge import merge_targets as mt
-from jaxmerge import merge_utils as mu
-from jaxmerge.merge import register
+from jaxmerge.merging import factorize as fz
+from jaxmerge.merging import ops as mu
+from jaxmerge.merging import registry as checks
+from jaxmerge.merging import targets as mt
+from jaxmerge.merging.registry import register
 
 F32 = jnp.float32
 
@@ -49,6 +50,9 @@ def _factor_space(adapters, weights, key, combine):
 def _combiner(kind: str, density: float = 1.0, majority_sign_method: str = "total"):
     """`combine(tensors, weights, key)` of PEFT's merge_utils for one method kind."""
 
+    if kind not in _KINDS:
+        raise ValueError(f"combiner kind: got {kind!r}; allowed: one of {list(_KINDS)}")
+
     def combine(tensors, weights, noise):
         if kind == "linear":
             return mu.weighted_sum(tensors, weights)
@@ -66,6 +70,11 @@ def _combiner(kind: str, density: float = 1.0, majority_sign_method: str = "tota
     return combine
 
 
+_KINDS = ("linear", "magnitude_prune", "ties", "dare_linear", "dare_ties")
+_SIGN = {"majority_sign_method": checks.SIGN_METHOD}
+_SVD = {"svd_rank": checks.rank, "svd_clamp": checks.fraction}
+
+
 @register("linear", equal_ranks=True, peft=True)
 def linear(adapters, weights, key):
     """PEFT `linear`: `a = sum_i sign(c_i) sqrt|c_i| a_i`, `b = sum_i sqrt|c_i| b_i`, c_i = w_i s_i.
@@ -75,21 +84,33 @@ def linear(adapters, weights, key):
     return _factor_space(adapters, weights, key, _combiner("linear"))
 
 
-@register("ties", equal_ranks=True, peft=True)
+@register("ties", checks={"density": checks.density, **_SIGN}, equal_ranks=True, peft=True)
 def ties(adapters, weights, key, *, density, majority_sign_method="total"):
     """PEFT `ties` on A and B separately: trim to the top-`density` magnitudes, elect signs,
     disjoint mean of the weighted factors (weights as in `linear`)."""
     return _factor_space(adapters, weights, key, _combiner("ties", density, majority_sign_method))
 
 
-@register("dare_linear", equal_ranks=True, needs_key=True, peft=True)
+@register(
+    "dare_linear",
+    checks={"density": checks.density},
+    equal_ranks=True,
+    needs_key=True,
+    peft=True,
+)
 def dare_linear(adapters, weights, key, *, density):
     """PEFT `dare_linear` on A and B: drop entries with probability 1 - density, rescale the rest
     by 1/density, weighted sum (weights as in `linear`)."""
     return _factor_space(adapters, weights, key, _combiner("dare_linear", density))
 
 
-@register("dare_ties", equal_ranks=True, needs_key=True, peft=True)
+@register(
+    "dare_ties",
+    checks={"density": checks.density, **_SIGN},
+    equal_ranks=True,
+    needs_key=True,
+    peft=True,
+)
 def dare_ties(adapters, weights, key, *, density, majority_sign_method="total"):
     """PEFT `dare_ties` on A and B: DARE drop-and-rescale, then TIES sign election and mean."""
     return _factor_space(
@@ -97,7 +118,7 @@ def dare_ties(adapters, weights, key, *, density, majority_sign_method="total"):
     )
 
 
-@register("magnitude_prune", equal_ranks=True, peft=True)
+@register("magnitude_prune", checks={"density": checks.density}, equal_ranks=True, peft=True)
 def magnitude_prune(adapters, weights, key, *, density):
     """PEFT `magnitude_prune` on A and B: keep the top-`density` magnitudes, weighted sum."""
     return _factor_space(adapters, weights, key, _combiner("magnitude_prune", density))
@@ -123,7 +144,7 @@ def _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp):
     )
 
 
-@register("svd", peft=True)
+@register("svd", checks=_SVD, peft=True)
 def svd(adapters, weights, key, *, svd_rank=None, svd_clamp=None):
     """PEFT `svd`: the rank-r truncated SVD of `sum_i w_i dW_i`, r = svd_rank or the largest
     input rank, singular values in lora_b, optionally clamped to the `svd_clamp` quantile.
@@ -144,7 +165,7 @@ def svd(adapters, weights, key, *, svd_rank=None, svd_clamp=None):
     )
 
 
-@register("ties_svd", peft=True)
+@register("ties_svd", checks={"density": checks.density, **_SIGN, **_SVD}, peft=True)
 def ties_svd(
     adapters, weights, key, *, density, majority_sign_method="total", svd_rank=None, svd_clamp=None
 ):
@@ -153,14 +174,19 @@ def ties_svd(
     return _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp)
 
 
-@register("dare_linear_svd", needs_key=True, peft=True)
+@register("dare_linear_svd", checks={"density": checks.density, **_SVD}, needs_key=True, peft=True)
 def dare_linear_svd(adapters, weights, key, *, density, svd_rank=None, svd_clamp=None):
     """PEFT `dare_linear_svd`: DARE on the dense dW_i, weighted sum, truncated SVD."""
     combine = _combiner("dare_linear", density)
     return _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp)
 
 
-@register("dare_ties_svd", needs_key=True, peft=True)
+@register(
+    "dare_ties_svd",
+    checks={"density": checks.density, **_SIGN, **_SVD},
+    needs_key=True,
+    peft=True,
+)
 def dare_ties_svd(
     adapters, weights, key, *, density, majority_sign_method="total", svd_rank=None, svd_clamp=None
 ):
@@ -169,7 +195,7 @@ def dare_ties_svd(
     return _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp)
 
 
-@register("magnitude_prune_svd", peft=True)
+@register("magnitude_prune_svd", checks={"density": checks.density, **_SVD}, peft=True)
 def magnitude_prune_svd(adapters, weights, key, *, density, svd_rank=None, svd_clamp=None):
     """PEFT `magnitude_prune_svd`: magnitude pruning of the dense dW_i, weighted sum, SVD."""
     combine = _combiner("magnitude_prune", density)

@@ -1,0 +1,120 @@
+"""The PNG plots of the report: a heatmap per method, the baselines, similarity."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+
+from experiments.report.scores import RELATIONS, Scores, normalised, similarity_rows
+from jaxmerge import similarity
+
+
+def plots(s: Scores, directory: str) -> dict[str, str]:
+    """Writes the PNGs; returns {name: path}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config, paths = s.config, {}
+    n = len(s.tasks)
+    if 2 in config.merge_sizes:
+        for method in config.methods:
+            matrix = np.full((n, n), np.nan)
+            for (i, a), (j, b) in itertools.permutations(enumerate(s.tasks), 2):
+                pair = tuple(t for t in s.tasks if t in (a, b))
+                matrix[i, j] = np.mean(
+                    [
+                        normalised(s.merged[seed, method, pair][a], s.single[seed, a], a)
+                        for seed in s.seeds
+                    ]
+                )
+            fig, ax = plt.subplots(figsize=(6.5, 5.5))
+            image = ax.imshow(matrix, cmap="RdYlGn", vmin=0.5, vmax=1.1)
+            for i, j in itertools.product(range(n), range(n)):
+                if not np.isnan(matrix[i, j]):
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(n), s.tasks, rotation=40, ha="right")
+            ax.set_yticks(range(n), s.tasks)
+            ax.set_xlabel("merged with")
+            ax.set_ylabel("task scored")
+            ax.set_title(f"{method}: pair merges, normalised (1 = single adapter)", fontsize=10)
+            fig.colorbar(image, ax=ax)
+            fig.tight_layout()
+            paths[f"heatmap_{method}"] = _save(fig, directory, f"heatmap_{method}.png")
+
+    methods = list(config.methods)
+    cols = 4
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    x = np.arange(n)
+    bars = [("head finetuning", None), *((f"{k}-task merges", k) for k in config.merge_sizes)]
+    width = 0.8 / len(bars)
+    for ax, method in zip(axes.flat, methods):
+        for b, (name, size) in enumerate(bars):
+            values = []
+            for task in s.tasks:
+                if size is None:
+                    v = [normalised(s.head[sd, task], s.single[sd, task], task) for sd in s.seeds]
+                else:
+                    v = [
+                        np.mean(
+                            [
+                                normalised(x, s.single[sd, task], task)
+                                for x in s.merged_values(sd, method, task, size)
+                            ]
+                        )
+                        for sd in s.seeds
+                    ]
+                values.append(v)
+            means = [np.mean(v) for v in values]
+            errs = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values]
+            ax.bar(x + (b - (len(bars) - 1) / 2) * width, means, width, yerr=errs, label=name)
+        ax.axhline(1.0, color="black", lw=1, ls="--", label="single adapter")
+        ax.set_title(method)
+        ax.set_xticks(x, s.tasks, rotation=40, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.3)
+    for ax in list(axes.flat)[len(methods) :]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("normalised score")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Merged models against a single adapter (1.0) and head finetuning")
+    fig.tight_layout()
+    paths["baselines"] = _save(fig, directory, "baselines.png")
+
+    if 2 in config.merge_sizes:
+        sim = similarity_rows(s)
+        measures = list(similarity.MEASURES)
+        fig, axes = plt.subplots(1, len(measures), figsize=(4.5 * len(measures), 4), squeeze=False)
+        colors = dict(zip(RELATIONS, ("tab:red", "tab:orange", "tab:blue")))
+        for ax, measure in zip(axes.flat, measures):
+            for rel in RELATIONS:
+                group = [r for r in sim if r["relation"] == rel]
+                ax.scatter(
+                    [np.mean(r[measure]) for r in group],
+                    [np.mean(r["all"]) for r in group],
+                    color=colors[rel],
+                    label=rel,
+                )
+            xs = [np.mean(r[measure]) for r in sim]
+            ys = [np.mean(r["all"]) for r in sim]
+            ax.set_title(
+                f"{measure}: Spearman {similarity.rank_correlation(xs, ys):+.2f}", fontsize=10
+            )
+            ax.set_xlabel(measure)
+        axes.flat[0].set_ylabel("normalised score of the pair (mean of methods)")
+        axes.flat[0].legend(fontsize=8)
+        fig.tight_layout()
+        paths["similarity"] = _save(fig, directory, "similarity.png")
+    return paths
+
+
+def _save(fig, directory, name) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(directory, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,141 @@
+"""The markdown tables of the report (see experiments/README.md for what each shows)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from experiments.report.scores import (
+    RELATIONS,
+    Scores,
+    beats_head,
+    fmt,
+    main_metric,
+    relation,
+    similarity_rows,
+)
+from jaxmerge import similarity
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _task_rows(s: Scores, methods, sizes) -> list[list[str]]:
+    rows = []
+    for task in s.tasks:
+        metric, higher = main_metric(task)
+        row = [task, f"{metric} {'↑' if higher else '↓'}"]
+        for table in (s.single, s.head, s.removed):
+            row.append(fmt([table[seed, task] for seed in s.seeds]))
+        for method, size in itertools.product(methods, sizes):
+            row.append(
+                fmt([np.mean(s.merged_values(seed, method, task, size)) for seed in s.seeds])
+            )
+        rows.append(row)
+    return rows
+
+
+def tables(s: Scores) -> dict[str, str]:
+    """{name: markdown} of every table (see experiments/README.md for what each shows)."""
+    config, out = s.config, {}
+    methods, sizes = list(config.methods), list(config.merge_sizes)
+    size_name = {2: "pairs", 3: "triples"}
+    label = lambda k: size_name.get(k, f"{k}-merges")
+    base = ["task", "metric", "single adapter", "head finetuning", "adapter removed"]
+
+    header = base + [f"{config.main_method}, {label(k)}" for k in sizes]
+    out["main"] = markdown_table(header, _task_rows(s, [config.main_method], sizes))
+    for k in sizes:
+        header = base + methods
+        out[f"per_task_{label(k)}"] = markdown_table(header, _task_rows(s, methods, [k]))
+
+    header = ["method"] + [f"normalised, {label(k)}" for k in sizes]
+    header += [f"beats head finetuning, {label(k)}" for k in sizes]
+    rows = []
+    for method in methods:
+        row = [method]
+        for k in sizes:
+            row.append(
+                fmt(
+                    s.per_seed(
+                        lambda seed, k=k, m=method: np.mean(
+                            [s.normalised_merge(seed, m, c) for c in s.combos(k)]
+                        )
+                    )
+                )
+            )
+        for k in sizes:
+            row.append(fmt(s.per_seed(lambda seed, k=k, m=method: beats_head(s, seed, m, k)), 2))
+        rows.append(row)
+    out["normalised_by_method"] = markdown_table(header, rows)
+
+    for k in sizes:
+        header = ["tasks", "images" if k == 2 else "closest pair's images"] + methods
+        rows = []
+        for combo in s.combos(k):
+            rel = min(
+                (relation(config, a, b) for a, b in itertools.combinations(combo, 2)),
+                key=RELATIONS.index,
+            )
+            row = [" + ".join(combo), rel]
+            row += [
+                fmt(s.per_seed(lambda seed, m=m, c=combo: s.normalised_merge(seed, m, c)))
+                for m in methods
+            ]
+            rows.append(row)
+        out[f"normalised_{label(k)}"] = markdown_table(header, rows)
+
+    if 2 in sizes:
+        sim = similarity_rows(s)
+        header = ["pair", "images", *similarity.MEASURES, f"normalised ({config.main_method})"]
+        header.append("normalised (mean of methods)")
+        rows = [
+            [" + ".join(r["pair"]), r["relation"]]
+            + [fmt(r[m]) for m in similarity.MEASURES]
+            + [fmt(r["main"]), fmt(r["all"])]
+            for r in sim
+        ]
+        out["similarity"] = markdown_table(header, rows)
+        header = ["similarity measure", "merge quality", "Pearson r", "Spearman rho", "pairs"]
+        rows = []
+        for measure in similarity.MEASURES:
+            for target, name in (("main", config.main_method), ("all", "mean of methods")):
+                x = [np.mean(r[measure]) for r in sim]
+                y = [np.mean(r[target]) for r in sim]
+                rows.append(
+                    [
+                        measure,
+                        f"normalised ({name})",
+                        f"{similarity.pearson(x, y):+.2f}",
+                        f"{similarity.rank_correlation(x, y):+.2f}",
+                        len(sim),
+                    ]
+                )
+        out["similarity_correlation"] = markdown_table(header, rows)
+        header = ["images", "pairs", f"normalised ({config.main_method})", "mean of methods"]
+        rows = []
+        for rel in RELATIONS:
+            group = [r for r in sim if r["relation"] == rel]
+            if group:
+                rows.append(
+                    [
+                        rel,
+                        len(group),
+                        fmt(
+                            s.per_seed(
+                                lambda seed, g=group: np.mean([r["by_seed"][seed] for r in g])
+                            )
+                        ),
+                        fmt(
+                            s.per_seed(
+                                lambda seed, g=group: np.mean([r["by_seed_all"][seed] for r in g])
+                            )
+                        ),
+                    ]
+                )
+        out["relation"] = markdown_table(header, rows)
+    return out

@@ -1,0 +1,47 @@
+"""The registry of model families: `Family`, `register` and `get`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its module, named variants and what LoRA targets look like in it.
+
+    Attributes:
+      name: registry key (`config.model.family`).
+      module: the flax module; called as `module(**kwargs)` with kwargs from `variant`.
+      variant: `variant(name, **overrides) -> kwargs` for a named size such as "B/16".
+      architecture_keys: the kwargs a base checkpoint fixes (stored with every run).
+      target_presets: {preset name: regex over target paths} for `LoraConfig.targets`.
+      init_params: `init_params(model, key) -> params`, random base parameters.
+    """
+
+    name: str
+    module: type[nn.Module]
+    variant: Callable[..., dict[str, Any]]
+    architecture_keys: tuple[str, ...]
+    target_presets: Mapping[str, str]
+    init_params: Callable[[nn.Module, Any], Any]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    if family.name in FAMILIES:
+        raise ValueError(f"model family {family.name!r} is registered twice")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get(name: str) -> Family:
+    """The registered family `name`; a ValueError lists the known ones otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"config.model.family: got {name!r}; allowed: one of {sorted(FAMILIES)}")
+    return FAMILIES[name]

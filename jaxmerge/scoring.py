@@ -1,0 +1,84 @@
+"""Scoring a head on a backbone over a task's eval split: the one scorer of train, evaluate and
+the study.
+
+Each eval step returns per-metric *sums* over the unmasked examples and their count; `average`
+turns the sums of every batch into means, so padding never counts and every host's examples
+count once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmerge import data, tasks
+
+Tree = Any
+
+
+def forward(model_def, head_def, params: Tree, base: Tree, images, train: bool, rng=None):
+    """The head's outputs on the backbone: `params` holds "head" and, when trained, "lora"
+    (an adapter on `base`) or "base" (a full copy that replaces `base`)."""
+    variables = {"params": params.get("base", base)}
+    if "lora" in params:
+        variables["lora"] = params["lora"]
+    rngs = {"dropout": rng} if train else {}
+    pooled = model_def.apply(variables, images, train=train, rngs=rngs)["pooled"]
+    return head_def.apply({"params": params["head"]}, pooled)
+
+
+def make_eval_step(model_def, head_def, task: tasks.Task):
+    """eval_step(params, base, batch) -> {metric: sum over unmasked examples, "count": n}."""
+    kind, spec = task.head_kind, task.loss_spec
+
+    def eval_step(params, base, batch):
+        outputs = forward(model_def, head_def, params, base, batch["image"], False)
+        mask = batch["mask"].astype(jnp.float32)
+        sums = {k: (v * mask).sum() for k, v in kind.metrics(outputs, batch, spec).items()}
+        return {**sums, "count": mask.sum()}
+
+    return jax.jit(eval_step)
+
+
+def average(step_sums: Iterable[dict]) -> dict[str, float]:
+    """{metric: sum over batches / example count} | {"examples": count}, from eval-step sums.
+
+    Each batch's sums are fetched as they come: multi-device CPU loops that never wait on a
+    result can deadlock in a collective.
+    """
+    totals: dict[str, float] = {}
+    for sums in step_sums:
+        for name, value in jax.device_get(sums).items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    count = totals.pop("count")
+    return {name: value / count for name, value in totals.items()} | {"examples": int(count)}
+
+
+def evaluate(eval_step, params: Tree, base: Tree, batches, mesh) -> dict[str, float]:
+    """Averages each metric over every example of an eval split (padding masked out)."""
+    params, base = jax.device_put((params, base), NamedSharding(mesh, P()))
+    return average(eval_step(params, base, data.shard_batch(batch, mesh)) for batch in batches)
+
+
+class Scorer:
+    """Scores heads on backbones for one task, compiling once and reading the data once.
+
+    `scorer(backbone, head)` -> {metric: mean over the eval split, "examples": n}.
+    """
+
+    def __init__(self, task: tasks.Task, head_def, model_def, config, split: str | None = None):
+        self.task = task
+        self.mesh = data.data_mesh()
+        self.eval_step = make_eval_step(model_def, head_def, task)
+        batches = data.eval_batches(task, config, model_def, split)
+        self.batches = [data.shard_batch(batch, self.mesh) for batch in batches]
+
+    def __call__(self, backbone: Tree, head: Tree) -> dict[str, float]:
+        # Every device holds the whole backbone and head.
+        params = jax.device_put({"base": backbone, "head": head}, NamedSharding(self.mesh, P()))
+        return average(self.eval_step(params, None, batch) for batch in self.batches)

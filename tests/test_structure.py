@@ -1,0 +1,260 @@
+"""The layout: no import cycle, registries in a fixed order whichever module is imported first,
+and a new merge method, task or model family is one new unit that the rest picks up."""
+
+import ast
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import jaxmerge
+from jaxmerge import config_lib, lora, merging, models, tasks, train
+from jaxmerge.datasets import common
+from jaxmerge.models.layers import LoraDense
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES = sorted(
+    ["jaxmerge"]
+    + [m.name for m in pkgutil.walk_packages(jaxmerge.__path__, "jaxmerge.")]
+    + ["experiments.study", "experiments.report"]
+)
+
+
+def _module_file(name: str) -> str:
+    path = os.path.join(ROOT, *name.split("."))
+    return os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py"
+
+
+def _imports(name: str) -> set[str]:
+    """The jaxmerge / experiments modules `name` imports at module level (not in functions)."""
+    tree = ast.parse(open(_module_file(name)).read())
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in MODULES else node.module)
+    return {m for m in found if m in MODULES and m != name}
+
+
+def test_no_import_cycle():
+    graph = {name: _imports(name) for name in MODULES}
+    state: dict[str, str] = {}
+
+    def visit(name, trail):
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "open":
+            raise AssertionError(f"import cycle: {' -> '.join(trail + [name])}")
+        state[name] = "open"
+        for child in sorted(graph[name]):
+            visit(child, trail + [name])
+        state[name] = "done"
+
+    for name in MODULES:
+        visit(name, [])
+
+
+def test_every_module_imports_on_its_own_with_the_same_registries():
+    """Each module imported first, in a fresh interpreter state for jaxmerge: `METHODS`,
+    `TASKS` and `FAMILIES` come out the same, in the same order."""
+    script = f"""
+import importlib, json, sys
+out = {{}}
+for name in {MODULES!r}:
+    for loaded in [m for m in sys.modules if m.split(".")[0] in ("jaxmerge", "experiments")]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+    from jaxmerge import merging, models, tasks
+    out[name] = [list(merging.METHODS), list(tasks.TASKS), list(models.FAMILIES)]
+print(json.dumps(out))
+"""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    orders = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = [list(merging.METHODS), list(tasks.TASKS), list(models.FAMILIES)]
+    assert expected[0][:3] == ["cat", "linear", "ties"]  # PEFT's methods first
+    for name, order in orders.items():
+        assert order == expected, name
+
+
+# ----------------------------------------------------------------------------- a new method
+
+
+def test_a_new_merge_method_is_one_registered_function_with_its_checks():
+    def check_power(field, value):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field}: got {value!r}; allowed: an integer >= 1")
+
+    @merging.register("sum_of_powers_test", checks={"power": check_power})
+    def sum_of_powers(adapters, weights, key, *, power=1):
+        """`dW = sum_i w_i^power dW_i` as a delta tree."""
+        del key
+        trees = [lora.delta_weights(a) for a in adapters]
+        return jax.tree.map(lambda *ds: sum(w**power * d for w, d in zip(weights, ds)), *trees)
+
+    try:
+        base = models.vit.init_params(
+            models.vit.ViT(**models.vit.variant("mu/4", image_size=8)), jax.random.key(0)
+        )
+        config = lora.LoraConfig(rank=2, targets="qv")
+        adapters = [lora.init_adapter(jax.random.key(i), base, config) for i in (1, 2)]
+        adapters = [
+            lora.map_targets(lambda n: {**n, "lora_b": n["lora_b"] + 0.5}, a) for a in adapters
+        ]
+        merged = merging.merge(adapters, "sum_of_powers_test", [2.0, 3.0], power=2)
+        cat = merging.merge(adapters, "cat", [4.0, 9.0])
+        for (_, got), (_, want) in zip(lora.target_items(merged), lora.target_items(cat)):
+            np.testing.assert_allclose(got["delta"], lora.delta_of(want), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="power: got 0; allowed: an integer >= 1"):
+            merging.merge(adapters, "sum_of_powers_test", power=0)
+        with pytest.raises(ValueError, match="need exactly one check each"):
+
+            @merging.register("unchecked_test")
+            def unchecked(adapters, weights, key, *, power=1):
+                return adapters[0]
+    finally:
+        merging.METHODS.pop("sum_of_powers_test", None)
+        merging.METHODS.pop("unchecked_test", None)
+
+
+# ----------------------------------------------------------------------------- a new task
+
+
+@common.register
+class TinyDigitsTest(tfds.core.GeneratorBasedBuilder):
+    """64 scikit-learn digits of 0, 1 and 2, as a builder a user would write for a new task."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {
+            "image": common.image_feature(8, 1),
+            "label": tfds.features.ClassLabel(num_classes=3),
+        }
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        keep = np.flatnonzero(digits.target < 3)[:96]
+        images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)[..., None]
+        labels = digits.target[keep]
+        return {
+            "train": self._generate(images[:64], labels[:64]),
+            "test": self._generate(images[64:], labels[64:]),
+        }
+
+    def _generate(self, images, labels):
+        for index, (image, label) in enumerate(zip(images, labels)):
+            yield index, {"image": common.encode(image), "label": int(label)}
+
+
+def _tiny_config(tmp_path, **fields):
+    config = config_lib.base_config()
+    config.data_dir = str(tmp_path / "data")
+    config.model.variant, config.model.image_size = "mu/4", 8
+    config.batch_size, config.eval_batch_size = 16, 32
+    config.steps, config.warmup_steps, config.log_every, config.checkpoint_every = 5, 1, 5, 5
+    config.head.hidden, config.crop_padding = 8, 0
+    for name, value in fields.items():
+        *parents, leaf = name.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def test_a_new_task_is_one_builder_and_one_task(tmp_path):
+    task = tasks.register(tasks.Task("tiny_digits_test", "tiny_digits_test", "classification", 3))
+    try:
+        result = train.train_and_evaluate(_tiny_config(tmp_path, task=task.name), str(tmp_path))
+        assert result["task"] == task.name and result["examples"] == 32
+        assert 0.0 <= result["accuracy"] <= 1.0
+    finally:
+        tasks.TASKS.pop(task.name)
+
+
+# ----------------------------------------------------------------------------- a new family
+
+
+class PatchMlp(nn.Module):
+    """A family other than the ViT: patches, then residual LoRA-capable MLP blocks, mean-pooled."""
+
+    width: int = 16
+    depth: int = 2
+    patch_size: int = 4
+    image_size: int = 8
+    channels: int = 3
+    dtype: object = None
+    lora_dropout: float = 0.0
+    lora_compute: str = "branch"
+    kernels: str = "auto"
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        batch, side, _, channels = images.shape
+        p = self.patch_size
+        patches = images.reshape(batch, side // p, p, side // p, p, channels)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p * p * channels)
+        dense = lambda n_in, n_out, name: LoraDense(  # noqa: E731
+            n_in, n_out, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=name
+        )
+        x = dense(p * p * channels, self.width, "embed")(patches, train)
+        for i in range(self.depth):
+            x = x + dense(self.width, self.width, f"mix_{i}")(jax.nn.gelu(x), train)
+        return {"pooled": x.mean(1).astype(jnp.float32), "tokens": x.astype(jnp.float32)}
+
+
+def _patch_mlp_variant(name, **overrides):
+    width, patch = name.split("/")
+    return {"width": int(width), "patch_size": int(patch), **overrides}
+
+
+def _patch_mlp_init(model, key):
+    images = jnp.zeros((1, model.image_size, model.image_size, model.channels))
+    return model.init(key, images)["params"]
+
+
+def test_a_new_model_family_is_one_module(tmp_path):
+    family = models.register(
+        models.Family(
+            "patch_mlp_test",
+            PatchMlp,
+            _patch_mlp_variant,
+            ("width", "depth", "patch_size", "image_size", "channels"),
+            {"mixers": r"mix_\d+$"},
+            _patch_mlp_init,
+        )
+    )
+    try:
+        config = _tiny_config(
+            tmp_path,
+            task="digits",
+            **{"model.family": family.name, "model.variant": "16/4", "lora.targets": "mixers"},
+        )
+        result = train.train_and_evaluate(config, str(tmp_path))
+        assert result["examples"] == 359 and 0.0 <= result["accuracy"] <= 1.0
+        from jaxmerge import evaluate
+
+        run = train.run_dir(str(tmp_path), "lora", "digits")
+        assert set(lora.ranks(evaluate.load_run(run).adapter)) == {"mix_0", "mix_1"}
+        again = evaluate.evaluate_runs([run])["digits"]
+        assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
+    finally:
+        models.FAMILIES.pop(family.name)
