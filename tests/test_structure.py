@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import experiments
 import jaxmerge
 from jaxmerge import config_lib, lora, merging, models, tasks, train
 from jaxmerge.datasets import common
@@ -22,9 +23,9 @@ from jaxmerge.models.layers import LoraDense
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(
-    ["jaxmerge"]
+    ["jaxmerge", "experiments"]
     + [m.name for m in pkgutil.walk_packages(jaxmerge.__path__, "jaxmerge.")]
-    + ["experiments.study", "experiments.report"]
+    + [m.name for m in pkgutil.walk_packages(experiments.__path__, "experiments.")]
 )
 
 
@@ -66,14 +67,16 @@ def test_no_import_cycle():
 
 
 def test_every_module_imports_on_its_own_with_the_same_registries():
-    """Each module imported first, in a fresh interpreter state for jaxmerge: `METHODS`,
-    `TASKS` and `FAMILIES` come out the same, in the same order."""
+    """Each module imported first, with every jaxmerge module unloaded before it (the TFDS
+    builders stay: TFDS refuses a builder name twice in one process): `METHODS`, `TASKS` and
+    `FAMILIES` come out the same, in the same order."""
     script = f"""
 import importlib, json, sys
 out = {{}}
 for name in {MODULES!r}:
     for loaded in [m for m in sys.modules if m.split(".")[0] in ("jaxmerge", "experiments")]:
-        del sys.modules[loaded]
+        if not loaded.startswith("jaxmerge.datasets"):  # TFDS registers a builder name once
+            del sys.modules[loaded]
     importlib.import_module(name)
     from jaxmerge import merging, models, tasks
     out[name] = [list(merging.METHODS), list(tasks.TASKS), list(models.FAMILIES)]
@@ -134,36 +137,6 @@ def test_a_new_merge_method_is_one_registered_function_with_its_checks():
 # ----------------------------------------------------------------------------- a new task
 
 
-@common.register
-class TinyDigitsTest(tfds.core.GeneratorBasedBuilder):
-    """64 scikit-learn digits of 0, 1 and 2, as a builder a user would write for a new task."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        features = {
-            "image": common.image_feature(8, 1),
-            "label": tfds.features.ClassLabel(num_classes=3),
-        }
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
-
-    def _split_generators(self, dl_manager):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        keep = np.flatnonzero(digits.target < 3)[:96]
-        images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)[..., None]
-        labels = digits.target[keep]
-        return {
-            "train": self._generate(images[:64], labels[:64]),
-            "test": self._generate(images[64:], labels[64:]),
-        }
-
-    def _generate(self, images, labels):
-        for index, (image, label) in enumerate(zip(images, labels)):
-            yield index, {"image": common.encode(image), "label": int(label)}
-
-
 def _tiny_config(tmp_path, **fields):
     config = config_lib.base_config()
     config.data_dir = str(tmp_path / "data")
@@ -181,6 +154,37 @@ def _tiny_config(tmp_path, **fields):
 
 
 def test_a_new_task_is_one_builder_and_one_task(tmp_path):
+    class TinyDigitsTest(tfds.core.GeneratorBasedBuilder):
+        """64 scikit-learn digits of 0, 1 and 2, as a builder a user would write for a new task."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": common.image_feature(8, 1),
+                "label": tfds.features.ClassLabel(num_classes=3),
+            }
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _split_generators(self, dl_manager):
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            keep = np.flatnonzero(digits.target < 3)[:96]
+            images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)[..., None]
+            labels = digits.target[keep]
+            return {
+                "train": self._generate_examples(images[:64], labels[:64]),
+                "test": self._generate_examples(images[64:], labels[64:]),
+            }
+
+        def _generate_examples(self, images, labels):
+            for index, (image, label) in enumerate(zip(images, labels)):
+                yield index, {"image": common.encode(image), "label": int(label)}
+
+    common.register(TinyDigitsTest)
     task = tasks.register(tasks.Task("tiny_digits_test", "tiny_digits_test", "classification", 3))
     try:
         result = train.train_and_evaluate(_tiny_config(tmp_path, task=task.name), str(tmp_path))
@@ -188,6 +192,7 @@ def test_a_new_task_is_one_builder_and_one_task(tmp_path):
         assert 0.0 <= result["accuracy"] <= 1.0
     finally:
         tasks.TASKS.pop(task.name)
+        common.BUILDERS.pop(TinyDigitsTest.name)
 
 
 # ----------------------------------------------------------------------------- a new family

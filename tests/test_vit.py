@@ -54,3 +54,44 @@ def test_layer_norm_and_its_written_out_backward_match_autodiff():
     expected = jax.vjp(reference, x, scale, bias)[1](dy)
     for a, b in zip(ours, expected):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _mu_vit(kernels):
+    model = vit.ViT(**vit.variant("mu/4", image_size=8, depth=2), kernels=kernels)
+    params = vit.init_params(model, jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+    return model, params, images
+
+
+def test_cpu_kernels_and_plain_kernels_give_the_same_model_and_gradients():
+    outputs, grads = [], []
+    for kernels in ("cpu", "plain"):
+        model, params, images = _mu_vit(kernels)
+        loss = lambda p, m=model, x=images: m.apply({"params": p}, x)["pooled"].var()
+        outputs.append(model.apply({"params": params}, images)["tokens"])
+        grads.append(jax.grad(loss)(params))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *grads)
+
+
+def test_forward_mode_autodiff_runs_through_the_plain_kernels():
+    """`jax.jvp` through a forward pass (what linearised or Fisher merging need): the plain path
+    agrees with a central finite difference; the CPU path's custom VJP refuses forward mode."""
+    model, params, images = _mu_vit("plain")
+    tangent = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+    pooled = lambda p: model.apply({"params": p}, images)["pooled"]
+    _, derivative = jax.jvp(pooled, (params,), (tangent,))
+    shifted = lambda t: jax.tree.map(lambda p, d: p + t * d, params, tangent)
+    finite = (pooled(shifted(1e-2)) - pooled(shifted(-1e-2))) / 2e-2
+    np.testing.assert_allclose(derivative, finite, rtol=1e-2, atol=1e-3)
+    cpu_model, _, _ = _mu_vit("cpu")
+    with np.testing.assert_raises(TypeError):
+        jax.jvp(lambda p: cpu_model.apply({"params": p}, images)["pooled"], (params,), (tangent,))
+
+
+def test_auto_kernels_follow_the_backend():
+    assert cpu_kernels.use_cpu_kernels("auto") == (jax.default_backend() == "cpu")
+    assert cpu_kernels.use_cpu_kernels("plain") is False
+    np.testing.assert_raises_regex(
+        ValueError, "kernels: got 'fast'", cpu_kernels.use_cpu_kernels, "fast"
+    )

@@ -8,6 +8,7 @@ import platform
 
 import jax
 
+from experiments.report import scores
 from experiments.report.plots import plots
 from experiments.report.scores import Scores, method_params
 from experiments.report.tables import tables
@@ -67,7 +68,7 @@ def write(config, workdir: str, training, stages, seconds: float) -> dict[str, s
         f"cores ({meta['machine']['processor']}); stages cached in the workdir by earlier "
         "invocations were read back, not rerun.\n"
     )
-    text = "# Study report\n\n" + settings + "\n" + (__doc__.split("\n\n", 1)[1]) + "\n"
+    text = "# Study report\n\n" + settings + "\n" + (scores.__doc__.split("\n\n", 1)[1]) + "\n"
     for name, table in made.items():
         text += f"## {titles.get(name, name)}\n\n{table}\n"
     paths = {"tables": os.path.join(directory, "tables.md")}

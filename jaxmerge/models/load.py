@@ -50,7 +50,7 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
     family = family_of(config)
     if source == "random":
         kwargs = config_lib.model_kwargs(config)
-        params = family.init_params(build(kwargs), jax.random.key(config.seed + 10_000))
+        params = family.init_params(build(kwargs, config), jax.random.key(config.seed + 10_000))
     elif source == "checkpoint":
         params, metadata = checkpoint.load(os.path.join(path, "checkpoints"))
         if "base" not in params:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmerge.models import cpu_kernels
+from jaxmerge.models import cpu_kernels, registry
 from jaxmerge.models.layers import LORA_COMPUTES, LoraDense
 
 # width, depth, mlp_dim, num_heads; the table big_vision and the ViT papers use.
@@ -317,7 +317,7 @@ def init_params(model: ViT, key: jax.Array) -> dict:
     return jax.jit(model.init)(key, images)["params"]
 
 
-# The family entry that `models.get("vit")` returns (imported by `jaxmerge.models`).
-from jaxmerge import models  # noqa: E402, I001
-
-models.register(models.Family("vit", ViT, variant, ARCHITECTURE_KEYS, TARGET_PRESETS, init_params))
+# The family entry that `models.get("vit")` returns.
+registry.register(
+    registry.Family("vit", ViT, variant, ARCHITECTURE_KEYS, TARGET_PRESETS, init_params)
+)
