@@ -3,19 +3,28 @@
 Layout: one CheckpointManager per adapter, `workdir/adapters/<task>/<step>/` holding three items:
 `params` ({"lora": adapter, "head": head}, or {"base": ...} for a pretrained base),
 `opt_state`, and `metadata` (JSON: task, LoRA config, base fingerprint, jaxmerge version,
-step, and SHA-256 checksums of the arrays). Orbax restores a checkpoint with a flipped byte
-silently with wrong values; the checksum turns that into an error naming the path.
+step, and SHA-256 checksums of the arrays and of the metadata itself). Orbax restores a
+checkpoint with a flipped byte silently with wrong values; the checksums turn that into an
+error naming the path.
+
+Reading falls back: when the latest step is empty, half-written or corrupted, `restore` and
+`load` warn, move that step aside to `<run>/checkpoints_bad/<step>` (never deleted, so a person
+can inspect it) and take the newest step that verifies. A step asked for by number is never
+replaced by another. Reads never create folders.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 import jaxmerge
 
@@ -42,22 +51,36 @@ def fingerprint(base: Tree) -> str:
     return checksum(base)[:16]
 
 
-def manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-    """A CheckpointManager for one adapter's run; keeps the newest `max_to_keep` steps."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def manager(directory: str, max_to_keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager for one adapter's run; keeps the newest `max_to_keep` steps.
+
+    `create=False` for reads: a missing folder is an error, never made empty.
+    """
+    directory = os.path.abspath(directory)
+    if not create and not os.path.isdir(directory):
+        raise CheckpointError(
+            f"checkpoint folder {directory} does not exist"
+            + (" (it is a file)" if os.path.exists(directory) else "")
+        )
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
     # Naming each item's handler lets `item_metadata` read the saved shapes before a restore.
     handlers = {
         "params": ocp.StandardCheckpointHandler(),
         "opt_state": ocp.StandardCheckpointHandler(),
         "metadata": ocp.JsonCheckpointHandler(),
     }
-    return ocp.CheckpointManager(
-        os.path.abspath(directory), options=options, item_handlers=handlers
-    )
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _metadata_checksum(metadata: dict) -> str:
+    """SHA-256 of the metadata's canonical JSON, without the field that holds it."""
+    content = {k: v for k, v in metadata.items() if k != "checksum_metadata"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params: Tree, opt_state: Tree, metadata: dict):
-    """Saves one step (blocking), with `checksum` of params and opt_state in the metadata."""
+    """Saves one step (blocking), with `checksum` of params and opt_state in the metadata and a
+    checksum of the metadata itself."""
     metadata = {
         **metadata,
         "step": int(step),
@@ -65,6 +88,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Tree, opt_state: Tree, 
         "checksum_params": checksum(params),
         "checksum_opt_state": checksum(opt_state),
     }
+    metadata["checksum_metadata"] = _metadata_checksum(metadata)
     mngr.save(
         int(step),
         args=ocp.args.Composite(
@@ -76,17 +100,89 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Tree, opt_state: Tree, 
     mngr.wait_until_finished()
 
 
+class _Corrupted(CheckpointError):
+    """A step that cannot be read or does not verify (as opposed to a wrong base)."""
+
+
+def _cause(error: BaseException) -> str:
+    """One short line for an Orbax / TensorStore error (whose messages can be 60-line spec
+    dumps): the kind of failure, then the first line of the message, cut to 160 characters."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    lower = text.lower()
+    if "no space left" in lower:
+        kind = "disk full"
+    elif "data_loss" in lower or "checksum" in lower or "corrupt" in lower:
+        kind = "corrupted"
+    elif isinstance(error, FileNotFoundError) or "not found" in lower or "no such file" in lower:
+        kind = "missing or half-written"
+    elif "truncat" in lower or "unexpected end" in lower or "out of range" in lower:
+        kind = "truncated"
+    else:
+        kind = "unreadable"
+    return f"{kind} ({first[:160]})"
+
+
 def _verify(path: str, metadata: dict, items: dict[str, Tree], expected_base: str | None):
+    if not isinstance(metadata, dict) or "checksum_params" not in metadata:
+        raise _Corrupted(f"checkpoint {path}: its metadata is missing or unreadable")
+    stored = metadata.get("checksum_metadata")
+    if stored is not None and stored != _metadata_checksum(metadata):
+        raise _Corrupted(
+            f"checkpoint {path}: the metadata does not match the checksum saved with it (corrupted)"
+        )
     if any(checksum(tree) != metadata.get(f"checksum_{name}") for name, tree in items.items()):
-        raise CheckpointError(
+        raise _Corrupted(
             f"checkpoint {path}: the arrays do not match the checksum saved with them (the files "
-            f"are corrupted); delete this step's folder to resume from an earlier step"
+            f"are corrupted)"
         )
     if expected_base is not None and metadata.get("base_fingerprint") not in (None, expected_base):
         raise CheckpointError(
             f"checkpoint {path}: trained on base {metadata['base_fingerprint']}, but the base "
             f"given has fingerprint {expected_base}; load the base it was trained on"
         )
+
+
+def _read_step(mngr, step: int, args: dict, expected_base: str | None, verify_items):
+    path = os.path.join(str(mngr.directory), str(step))
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    except Exception as error:  # Orbax raises many kinds; the user needs the path and cause.
+        raise _Corrupted(f"checkpoint {path} cannot be read: {_cause(error)}") from None
+    _verify(path, restored.metadata, {n: restored[n] for n in verify_items}, expected_base)
+    return restored
+
+
+def _move_aside(mngr, step: int) -> str:
+    """Moves a bad step folder to `<run>/checkpoints_bad/<step>[-N]`; returns where."""
+    source = os.path.join(str(mngr.directory), str(step))
+    aside = os.path.join(os.path.dirname(str(mngr.directory)), "checkpoints_bad")
+    os.makedirs(aside, exist_ok=True)
+    dest, n = os.path.join(aside, str(step)), 1
+    while os.path.exists(dest):
+        dest, n = os.path.join(aside, f"{step}-{n}"), n + 1
+    shutil.move(source, dest)
+    return dest
+
+
+def _newest_good(mngr, step, read):
+    """`read(step)` for the step asked for, or else the newest step that verifies, moving the
+    bad ones aside with a warning."""
+    if step is not None:
+        return read(step)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"checkpoint folder {mngr.directory} holds no checkpoint")
+    causes = []
+    for candidate in steps:
+        try:
+            return read(candidate)
+        except _Corrupted as error:
+            causes.append(str(error))
+            dest = _move_aside(mngr, candidate)
+            logging.warning("%s; moved it to %s and trying the step before", error, dest)
+            mngr.reload()
+    raise CheckpointError(f"no step of {mngr.directory} verifies: {'; '.join(causes)}")
 
 
 def restore(
@@ -96,59 +192,49 @@ def restore(
     step: int | None = None,
     expected_base: str | None = None,
 ) -> tuple[Tree, Tree, dict]:
-    """Restores (params, opt_state, metadata) of `step` (default: the latest), verified.
+    """Restores (params, opt_state, metadata) of `step` (default: the newest step that
+    verifies), verified.
 
     `*_like` give the structure, dtypes and shardings to restore into.
 
     Raises:
-      CheckpointError: the checksum does not match, or the base fingerprint differs.
+      CheckpointError: the step asked for (or every step) is unreadable or does not match its
+        checksums, or the base fingerprint differs.
     """
-    step = mngr.latest_step() if step is None else step
-    path = os.path.join(str(mngr.directory), str(step))
     as_abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-    try:
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(as_abstract(params_like)),
-                opt_state=ocp.args.StandardRestore(as_abstract(opt_state_like)),
-                metadata=ocp.args.JsonRestore(),
-            ),
-        )
-    except Exception as error:  # Orbax raises many kinds; the user needs the path.
-        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
-    params, opt_state, metadata = restored.params, restored.opt_state, restored.metadata
-    _verify(path, metadata, {"params": params, "opt_state": opt_state}, expected_base)
-    return params, opt_state, metadata
+    args = dict(
+        params=ocp.args.StandardRestore(as_abstract(params_like)),
+        opt_state=ocp.args.StandardRestore(as_abstract(opt_state_like)),
+        metadata=ocp.args.JsonRestore(),
+    )
+    read = lambda s: _read_step(mngr, s, args, expected_base, ("params", "opt_state"))
+    restored = _newest_good(mngr, step, read)
+    return restored.params, restored.opt_state, restored.metadata
 
 
 def load(directory: str, step: int | None = None, expected_base: str | None = None):
-    """Loads (params, metadata) of a run folder for inference or merging, verified.
+    """Loads (params, metadata) of a run folder for inference or merging, verified, as host
+    numpy arrays on any device count (default step: the newest that verifies).
 
     Only `params` is read; its checksum is checked on its own.
     """
-    mngr = manager(directory)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"checkpoint folder {os.path.abspath(directory)} holds no checkpoint")
-    path = os.path.join(str(mngr.directory), str(step))
-    try:
-        # Restored onto this process's first device whatever the saving topology: Orbax would
-        # otherwise recreate the saved sharding (e.g. 8 devices) and refuse on any other count.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        saved = mngr.item_metadata(step)["params"]
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
-        )
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(target),
-                metadata=ocp.args.JsonRestore(),
-            ),
-        )
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
-    _verify(path, restored.metadata, {"params": restored.params}, expected_base)
+    mngr = manager(directory, create=False)
+    # Restored onto this process's first device whatever the saving topology: Orbax would
+    # otherwise recreate the saved sharding (e.g. 8 devices) and refuse on any other count.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def read(s):
+        path = os.path.join(str(mngr.directory), str(s))
+        try:
+            saved = mngr.item_metadata(s)["params"]
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+            )
+        except Exception as error:
+            raise _Corrupted(f"checkpoint {path} cannot be read: {_cause(error)}") from None
+        args = dict(params=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore())
+        return _read_step(mngr, s, args, expected_base, ("params",))
+
+    restored = _newest_good(mngr, step, read)
     # As host numpy arrays, so that callers place them on their own mesh.
     return jax.tree.map(np.asarray, restored.params), restored.metadata

@@ -69,4 +69,23 @@ def run(
         with one_line_errors():
             main(argv)
 
-    app.run(quiet_main)
+    app.run(quiet_main, flags_parser=_parse_in_one_line)
+
+
+def _parse_in_one_line(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every bad flag (an unknown `--config.field`, a value of the
+    wrong type) reported in one line and exit status 2 instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        message = str(error)
+    except (AttributeError, KeyError) as error:  # ml_collections on an unknown field
+        name = str(error).strip("'\"")
+        flag = next(
+            (a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a), ""
+        )
+        message = f"{flag or '--config'}: unknown config field {name!r}; see the config file"
+    except (TypeError, ValueError) as error:
+        message = str(error).splitlines()[0]
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -69,7 +69,49 @@ def base_config() -> ml_collections.ConfigDict:
     c.crop_padding = 2  # random-crop padding in pixels (0: no crop augmentation)
     c.log_every = 10
     c.checkpoint_every = 100
+    # A resumed run must have the checkpoint's config (but for RESULT_NEUTRAL fields) unless
+    # this is set: a changed learning rate or step count would silently change the run.
+    c.resume_with_changed_config = False
     return c
+
+
+# Fields that cannot change a run's result: they may differ between a run and its resume.
+RESULT_NEUTRAL = (
+    "log_every",
+    "checkpoint_every",
+    "eval_batch_size",
+    "data_dir",
+    "manual_dir",
+    "resume_with_changed_config",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_unchanged(saved: dict, current: dict, where: str) -> None:
+    """Raises ValueError naming every field (but RESULT_NEUTRAL ones) whose value differs
+    between the checkpoint's config `saved` and the `current` one (both as JSON dicts)."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = [
+        f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+        for k in sorted(old.keys() | new.keys())
+        # Fields absent from the saved config did not exist when it was written.
+        if k in old and k not in RESULT_NEUTRAL and old[k] != new.get(k)
+    ]
+    if changed:
+        raise ValueError(
+            f"{where}: resuming under a config that differs from the checkpoint's in "
+            f"{'; '.join(changed)}; use the same config, another --workdir, or "
+            f"--config.resume_with_changed_config=true"
+        )
 
 
 def _check(ok: bool, field: str, value, allowed: str):
@@ -139,7 +181,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.warmup_steps,
         f"0 <= warmup_steps < steps={c.steps}",
     )
-    _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
+    _check(
+        isinstance(c.learning_rate, (int, float)) and 0 < c.learning_rate < float("inf"),
+        "learning_rate",
+        c.learning_rate,
+        "a finite number > 0",
+    )
     _check(
         0 <= c.end_learning_rate_factor <= 1,
         "end_learning_rate_factor",

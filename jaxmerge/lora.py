@@ -21,8 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmerge import models
-
 Tree = Any
 FACTORS = ("lora_a", "lora_b", "scale")
 
@@ -75,6 +73,8 @@ class LoraConfig:
 
     @property
     def target_regex(self) -> str:
+        from jaxmerge import models  # here, not at the top: model families use this module
+
         return models.get(self.family).target_presets.get(self.targets, self.targets)
 
     def rank_for(self, path: str) -> int:
@@ -152,7 +152,8 @@ def init_adapter(key: jax.Array, base: Tree, config: LoraConfig, dtype=jnp.float
     PEFT use), lora_b = 0, scale = alpha/r (or alpha/sqrt(r) with rsLoRA).
 
     Raises:
-      ValueError: if the target regex matches no dense layer of `base`.
+      ValueError: if the target regex matches no dense layer of `base`, or a rank exceeds its
+        layer's smaller side.
     """
     paths = [p for p in kernel_paths(base) if re.search(config.target_regex, p)]
     if not paths:
@@ -164,6 +165,11 @@ def init_adapter(key: jax.Array, base: Tree, config: LoraConfig, dtype=jnp.float
     for path, subkey in zip(paths, jax.random.split(key, len(paths))):
         fan_in, fan_out = get_at(base, path)["kernel"].shape
         rank, bound = config.rank_for(path), 1.0 / math.sqrt(fan_in)
+        if rank > min(fan_in, fan_out):
+            raise ValueError(
+                f"LoraConfig.rank: got {rank} for target {path!r}; allowed: at most "
+                f"min(in, out) = {min(fan_in, fan_out)} (a larger rank adds nothing)"
+            )
         node = {
             "lora_a": jax.random.uniform(subkey, (fan_in, rank), dtype, -bound, bound),
             "lora_b": jnp.zeros((rank, fan_out), dtype),
@@ -191,22 +197,65 @@ def delta_weights(adapter: Tree) -> Tree:
     return map_targets(lambda node: {"delta": delta_of(node)}, adapter)
 
 
-def _apply_delta(base: Tree, adapter: Tree, sign: float) -> Tree:
-    new = base
+def _update_shape(node: Mapping) -> tuple[int, ...]:
+    if "delta" in node:
+        return tuple(node["delta"].shape)
+    return (node["lora_a"].shape[0], node["lora_b"].shape[-1])
+
+
+def check_against_base(adapter: Tree, base: Tree, name: str = "adapter") -> None:
+    """Raises ValueError unless every target of `adapter` is a dense layer of `base` whose
+    kernel has the update's shape (shapes only: no array is read, so it is free under jit).
+
+    An adapter for a deeper model, or with misspelled paths, would otherwise be ignored by
+    `ViT.apply` without a word.
+    """
     for path, node in target_items(adapter):
         try:
-            layer = get_at(base, path)
+            kernel = get_at(base, path)["kernel"]
         except (KeyError, TypeError):
+            layers = kernel_paths(base)
             raise ValueError(
-                f"adapter target {path!r} is not a layer of the base parameters"
+                f"{name} target {path!r} is not a layer of the base parameters; the base has "
+                f"{len(layers)} dense layers, e.g. {layers[:3]}"
             ) from None
+        if _update_shape(node) != tuple(kernel.shape):
+            raise ValueError(
+                f"{name} target {path!r}: update shape {_update_shape(node)} differs from the "
+                f"base kernel shape {tuple(kernel.shape)}"
+            )
+
+
+@jax.jit
+def _finite_flags(leaves):
+    return [jnp.isfinite(leaf).all() for leaf in leaves]
+
+
+def check_finite(adapter: Tree, name: str = "adapter") -> None:
+    """Raises ValueError naming the first target holding NaN or inf (one reduction per leaf,
+    fetched together). Skipped under tracing, where values are not known."""
+    items = [
+        (path, key, leaf) for path, node in target_items(adapter) for key, leaf in node.items()
+    ]
+    if not items or any(isinstance(leaf, jax.core.Tracer) for _, _, leaf in items):
+        return
+    flags = jax.device_get(_finite_flags([leaf for _, _, leaf in items]))
+    for (path, key, _), finite in zip(items, flags):
+        if not finite:
+            raise ValueError(
+                f"{name} target {path!r}: {key} holds NaN or inf; allowed: finite values "
+                f"(a diverged or corrupted adapter)"
+            )
+
+
+def _apply_delta(base: Tree, adapter: Tree, sign: float) -> Tree:
+    check_against_base(adapter, base)
+    check_finite(adapter)
+    new = base
+    for path, node in target_items(adapter):
+        layer = get_at(base, path)
         kernel = layer["kernel"]
         delta = delta_of(node)
-        if delta.shape != kernel.shape:
-            raise ValueError(
-                f"adapter target {path!r}: update shape {delta.shape} differs from the base "
-                f"kernel shape {kernel.shape}"
-            )
         new = set_at(new, path, {**layer, "kernel": (kernel + sign * delta).astype(kernel.dtype)})
     return new
 

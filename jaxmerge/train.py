@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import flags, logging
+from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from jaxmerge import checkpoint, config_lib, data, heads, lora, scoring, tasks
+from jaxmerge import checkpoint, config_lib, data, heads, lora, run_lock, scoring, tasks
 from jaxmerge import cli as cli_lib
 from jaxmerge.models import load
 
@@ -107,8 +107,20 @@ def _log(path: str, record: dict):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the run the config describes and returns its final evaluation."""
+    """Trains (or resumes) the run the config describes and returns its final evaluation.
+
+    One process at a time per run folder (`run_lock`); a resume under a config that differs
+    from the checkpoint's in a field that changes the result is refused unless
+    `config.resume_with_changed_config`.
+    """
     config_lib.validate(config)  # every value checked before anything compiles
+    directory = run_dir(workdir, config.mode, config.task)
+    os.makedirs(directory, exist_ok=True)
+    with run_lock.hold(directory):
+        return _train_and_evaluate(config, directory)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
     task = tasks.get(config.task)
     mesh = data.data_mesh()
     replicated = NamedSharding(mesh, P())
@@ -123,8 +135,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
     state = jax.device_put(state, replicated)
 
-    directory = run_dir(workdir, config.mode, config.task)
-    os.makedirs(directory, exist_ok=True)
     mngr = checkpoint.manager(os.path.join(directory, "checkpoints"))
     metadata = {
         "task": task.name,
@@ -135,13 +145,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "base_fingerprint": base_print,
         "config": json.loads(config.to_json_best_effort()),
     }
-    if mngr.latest_step() is not None:
-        params, opt_state, _ = checkpoint.restore(
+    if mngr.all_steps():
+        params, opt_state, saved = checkpoint.restore(
             mngr, state.params, state.opt_state, expected_base=base_print
         )
-        step = jnp.asarray(mngr.latest_step(), jnp.int32)
-        state = jax.device_put(TrainState(step, params, opt_state), replicated)
-        logging.info("resumed %s at step %d", directory, mngr.latest_step())
+        if not config.resume_with_changed_config:
+            config_lib.check_unchanged(saved.get("config", {}), metadata["config"], directory)
+        state = jax.device_put(
+            TrainState(jnp.asarray(saved["step"]), params, opt_state), replicated
+        )
+        print(f"{directory}: resumed from step {saved['step']}")
     start = int(state.step)
 
     train_step = make_train_step(model_def, head_def, task, optimizer)

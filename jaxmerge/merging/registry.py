@@ -102,12 +102,18 @@ def merge(
       A new adapter tree, or a delta tree for delta-space methods with output="delta".
 
     Raises:
-      ValueError: naming the field, the bad value and what is allowed.
+      ValueError: naming the field, the bad value and what is allowed; an adapter (or the
+        result) holding NaN or inf, naming the adapter and the target.
     """
     spec, weights, params = validate(adapters, method, weights, key, params)
+    for index, adapter in enumerate(adapters):
+        lora.check_finite(adapter, f"adapters[{index}]")
     if spec.peft and len(adapters) == 1:
         spec, params = METHODS["linear"], {}  # PEFT's rule: one adapter is merged linearly
-    return spec.jitted(list(adapters), weights, key, **params)
+    merged = spec.jitted(list(adapters), weights, key, **params)
+    # Finite inputs with finite weights can still overflow (e.g. huge weights): say so here.
+    lora.check_finite(merged, f"merge result of {method!r}")
+    return merged
 
 
 # ----------------------------------------------------------------------------- parameter checks
@@ -222,4 +228,6 @@ def validate(adapters, method, weights, key, params):
         raise ValueError(
             f"weights: got shape {weights.shape}; allowed: one weight per adapter, shape ({n},)"
         )
+    if not isinstance(weights, jax.core.Tracer) and not bool(jnp.isfinite(weights).all()):
+        raise ValueError(f"weights: got {weights.tolist()}; allowed: finite numbers")
     return spec, weights, full

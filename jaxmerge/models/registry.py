@@ -20,6 +20,11 @@ class Family:
       architecture_keys: the kwargs a base checkpoint fixes (stored with every run).
       target_presets: {preset name: regex over target paths} for `LoraConfig.targets`.
       init_params: `init_params(model, key) -> params`, random base parameters.
+
+    The module's adapted layers are `layers.LoraDense`; it has `width` (the pooled feature's
+    size) and `image_size` attributes, takes `dtype`, `lora_dropout`, `lora_compute` and
+    `kernels`, returns `{"pooled": (B, width), ...}`, and checks an adapter it is given with
+    `lora.check_against_base` (as `vit.ViT` does).
     """
 
     name: str

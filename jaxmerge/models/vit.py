@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmerge import lora
 from jaxmerge.models import cpu_kernels, registry
 from jaxmerge.models.layers import LORA_COMPUTES, LoraDense
 
@@ -243,6 +244,10 @@ class ViT(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         if self.pool not in POOLS:
             raise ValueError(f"ViT.pool: got {self.pool!r}; allowed: {POOLS}")
+        if "lora" in self.variables and not self.is_initializing():
+            # At trace time (once per compile under jit): a target the base lacks is an error,
+            # never silently ignored.
+            lora.check_against_base(self.variables["lora"], self.variables["params"])
         if self.lora_compute not in LORA_COMPUTES:
             raise ValueError(
                 f"ViT.lora_compute: got {self.lora_compute!r}; allowed: {LORA_COMPUTES}"
