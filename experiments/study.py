@@ -33,7 +33,18 @@ from tqdm import tqdm
 
 from experiments import report
 from jaxmerge import cli as cli_lib
-from jaxmerge import config_lib, evaluate, lora, merging, scoring, similarity, tasks, train
+from jaxmerge import (
+    config_lib,
+    evaluate,
+    learned_runs,
+    lora,
+    merging,
+    scoring,
+    similarity,
+    tasks,
+    train,
+)
+from jaxmerge import refit as refit_lib
 
 MODES = ("lora", "head")
 
@@ -55,9 +66,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.merge_sizes: got {sizes!r}; allowed: sizes in 2..{len(config.tasks)}"
         )
     for method in config.methods:
-        if method not in merging.METHODS:
+        if method in learned_runs.PRESETS:
+            learned_runs.check_method(method, report.method_params(config, method))
+        elif method not in merging.METHODS:
             raise ValueError(
-                f"config.methods: unknown method {method!r}; known: {sorted(merging.METHODS)}"
+                f"config.methods: unknown method {method!r}; known: {sorted(merging.METHODS)} "
+                f"and the learned {sorted(learned_runs.PRESETS)}"
+            )
+    for method in config.get("refit_methods", ()):
+        if method not in config.methods:
+            raise ValueError(
+                f"config.refit_methods: {method!r} is not in config.methods {list(config.methods)}"
             )
     if config.main_method not in config.methods:
         raise ValueError(
@@ -149,10 +168,28 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 
 def merge_adapters(config, adapters: Sequence, method: str, seed: int):
-    """The merged update of `adapters` with `method` and the config's weight and parameters."""
+    """The merged update of `adapters` with a fixed `method` and the config's weight and
+    parameters."""
     weights = jnp.full((len(adapters),), config.merge_weight, jnp.float32)
     params = report.method_params(config, method)
     return merging.merge(adapters, method, weights, key=jax.random.key(seed), **params)
+
+
+def merge_combo(config, runs: dict, combo, method: str, model_def, base, seed: int, cache: dict):
+    """(merged tree, extra record fields) of one combination: a fixed method, or a learned one
+    (`learned_runs`: its seconds and images go in the record, its coefficients in `cache`)."""
+    if method not in learned_runs.PRESETS:
+        return merge_adapters(config, [runs[t].adapter for t in combo], method, seed), {}
+    combo_runs = [runs[t] for t in combo]
+    params = report.method_params(config, method)
+    merged, record = learned_runs.merge_runs(
+        combo_runs, model_def, base, method, params, seed, cache
+    )
+    cache.setdefault("coefficients", []).append(
+        {"seed": seed, "method": method, "tasks": list(combo), **record}
+    )
+    keep = ("seconds", "images_per_task", "labeled_per_task", "split", "objective")
+    return merged, {"learned": {k: record[k] for k in keep}}
 
 
 def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, list[dict]]:
@@ -195,11 +232,27 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
         for combo in combinations(config.tasks, config.merge_sizes)
         if cache_key({"seed": seed, "method": method, "tasks": combo}) not in done
     ]
+    cache: dict = {}
+    coefficients_path = os.path.join(workdir, "learned_coefficients.jsonl")
     for method, combo in tqdm(jobs, desc=f"merges seed {seed}", unit="merge"):
-        merged = merge_adapters(config, [runs[t].adapter for t in combo], method, seed)
+        merged, extra = merge_combo(config, runs, combo, method, model_def, base, seed, cache)
         backbone = lora.fold_into_base(base, merged)
         scores = {t: scorers[t](backbone, runs[t].head) for t in combo}
-        append_jsonl(path, {"seed": seed, "method": method, "tasks": list(combo), "scores": scores})
+        record = {"seed": seed, "method": method, "tasks": list(combo), "scores": scores}
+        append_jsonl(path, {**record, **extra})
+        for learned_record in cache.pop("coefficients", []):
+            append_jsonl(coefficients_path, learned_record)
+        if method in config.get("refit_methods", ()):
+            # Reported on rows of its own ("<method>+refit"): it retrains, with labels.
+            start = time.perf_counter()
+            refit = {
+                t: refit_lib.refit_head(runs[t], model_def, backbone, steps=config.refit_steps)
+                for t in combo
+            }
+            seconds = time.perf_counter() - start
+            scores = {t: scorers[t](backbone, refit[t]) for t in combo}
+            extra = {"refit": {"steps": config.refit_steps, "seconds": seconds}}
+            append_jsonl(path, {**record, "method": f"{method}+refit", "scores": scores, **extra})
     for name in ("no_adapter", "similarity", "merges"):
         records = read_jsonl(os.path.join(workdir, f"{name}.jsonl"))
         out[name] = [r for r in records if r["seed"] == seed]

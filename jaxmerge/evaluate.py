@@ -2,11 +2,16 @@
 
     python -m jaxmerge.evaluate --run W/adapters/digits --run W/adapters/textures \
         --merge ties --weights 0.5,0.5 --merge_param density=0.5 --output merged.json
+    python -m jaxmerge.evaluate --run W/adapters/digits --run W/adapters/textures \
+        --merge learned_output_match --output learned.json
 
 Each task is scored with its own head (heads are never merged). With `--merge`, the adapters
-are merged with a method of `jaxmerge.merging.METHODS` and folded into the base once, so every
-task runs on the same backbone; `--no_adapter` scores each head on the bare base (how much of a
-task lives in its adapter).
+are merged with a method of `jaxmerge.merging.METHODS`, or learned with a preset of
+`jaxmerge.learned_runs.PRESETS` (on images of each task's training split), and folded into the
+base once, so every task runs on the same backbone; each task's result then holds its single
+adapter's score beside it, and the output's "merge" entry the method, its settings and (learned)
+the coefficients, seconds and images used; `--no_adapter` scores each head on the bare base
+(how much of a task lives in its adapter).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import jax
 import ml_collections
 from absl import flags
 
-from jaxmerge import checkpoint, heads, lora, merging, scoring, tasks
+from jaxmerge import checkpoint, heads, learned_runs, lora, merging, scoring, tasks
 from jaxmerge import cli as cli_lib
 from jaxmerge.models import load
 
@@ -93,12 +98,22 @@ def evaluate_runs(
     A task given twice (e.g. its adapter and its head-finetuning run) is keyed "task:mode".
     """
     runs = [load_run(d) for d in directories]
+    if method is not None and method not in merging.METHODS and method not in learned_runs.PRESETS:
+        raise ValueError(
+            f"--merge: got {method!r}; allowed: a fixed method {sorted(merging.METHODS)} or a "
+            f"learned one {sorted(learned_runs.PRESETS)}"
+        )
     if method is not None and any(run.adapter is None for run in runs):
         raise ValueError(
             "--merge needs LoRA runs (workdir/adapters/<task>); a head run has no adapter"
         )
     model_def, base = load_base_of(runs)
-    if method is not None:
+    about_merge = None
+    if method in learned_runs.PRESETS:
+        merged, about_merge = learned_runs.merge_runs(
+            runs, model_def, base, method, merge_params, seed
+        )
+    elif method is not None:
         merged = merging.merge(
             [run.adapter for run in runs],
             method,
@@ -106,8 +121,9 @@ def evaluate_runs(
             key=jax.random.key(seed),
             **(merge_params or {}),
         )
-        backbone = lora.fold_into_base(base, merged)
-        backbones = [backbone] * len(runs)
+        about_merge = {"method": method, "weights": weights, "params": merge_params or {}}
+    if method is not None:
+        backbones = [lora.fold_into_base(base, merged)] * len(runs)
     elif no_adapter:
         backbones = [base] * len(runs)
     else:
@@ -117,7 +133,22 @@ def evaluate_runs(
     names = [run.task.name for run in runs]
     # The same task twice (an adapter beside its head baseline) is told apart by the run's mode.
     keys = [f"{n}:{r.config.mode}" if names.count(n) > 1 else n for n, r in zip(names, runs)]
-    return {key: score(run, model_def, b, split) for key, run, b in zip(keys, runs, backbones)}
+    results = {key: score(run, model_def, b, split) for key, run, b in zip(keys, runs, backbones)}
+    if about_merge is not None:
+        for key, run in zip(keys, runs):  # each task's score beside its single adapter's
+            results[key]["single_adapter"] = _own_result(run)
+        results["merge"] = about_merge
+    return results
+
+
+def _own_result(run: Run) -> dict[str, float] | None:
+    """The run's own final evaluation (its result.json), or None if it has none."""
+    path = os.path.join(run.directory, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    return {k: v for k, v in result.items() if isinstance(v, float)}
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -132,7 +163,9 @@ def _parse_param(text: str) -> tuple[str, Any]:
 
 def define_flags():
     flags.DEFINE_multi_string("run", [], "A run folder, e.g. WORKDIR/adapters/digits.")
-    flags.DEFINE_string("merge", None, "A merge method; omit to score each run alone.")
+    flags.DEFINE_string(
+        "merge", None, "A merge method, fixed or learned; omit to score each run alone."
+    )
     flags.DEFINE_list("weights", None, "One weight per run (merge only).")
     flags.DEFINE_multi_string("merge_param", [], "name=value for the merge method.")
     flags.DEFINE_bool("no_adapter", False, "Score each head on the bare base.")

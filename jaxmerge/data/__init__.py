@@ -28,7 +28,8 @@ def data_dir(config) -> str:
 
 
 def open_split(task: tasks.Task, split: str, config) -> loader.Source:
-    """The task's split as a random-access source, preparing the dataset if it is not yet."""
+    """The task's split as a random-access source, preparing the dataset if it is not yet (or
+    if its source folder changed since)."""
     from jaxmerge.datasets import BUILDERS, prepare
 
     directory = data_dir(config)
@@ -37,7 +38,10 @@ def open_split(task: tasks.Task, split: str, config) -> loader.Source:
         builder = BUILDERS[builder_name](
             config=task.dataset.partition("/")[2] or None, data_dir=directory
         )
-        if not builder.is_prepared():
+        # A builder of the user's own files (image_folder) given its folder checks it on every
+        # open: a changed folder is rebuilt, never read stale.
+        rechecks = hasattr(builder, "source_change") and bool(config.manual_dir)
+        if not builder.is_prepared() or rechecks:
             prepare.prepare(task.dataset, directory, config.manual_dir or None)
     return sources.open_source(task.dataset, split, directory)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Builder name (the TFDS name, e.g. "utkface") -> builder class, in import order.
 BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {}
@@ -67,10 +67,87 @@ def encode(image: np.ndarray, encoding: str = "png") -> bytes:
     return buffer.getvalue()
 
 
-def load_rgb(path) -> np.ndarray:
-    """Reads an image file as a uint8 (H, W, 3) RGB array."""
+# What shows through transparent pixels (RGBA, LA, PA, a palette or colour key with
+# transparency): white, as image viewers and browsers draw transparent images on a page.
+BACKGROUND = (255, 255, 255)
+# Modes holding 16-bit grey levels 0..65535 ("I" is how PIL reads 16-bit TIFF/PNG grey; wider
+# values in "I" are refused rather than guessed).
+_GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def scale_16_to_8(values: np.ndarray) -> np.ndarray:
+    """Maps 16-bit levels to 8 bits by rounding `v * 255 / 65535` (65535 -> 255, 32768 -> 128).
+
+    Raises:
+      ValueError: a value outside 0..65535 (a 32-bit image, which has no fixed range).
+    """
+    values = np.asarray(values, np.int64)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise ValueError(
+            f"grey levels span {low}..{high}; allowed: 16-bit levels 0..65535 (a 32-bit image "
+            f"has no fixed white level: convert it to 8 or 16 bits first)"
+        )
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def composite(rgba: np.ndarray, background=BACKGROUND) -> np.ndarray:
+    """Blends a uint8 (H, W, 4) RGBA array onto an RGB colour: `(rgb * a + bg * (255 - a)) / 255`,
+    rounded; returns uint8 (H, W, 3)."""
+    rgb, alpha = rgba[..., :3].astype(np.int32), rgba[..., 3:].astype(np.int32)
+    bg = np.asarray(background, np.int32)
+    return ((rgb * alpha + bg * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image, background=BACKGROUND) -> np.ndarray:
+    """A decoded PIL image of any mode as a uint8 (H, W, 3) RGB array.
+
+    16-bit grey is scaled to 8 bits (`scale_16_to_8`), not clipped (PIL's own `convert("RGB")`
+    turns every level above 255 white); 16-bit RGB(A) is already scaled by PIL when it reads
+    it. Transparent pixels are blended onto `background`; CMYK, YCbCr, HSV and palettes go
+    through PIL's conversions, CIELab through LittleCMS (PIL's direct conversion is wrong).
+
+    Raises:
+      ValueError: a float ("F") image or 32-bit levels, which have no fixed white level.
+    """
+    mode = image.mode
+    if mode == "F":
+        raise ValueError(
+            "mode 'F' (32-bit float pixels) has no fixed white level; allowed: 8- or 16-bit "
+            "grey, RGB, palette, CMYK and their alpha variants"
+        )
+    if mode in _GREY_16:
+        return np.repeat(scale_16_to_8(np.asarray(image))[..., None], 3, axis=-1)
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        lab_to_srgb = ImageCms.buildTransform(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+        )
+        return np.asarray(ImageCms.applyTransform(image, lab_to_srgb))
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        if mode == "La":  # premultiplied: PIL converts it only to LA
+            image = image.convert("LA")
+        return composite(np.asarray(image.convert("RGBA")), background)
+    return np.asarray(image.convert("RGB"))
+
+
+def load_rgb(path, *, exif_orientation: bool = False, background=BACKGROUND) -> np.ndarray:
+    """Reads an image file as a uint8 (H, W, 3) RGB array (`to_rgb` over any mode).
+
+    Args:
+      path: the image file.
+      exif_orientation: turn the pixels upright as the file's EXIF orientation tag says
+        (`ImageOps.exif_transpose`), as a viewer shows them. Off by default: box and landmark
+        annotations (expw, wflw) give coordinates on the stored pixel grid.
+      background: the RGB colour transparent pixels are blended onto.
+    """
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        image.load()
+        if exif_orientation:
+            image = ImageOps.exif_transpose(image)
+        return to_rgb(image, background)
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

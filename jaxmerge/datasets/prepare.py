@@ -7,11 +7,19 @@ The paper's datasets (and `image_folder`) are read from files downloaded by hand
 manual_dir; the offline ones (sklearn_digits, fashion_mnist_idx, skimage_textures, lfw_subset)
 need no manual_dir. Afterwards read a split with
 `jaxmerge.data.sources.open_source(name, split, data_dir)`.
+
+Your own folders (`image_folder`, see its module docstring) are checked before anything is
+written: unreadable images stop the run, one line per file, unless --skip_bad_files; a single
+class or an empty class folder stops it unless --allow_single_class / --allow_empty_classes.
+Give each folder a name of its own with `--config <name>-size<N>`. A prepared folder dataset
+is rebuilt when its folder or the images in it changed, saying so in one line; the old
+prepared data is kept beside it as `<version>.previous` (one copy, replaced each time).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import tensorflow_datasets as tfds
 from absl import flags
@@ -34,7 +42,9 @@ def check_request(name: str, manual_dir: str | None) -> tuple[str, str | None]:
         raise ValueError(f"dataset={builder_name!r} is unknown; known: {', '.join(BUILDERS)}")
     cls = BUILDERS[builder_name]
     configs = [c.name for c in cls.BUILDER_CONFIGS]
-    if config_name and config_name not in configs:
+    if hasattr(cls, "NAMED_CONFIG_HELP"):
+        configs.append(cls.NAMED_CONFIG_HELP)
+    if config_name and cls.get_builder_config(config_name) is None:
         raise ValueError(
             f"config={config_name!r} is unknown for {builder_name}; known: {', '.join(configs)}"
         )
@@ -47,47 +57,119 @@ def check_request(name: str, manual_dir: str | None) -> tuple[str, str | None]:
     return builder_name, config_name or None
 
 
+def keep_previous(version_dir: str) -> str:
+    """Moves a prepared version folder to `<version_dir>.previous` (replacing an older one).
+
+    TFDS only reads folders named like versions, so the moved copy is invisible to it.
+    """
+    previous = f"{version_dir}.previous"
+    if os.path.isdir(previous):
+        shutil.rmtree(previous)
+    os.rename(version_dir, previous)
+    return previous
+
+
 def prepare(
     name: str,
     data_dir: str,
     manual_dir: str | None = None,
     max_examples_per_split: int | None = None,
+    *,
+    skip_bad_files: bool = False,
+    allow_single_class: bool = False,
+    allow_empty_classes: bool = False,
 ) -> tfds.core.DatasetBuilder:
     """Prepares dataset `name` ("builder" or "builder/config") in data_dir as array_record.
+
+    A builder over a folder of your images (one with `scan_source`, i.e. `image_folder`) is
+    checked first and nothing is written if a check fails; when it is already prepared from
+    another folder, or from files since added, removed or changed, it is rebuilt (one line
+    says so) and the old data kept in `<version folder>.previous`.
 
     Args:
       name: a key of `BUILDERS`, optionally with "/config".
       data_dir: the TFDS data folder to write into (and later read from).
       manual_dir: the folder holding hand-downloaded files, for builders that need one.
       max_examples_per_split: keep only the first N examples of each split (for smoke runs).
+      skip_bad_files: leave unreadable images out (counted) instead of stopping.
+      allow_single_class: prepare a folder with one class folder.
+      allow_empty_classes: keep class folders without images as classes without examples.
 
     Returns:
       The prepared builder (`builder.as_data_source(split)` reads it).
+
+    Raises:
+      ValueError: an unknown name, a missing manual_dir, a folder option for a builder that
+        reads published files, or a failed folder check (every bad file on its own line).
     """
     builder_name, config_name = check_request(name, manual_dir)
-    builder = BUILDERS[builder_name](config=config_name, data_dir=data_dir)
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir, max_examples_per_split=max_examples_per_split
-        ),
+    cls = BUILDERS[builder_name]
+    folder_options = {
+        "skip_bad_files": skip_bad_files,
+        "allow_single_class": allow_single_class,
+        "allow_empty_classes": allow_empty_classes,
+    }
+    reads_a_folder = hasattr(cls, "scan_source")
+    used = [option for option, value in folder_options.items() if value]
+    if used and not reads_a_folder:
+        raise ValueError(
+            f"{used[0]}=True: only image_folder checks a folder of your images; "
+            f"{builder_name} reads its files in their published layout"
+        )
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=manual_dir, max_examples_per_split=max_examples_per_split
     )
+    if reads_a_folder:
+        builder = _checked_folder_builder(cls, config_name, data_dir, manual_dir, folder_options)
+    else:
+        builder = cls(config=config_name, data_dir=data_dir)
+    builder.download_and_prepare(file_format="array_record", download_config=download_config)
     return builder
+
+
+def _checked_folder_builder(cls, config_name, data_dir: str, manual_dir: str, folder_options):
+    """The builder to prepare a user's folder with: the prepared one if its source is
+    unchanged, else one holding the folder's checked scan (the old data moved aside)."""
+    builder = cls(config=config_name, data_dir=data_dir)
+    # (is_prepared logs a warning for a folder that does not exist yet)
+    prepared = os.path.isdir(builder.data_dir) and builder.is_prepared()
+    change = builder.source_change(manual_dir) if prepared else None
+    if prepared and change is None:
+        return builder  # prepared from this folder as it is now: download_and_prepare skips
+    folder_scan = cls.scan_source(manual_dir, **folder_options)  # raises before writing
+    print(folder_scan.summary())
+    if change is not None:
+        previous = keep_previous(builder.data_dir)
+        print(f"{builder.info.full_name} {change}; rebuilding it (the old data is in {previous})")
+    return cls(config=config_name, data_dir=data_dir, folder_scan=folder_scan)
 
 
 def define_flags():
     flags.DEFINE_string("dataset", None, f"One of: {', '.join(BUILDERS)}.")
     flags.DEFINE_string("data_dir", None, "TFDS data folder to write into.")
     flags.DEFINE_string("manual_dir", None, "Folder of hand-downloaded files.")
-    flags.DEFINE_string("config", None, "Builder config, e.g. size64.")
+    flags.DEFINE_string(
+        "config", None, "Builder config, e.g. size64; image_folder: <name>-size64 names it."
+    )
     flags.DEFINE_integer("max_examples_per_split", None, "Keep the first N of each split.")
+    flags.DEFINE_bool("skip_bad_files", False, "image_folder: leave unreadable images out.")
+    flags.DEFINE_bool("allow_single_class", False, "image_folder: accept one class folder.")
+    flags.DEFINE_bool("allow_empty_classes", False, "image_folder: accept empty class folders.")
 
 
 def main(argv):
     del argv
     args = flags.FLAGS
     name = f"{args.dataset}/{args.config}" if args.config else args.dataset
-    builder = prepare(name, args.data_dir, args.manual_dir, args.max_examples_per_split)
+    builder = prepare(
+        name,
+        args.data_dir,
+        args.manual_dir,
+        args.max_examples_per_split,
+        skip_bad_files=args.skip_bad_files,
+        allow_single_class=args.allow_single_class,
+        allow_empty_classes=args.allow_empty_classes,
+    )
     splits = {split: info.num_examples for split, info in builder.info.splits.items()}
     print(f"prepared {builder.info.full_name} in {args.data_dir}: {splits}")
 

@@ -1,0 +1,78 @@
+"""Head refit after merging: retrain only a task's head on the merged (frozen) backbone.
+
+This is what a user with labels would do after merging, so the study reports it on rows of its
+own: it is not "merging without retraining". The backbone is frozen, so each training image's
+pooled feature is computed once (evaluation preprocessing, no augmentation) and the head trains
+on those features with its task's loss, starting from the head the task was trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxmerge import data
+
+Tree = Any
+
+
+def train_features(run, model_def, backbone: Tree, batch_size: int = 512):
+    """(pooled features (N, D), batch of targets) of every example of the run's training split
+    on `backbone`, preprocessed as for evaluation."""
+    task = run.task
+    source = data.open_split(task, task.train_split, run.config)
+    preprocess = data.preprocess(task, model_def.image_size, train=False)
+    examples = [preprocess(source[i], np.random.default_rng(0)) for i in range(len(source))]
+    images = np.stack([e["image"] for e in examples]).astype(np.float32)
+    targets = {task.target: np.stack([np.asarray(e[task.target]) for e in examples])}
+    pool = jax.jit(lambda p, x: model_def.apply({"params": p}, x)["pooled"])
+    features = [
+        pool(backbone, images[i : i + batch_size]) for i in range(0, len(images), batch_size)
+    ]
+    return jnp.concatenate(features), targets
+
+
+def refit_head(
+    run,
+    model_def,
+    backbone: Tree,
+    *,
+    steps: int = 300,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+) -> Tree:
+    """The run's head retrained for `steps` Adam steps on `backbone`'s pooled features of the
+    task's training split (minibatches drawn with `jax.random.key(seed)`); the backbone and the
+    adapters are untouched."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: got {steps!r}; allowed: an integer >= 1")
+    features, targets = train_features(run, model_def, backbone)
+    kind, spec = run.task.head_kind, run.task.loss_spec
+    optimizer = optax.adam(learning_rate)
+    count = features.shape[0]
+
+    def loss(head, index):
+        outputs = run.head_def.apply({"params": head}, features[index])
+        batch = jax.tree.map(lambda v: v[index], targets)
+        return kind.loss(outputs, batch, spec).mean()
+
+    @jax.jit
+    def fit(head, key):
+        def step(carry, step_key):
+            head, opt_state = carry
+            index = jax.random.randint(step_key, (min(batch_size, count),), 0, count)
+            grads = jax.grad(loss)(head, index)
+            updates, opt_state = optimizer.update(grads, opt_state, head)
+            return (optax.apply_updates(head, updates), opt_state), None
+
+        (head, _), _ = jax.lax.scan(
+            step, (head, optimizer.init(head)), jax.random.split(key, steps)
+        )
+        return head
+
+    return jax.device_get(fit(run.head, jax.random.key(seed)))
