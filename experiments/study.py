@@ -73,6 +73,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config.methods: unknown method {method!r}; known: {sorted(merging.METHODS)} "
                 f"and the learned {sorted(learned_runs.PRESETS)}"
             )
+    for method, sizes in config.get("method_sizes", {}).items():
+        if method not in config.methods or not set(sizes) <= set(config.merge_sizes):
+            raise ValueError(
+                f"config.method_sizes: {method!r}: {tuple(sizes)}; allowed: a method of "
+                f"config.methods with sizes among config.merge_sizes {tuple(config.merge_sizes)}"
+            )
     for method in config.get("refit_methods", ()):
         if method not in config.methods:
             raise ValueError(
@@ -95,6 +101,12 @@ def run_config(
     run = config.train.copy_and_resolve_references()
     run.task, run.mode, run.seed = task, mode, seed
     return run
+
+
+def method_sizes(config, method: str) -> tuple[int, ...]:
+    """The merge sizes a method runs on: `config.merge_sizes` unless `config.method_sizes`
+    narrows them (e.g. learned merges on pairs only in the quickstart)."""
+    return tuple(config.get("method_sizes", {}).get(method, config.merge_sizes))
 
 
 def seed_dir(workdir: str, seed: int) -> str:
@@ -229,7 +241,7 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
     jobs = [
         (method, combo)
         for method in config.methods
-        for combo in combinations(config.tasks, config.merge_sizes)
+        for combo in combinations(config.tasks, method_sizes(config, method))
         if cache_key({"seed": seed, "method": method, "tasks": combo}) not in done
     ]
     cache: dict = {}

@@ -8,6 +8,7 @@ on those features with its task's loss, starting from the head the task was trai
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,9 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmerge import data
+from jaxmerge import data, heads
 
 Tree = Any
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pooled(model_def, backbone, images):
+    return model_def.apply({"params": backbone}, images)["pooled"]
 
 
 def train_features(run, model_def, backbone: Tree, batch_size: int = 512):
@@ -28,12 +34,34 @@ def train_features(run, model_def, backbone: Tree, batch_size: int = 512):
     preprocess = data.preprocess(task, model_def.image_size, train=False)
     examples = [preprocess(source[i], np.random.default_rng(0)) for i in range(len(source))]
     images = np.stack([e["image"] for e in examples]).astype(np.float32)
-    targets = {task.target: np.stack([np.asarray(e[task.target]) for e in examples])}
+    targets = {task.target: jnp.asarray(np.stack([np.asarray(e[task.target]) for e in examples]))}
     pool = jax.jit(lambda p, x: model_def.apply({"params": p}, x)["pooled"])
     features = [
         pool(backbone, images[i : i + batch_size]) for i in range(0, len(images), batch_size)
     ]
     return jnp.concatenate(features), targets
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _fit(head_def, kind_name, spec, steps, batch_size, learning_rate, head, features, targets, key):
+    """`steps` Adam steps of the head on minibatches of (features, targets); compiled once per
+    head, task and setting, whatever the backbone."""
+    kind, spec, optimizer = heads.head_kind(kind_name), dict(spec), optax.adam(learning_rate)
+    count = features.shape[0]
+
+    def loss(head, index):
+        outputs = head_def.apply({"params": head}, features[index])
+        return kind.loss(outputs, jax.tree.map(lambda v: v[index], targets), spec).mean()
+
+    def step(carry, step_key):
+        head, opt_state = carry
+        index = jax.random.randint(step_key, (min(batch_size, count),), 0, count)
+        updates, opt_state = optimizer.update(jax.grad(loss)(head, index), opt_state, head)
+        return (optax.apply_updates(head, updates), opt_state), None
+
+    carry = (head, optimizer.init(head))
+    (head, _), _ = jax.lax.scan(step, carry, jax.random.split(key, steps))
+    return head
 
 
 def refit_head(
@@ -52,27 +80,20 @@ def refit_head(
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: got {steps!r}; allowed: an integer >= 1")
     features, targets = train_features(run, model_def, backbone)
-    kind, spec = run.task.head_kind, run.task.loss_spec
-    optimizer = optax.adam(learning_rate)
-    count = features.shape[0]
-
-    def loss(head, index):
-        outputs = run.head_def.apply({"params": head}, features[index])
-        batch = jax.tree.map(lambda v: v[index], targets)
-        return kind.loss(outputs, batch, spec).mean()
-
-    @jax.jit
-    def fit(head, key):
-        def step(carry, step_key):
-            head, opt_state = carry
-            index = jax.random.randint(step_key, (min(batch_size, count),), 0, count)
-            grads = jax.grad(loss)(head, index)
-            updates, opt_state = optimizer.update(grads, opt_state, head)
-            return (optax.apply_updates(head, updates), opt_state), None
-
-        (head, _), _ = jax.lax.scan(
-            step, (head, optimizer.init(head)), jax.random.split(key, steps)
-        )
-        return head
-
-    return jax.device_get(fit(run.head, jax.random.key(seed)))
+    task = run.task
+    spec = tuple(
+        sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in task.loss_spec.items())
+    )
+    head = _fit(
+        run.head_def,
+        task.kind,
+        spec,
+        steps,
+        batch_size,
+        learning_rate,
+        run.head,
+        features,
+        targets,
+        jax.random.key(seed),
+    )
+    return jax.device_get(head)

@@ -18,7 +18,13 @@ METHODS = ("cat", "ties")
 def tiny_config(data_dir):
     config = offline.get_config("seeds=1,steps=10,base=random")
     config.tasks = TASKS
-    config.methods = {"cat": {}, "ties": {"density": 0.5}}
+    config.methods = {
+        "cat": {},
+        "ties": {"density": 0.5},
+        "learned_output_match": {"steps": 5, "images": 32, "batch_size": 8},
+    }
+    config.method_sizes = {"learned_output_match": (2,)}  # pairs only, as in the quickstart
+    config.refit_methods, config.refit_steps = ("cat",), 10
     config.main_method = "cat"
     t = config.train
     t.data_dir = str(data_dir)
@@ -53,7 +59,13 @@ def test_report_files_are_written(finished):
         records = [json.loads(line) for line in f]
     kinds = [r["kind"] for r in records]
     assert kinds.count("train") == 2 * len(TASKS)
-    assert kinds.count("merges") == len(METHODS) * (3 + 1)  # 3 pairs and 1 triple
+    assert kinds.count("merges") == len(METHODS) * (3 + 1) + 3 + 4  # learned pairs, cat+refit
+    merges = [r for r in records if r["kind"] == "merges"]
+    learned = [r for r in merges if r["method"] == "learned_output_match"]
+    assert all(r["learned"]["images_per_task"] == 32 for r in learned) and len(learned) == 3
+    assert all(r["learned"]["split"] == ["train"] for r in learned)
+    assert sum(r["method"] == "cat+refit" for r in merges) == 4
+    assert "What each learned merge and head refit cost" in text and "cat+refit" in text
     assert kinds.count("no_adapter") == len(TASKS) and kinds.count("similarity") == 3
     meta = records[0]
     assert meta["kind"] == "meta" and meta["lora"]["rank"] == 8 and meta["steps"] == 10
@@ -140,3 +152,24 @@ def test_bad_study_config_names_the_field(tmp_path):
     config.methods = {"cat": {}, "nonsense": {}}
     with pytest.raises(ValueError, match="config.methods: unknown method 'nonsense'"):
         study.validate(config)
+
+
+def test_head_refit_lowers_the_training_loss_on_a_changed_backbone(finished):
+    """Refit retrains only the head: on the bare base (adapter removed) its training loss ends
+    below the original head's, and the backbone is left as it was."""
+    import jax
+
+    from jaxmerge import evaluate, refit, train
+
+    config, workdir, _ = finished
+    run = evaluate.load_run(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
+    model_def, base = evaluate.load_base_of([run])
+    before = jax.tree.map(np.array, base)
+    new_head = refit.refit_head(run, model_def, base, steps=200, learning_rate=3e-3)
+    features, targets = refit.train_features(run, model_def, base)
+    kind, spec = run.task.head_kind, run.task.loss_spec
+    loss = lambda head: float(  # noqa: E731
+        kind.loss(run.head_def.apply({"params": head}, features), targets, spec).mean()
+    )
+    assert loss(new_head) < 0.9 * loss(run.head)
+    jax.tree.map(np.testing.assert_array_equal, base, before)

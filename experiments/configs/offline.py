@@ -21,7 +21,9 @@ It mirrors the paper's design on a small ViT pretrained on Fashion-MNIST
 
 Arguments (comma-separated key=value after the colon): seeds (number of seeds, default 3),
 steps (training steps per run, default 300), base ("random" to use a random backbone instead
-of the pretrained one, for the ablation in the README).
+of the pretrained one, for the ablation in the README), learned ("all", the default: learned
+merges of pairs and triples, label-free and supervised, and head refits; "quick": the
+label-free learned merge of pairs only, no head refit, to keep the quickstart short).
 """
 
 import os
@@ -36,7 +38,7 @@ BASE_PATH = os.path.join(os.path.dirname(jaxmerge.__file__), "assets", "fashion_
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg)
-    known = {"seeds", "steps", "base"}
+    known = {"seeds", "steps", "base", "learned"}
     if args.keys() - known:
         raise ValueError(
             f"offline.py: unknown arguments {sorted(args.keys() - known)}; known: {sorted(known)}"
@@ -63,7 +65,22 @@ def get_config(arg: str | None = None):
         "dare_ties": {"density": 0.5},
         "task_arithmetic": {},
         "knots": {"density": 0.5},
+        # Learned (jaxmerge.learned_runs): coefficients fitted on each task's training images.
+        "learned_output_match": {},  # label-free; 256 unlabeled images per task
+        "learned_supervised": {"labeled": 64},  # reported as supervised: 64 labels per task
     }
+    # Head refit after merging (jaxmerge.refit), reported on rows of its own ("<method>+refit"):
+    # it retrains each head on the merged backbone with the task's labels.
+    c.refit_methods = ("cat", "learned_output_match")
+    c.refit_steps = 300
+    learned = args.get("learned", "all")
+    if learned not in ("all", "quick"):
+        raise ValueError(f"offline.py: learned={learned!r}; allowed: 'all' or 'quick'")
+    c.method_sizes = {}
+    if learned == "quick":  # the quickstart: label-free learned merges of pairs, no refit
+        del c.methods["learned_supervised"]
+        c.method_sizes = {"learned_output_match": (2,)}
+        c.refit_methods = ()
     c.main_method = "cat"  # PEFT's exact sum of the updates, the plainest merge
     c.merge_weight = 1.0  # every adapter enters a merge with this weight
 

@@ -52,6 +52,7 @@ def write(config, workdir: str, training, stages, seconds: float) -> dict[str, s
         "per_task_pairs": "Each task inside pair merges (mean over its partners), per method",
         "per_task_triples": "Each task inside triple merges (mean over its partners), per method",
         "normalised_by_method": "Normalised score per method (merged / single adapter)",
+        "learned_cost": "What each learned merge and head refit cost (2 CPU cores)",
         "normalised_pairs": "Normalised score of each pair merge, per method",
         "normalised_triples": "Normalised score of each triple merge, per method",
         "similarity": "Adapter similarity beside the pair's merge quality",

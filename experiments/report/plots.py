@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from experiments.report.scores import RELATIONS, Scores, normalised, similarity_rows
+from experiments.report.scores import RELATIONS, Scores, mean_or_nan, normalised, similarity_rows
 from jaxmerge import similarity
 
 
@@ -21,15 +21,14 @@ def plots(s: Scores, directory: str) -> dict[str, str]:
     config, paths = s.config, {}
     n = len(s.tasks)
     if 2 in config.merge_sizes:
-        for method in config.methods:
+        for method in s.methods:
             matrix = np.full((n, n), np.nan)
             for (i, a), (j, b) in itertools.permutations(enumerate(s.tasks), 2):
                 pair = tuple(t for t in s.tasks if t in (a, b))
-                matrix[i, j] = np.mean(
-                    [
-                        normalised(s.merged[seed, method, pair][a], s.single[seed, a], a)
-                        for seed in s.seeds
-                    ]
+                matrix[i, j] = mean_or_nan(
+                    normalised(s.merged[seed, method, pair][a], s.single[seed, a], a)
+                    for seed in s.seeds
+                    if s.has(seed, method, pair)
                 )
             fig, ax = plt.subplots(figsize=(6.5, 5.5))
             image = ax.imshow(matrix, cmap="RdYlGn", vmin=0.5, vmax=1.1)
@@ -45,7 +44,7 @@ def plots(s: Scores, directory: str) -> dict[str, str]:
             fig.tight_layout()
             paths[f"heatmap_{method}"] = _save(fig, directory, f"heatmap_{method}.png")
 
-    methods = list(config.methods)
+    methods = s.methods
     cols = 4
     rows = -(-len(methods) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
@@ -60,11 +59,9 @@ def plots(s: Scores, directory: str) -> dict[str, str]:
                     v = [normalised(s.head[sd, task], s.single[sd, task], task) for sd in s.seeds]
                 else:
                     v = [
-                        np.mean(
-                            [
-                                normalised(x, s.single[sd, task], task)
-                                for x in s.merged_values(sd, method, task, size)
-                            ]
+                        mean_or_nan(
+                            normalised(x, s.single[sd, task], task)
+                            for x in s.merged_values(sd, method, task, size)
                         )
                         for sd in s.seeds
                     ]

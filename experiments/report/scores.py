@@ -14,7 +14,7 @@ import itertools
 
 import numpy as np
 
-from jaxmerge import similarity, tasks
+from jaxmerge import merging, similarity, tasks
 
 RELATIONS = ("same images", "similar images", "dissimilar images")
 
@@ -49,6 +49,13 @@ def mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
 
 
+def mean_or_nan(values) -> float:
+    """The mean, ignoring NaN (merges not run); NaN when nothing is left."""
+    values = np.asarray(list(values), np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
 def fmt(values, digits: int = 3) -> str:
     mean, std = mean_std(values)
     if np.isnan(mean):
@@ -75,6 +82,12 @@ class Scores:
         for r in stages["merges"]:
             values = {t: s[main_metric(t)[0]] for t, s in r["scores"].items()}
             self.merged[r["seed"], r["method"], tuple(r["tasks"])] = values
+        # (seed, method, combo) -> what a learned merge or a head refit cost (seconds, images).
+        self.costs = {
+            (r["seed"], r["method"], tuple(r["tasks"])): r.get("learned") or r["refit"]
+            for r in stages["merges"]
+            if "learned" in r or "refit" in r
+        }
         self.similarity = {
             (r["seed"], tuple(r["tasks"])): r["similarity"] for r in stages["similarity"]
         }
@@ -82,12 +95,28 @@ class Scores:
     def combos(self, size: int) -> list[tuple[str, ...]]:
         return list(itertools.combinations(self.tasks, size))
 
+    @property
+    def methods(self) -> list[str]:
+        """The methods as the tables list them: the config's, then each head-refit row."""
+        refits = [f"{m}+refit" for m in self.config.get("refit_methods", ())]
+        return list(self.config.methods) + refits
+
+    def has(self, seed, method, combo) -> bool:
+        """Whether the merge was run (a method may run on some sizes only)."""
+        return (seed, method, tuple(combo)) in self.merged
+
     def merged_values(self, seed, method, task, size) -> list[float]:
         """The task's scores in every merge of `size` tasks that contains it (one seed)."""
-        return [self.merged[seed, method, c][task] for c in self.combos(size) if task in c]
+        return [
+            self.merged[seed, method, c][task]
+            for c in self.combos(size)
+            if task in c and self.has(seed, method, c)
+        ]
 
     def normalised_merge(self, seed, method, combo) -> float:
-        """Mean over the merge's tasks of the normalised score."""
+        """Mean over the merge's tasks of the normalised score (NaN for a merge not run)."""
+        if not self.has(seed, method, combo):
+            return float("nan")
         values = self.merged[seed, method, combo]
         return float(np.mean([normalised(values[t], self.single[seed, t], t) for t in combo]))
 
@@ -98,17 +127,17 @@ class Scores:
 def beats_head(s: Scores, seed, method, size) -> float:
     """Fraction of (merge, task) scores at least as good as that task's head finetuning."""
     wins = []
-    for combo in s.combos(size):
+    for combo in (c for c in s.combos(size) if s.has(seed, method, c)):
         for task in combo:
             value, head = s.merged[seed, method, combo][task], s.head[seed, task]
             wins.append(value >= head if main_metric(task)[1] else value <= head)
-    return float(np.mean(wins))
+    return mean_or_nan(wins)
 
 
 def similarity_rows(s: Scores) -> list[dict]:
     """Per pair: its measures and merge quality, each a list over seeds."""
     rows = []
-    methods = list(s.config.methods)
+    methods = [m for m in s.config.methods if m in merging.METHODS]  # merges without learning
     for pair in s.combos(2):
         row = {"pair": pair, "relation": relation(s.config, *pair)}
         for measure in similarity.MEASURES:

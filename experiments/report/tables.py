@@ -12,6 +12,7 @@ from experiments.report.scores import (
     beats_head,
     fmt,
     main_metric,
+    mean_or_nan,
     relation,
     similarity_rows,
 )
@@ -33,16 +34,39 @@ def _task_rows(s: Scores, methods, sizes) -> list[list[str]]:
             row.append(fmt([table[seed, task] for seed in s.seeds]))
         for method, size in itertools.product(methods, sizes):
             row.append(
-                fmt([np.mean(s.merged_values(seed, method, task, size)) for seed in s.seeds])
+                fmt([mean_or_nan(s.merged_values(seed, method, task, size)) for seed in s.seeds])
             )
         rows.append(row)
     return rows
 
 
+def cost_table(s: Scores, sizes, label) -> str:
+    """Seconds per learned merge or head refit (2 CPU cores here) and the images it used."""
+    header = ["method", "merges", "seconds per merge", "unlabeled images / task"]
+    header += ["labeled examples / task", "adapted on"]
+    rows = []
+    for method in s.methods:
+        for k in sizes:
+            found = {key: c for key, c in s.costs.items() if key[1] == method and len(key[2]) == k}
+            if not found:
+                continue
+            per_seed = [
+                mean_or_nan(c["seconds"] for key, c in found.items() if key[0] == seed)
+                for seed in s.seeds
+            ]
+            first = next(iter(found.values()))
+            refit = "steps" in first
+            unlabeled = "-" if refit else first["images_per_task"]
+            labeled = "all of the training split" if refit else first["labeled_per_task"]
+            split = "train split" if refit else ", ".join(first["split"]) + " split"
+            rows.append([method, label(k), fmt(per_seed, 1), unlabeled, labeled, split])
+    return markdown_table(header, rows)
+
+
 def tables(s: Scores) -> dict[str, str]:
     """{name: markdown} of every table (see experiments/README.md for what each shows)."""
     config, out = s.config, {}
-    methods, sizes = list(config.methods), list(config.merge_sizes)
+    methods, sizes = s.methods, list(config.merge_sizes)
     size_name = {2: "pairs", 3: "triples"}
     label = lambda k: size_name.get(k, f"{k}-merges")
     base = ["task", "metric", "single adapter", "head finetuning", "adapter removed"]
@@ -62,7 +86,7 @@ def tables(s: Scores) -> dict[str, str]:
             row.append(
                 fmt(
                     s.per_seed(
-                        lambda seed, k=k, m=method: np.mean(
+                        lambda seed, k=k, m=method: mean_or_nan(
                             [s.normalised_merge(seed, m, c) for c in s.combos(k)]
                         )
                     )
@@ -72,6 +96,8 @@ def tables(s: Scores) -> dict[str, str]:
             row.append(fmt(s.per_seed(lambda seed, k=k, m=method: beats_head(s, seed, m, k)), 2))
         rows.append(row)
     out["normalised_by_method"] = markdown_table(header, rows)
+    if s.costs:
+        out["learned_cost"] = cost_table(s, sizes, label)
 
     for k in sizes:
         header = ["tasks", "images" if k == 2 else "closest pair's images"] + methods
@@ -92,7 +118,7 @@ def tables(s: Scores) -> dict[str, str]:
     if 2 in sizes:
         sim = similarity_rows(s)
         header = ["pair", "images", *similarity.MEASURES, f"normalised ({config.main_method})"]
-        header.append("normalised (mean of methods)")
+        header.append("normalised (mean of fixed methods)")
         rows = [
             [" + ".join(r["pair"]), r["relation"]]
             + [fmt(r[m]) for m in similarity.MEASURES]
@@ -103,7 +129,7 @@ def tables(s: Scores) -> dict[str, str]:
         header = ["similarity measure", "merge quality", "Pearson r", "Spearman rho", "pairs"]
         rows = []
         for measure in similarity.MEASURES:
-            for target, name in (("main", config.main_method), ("all", "mean of methods")):
+            for target, name in (("main", config.main_method), ("all", "mean of fixed methods")):
                 x = [np.mean(r[measure]) for r in sim]
                 y = [np.mean(r[target]) for r in sim]
                 rows.append(
@@ -116,7 +142,7 @@ def tables(s: Scores) -> dict[str, str]:
                     ]
                 )
         out["similarity_correlation"] = markdown_table(header, rows)
-        header = ["images", "pairs", f"normalised ({config.main_method})", "mean of methods"]
+        header = ["images", "pairs", f"normalised ({config.main_method})", "mean of fixed methods"]
         rows = []
         for rel in RELATIONS:
             group = [r for r in sim if r["relation"] == rel]

@@ -275,6 +275,14 @@ def _project(coefficients, bounds):
     return jax.tree.map(lambda c: jnp.clip(c, low, high), coefficients)
 
 
+def _objective(static: _Static, coefficients, parts, base, head_params, inputs, targets, scales):
+    """The sum over tasks of each task's mean objective on the given images."""
+    outputs = _outputs(static, coefficients, parts, base, head_params, inputs)
+    return sum(
+        _task_loss(static, t, o, y, s) for t, (o, y, s) in enumerate(zip(outputs, targets, scales))
+    )
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _fit(static: _Static, coefficients, parts, base, head_params, inputs, targets, scales, key):
     """`static.steps` Adam steps on the coefficients; returns (coefficients, objective per step).
@@ -288,10 +296,8 @@ def _fit(static: _Static, coefficients, parts, base, head_params, inputs, target
     optimizer = optax.adam(learning_rate)
 
     def objective(coefficients, batch_inputs, batch_targets):
-        outputs = _outputs(static, coefficients, parts, base, head_params, batch_inputs)
-        return sum(
-            _task_loss(static, t, o, y, s)
-            for t, (o, y, s) in enumerate(zip(outputs, batch_targets, scales))
+        return _objective(
+            static, coefficients, parts, base, head_params, batch_inputs, batch_targets, scales
         )
 
     def step(carry, step_key):
@@ -344,64 +350,29 @@ def _as_head(head) -> Head:
     return head if isinstance(head, Head) else Head(*head)
 
 
-def learn_merge(
+def _setup(
     model,
-    base: Tree,
-    adapters: Sequence[Tree],
-    heads: Sequence[Any],
-    inputs: Sequence[Any],
+    base,
+    adapters,
+    heads,
+    inputs,
     *,
-    objective: str,
-    granularity: str = "core",
-    base_merge: str = "task_arithmetic",
-    density: float = 0.2,
-    steps: int = 150,
-    learning_rate: float = 0.02,
-    cosine: bool = False,
-    init: float = 1.0,
-    batch_size: int = 16,
-    bounds: tuple[float | None, float | None] | None = None,
-    match: str = "kl",
-    key: jax.Array | None = None,
-    targets: Sequence[Any] | None = None,
-    labels: Sequence[Mapping[str, Any]] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
+    objective,
+    granularity,
+    base_merge,
+    density,
+    steps,
+    learning_rate,
+    cosine,
+    init,
+    batch_size,
+    bounds,
+    match,
+    targets,
+    labels,
+    mesh,
 ):
-    """Fits merge coefficients of `adapters` on unlabeled `inputs`; returns the merged tree.
-
-    Args:
-      model: the ViT module the adapters were trained on.
-      base: its frozen base parameters.
-      adapters: n factored adapters over the same targets.
-      heads: per adapter, its task head as a `Head` or a tuple (head_def, params, kind, spec).
-      inputs: per adapter, images of its task (N_t, H, W, C), preprocessed as for evaluation;
-        from the training split, never the split that will be scored. N_t >= batch_size.
-      objective: "entropy", "output_match" or "supervised" (see the module docstring).
-      granularity: "task", "layer", or (task arithmetic only) "rank" or "core" (the default:
-        it fits best, see the module docstring).
-      base_merge: "task_arithmetic" or "ties".
-      density: the fraction of each task vector TIES keeps.
-      steps, learning_rate, batch_size: Adam steps, step size, images per task per step.
-      cosine: decay the step size to 0 along a cosine over the steps.
-      init: the starting value of every lambda (1.0 = the plain sum of the adapters).
-      bounds: (low, high) the lambdas are projected onto after each step (AdaMerging keeps
-        them in (0, 1)); None = unbounded. Not for "core", whose off-diagonal entries start at 0
-        and must be free to go negative.
-      match: "kl" or "mse", how output_match compares classification heads.
-      key: a jax.random key for the minibatches (default key(0)).
-      targets: output_match's per-task targets, aligned with `inputs` (`single_outputs`);
-        computed here when None.
-      labels: supervised only: per task, {target name: (N_t, ...) labels} aligned with inputs.
-      mesh: a ('data',) mesh to split each minibatch over (multi-device CPU); None = one device.
-
-    Returns:
-      (merged tree for `lora.fold_into_base`, coefficients (see `init_coefficients`),
-       objective history (steps,) as numpy).
-
-    Raises:
-      ValueError: for a bad setting, mismatched lengths, or entropy with a non-classification
-        head.
-    """
+    """Checks every setting and input; returns (static settings, traced arguments of `_fit`)."""
     heads = [_as_head(h) for h in heads]
     n = len(adapters)
     _check(objective, OBJECTIVES, "objective")
@@ -486,12 +457,124 @@ def learn_merge(
     args = (coefficients, parts, base, [h.params for h in heads], inputs, targets, scales)
     if mesh is not None:
         args = jax.device_put(args, NamedSharding(mesh, P()))
+    return static, args
+
+
+def learn_merge(
+    model,
+    base: Tree,
+    adapters: Sequence[Tree],
+    heads: Sequence[Any],
+    inputs: Sequence[Any],
+    *,
+    objective: str,
+    granularity: str = "core",
+    base_merge: str = "task_arithmetic",
+    density: float = 0.2,
+    steps: int = 150,
+    learning_rate: float = 0.02,
+    cosine: bool = False,
+    init: float = 1.0,
+    batch_size: int = 16,
+    bounds: tuple[float | None, float | None] | None = None,
+    match: str = "kl",
+    key: jax.Array | None = None,
+    targets: Sequence[Any] | None = None,
+    labels: Sequence[Mapping[str, Any]] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+):
+    """Fits merge coefficients of `adapters` on unlabeled `inputs`; returns the merged tree.
+
+    Args:
+      model: the ViT module the adapters were trained on.
+      base: its frozen base parameters.
+      adapters: n factored adapters over the same targets.
+      heads: per adapter, its task head as a `Head` or a tuple (head_def, params, kind, spec).
+      inputs: per adapter, images of its task (N_t, H, W, C), preprocessed as for evaluation;
+        from the training split, never the split that will be scored. N_t >= batch_size.
+      objective: "entropy", "output_match" or "supervised" (see the module docstring).
+      granularity: "task", "layer", or (task arithmetic only) "rank" or "core" (the default:
+        it fits best, see the module docstring).
+      base_merge: "task_arithmetic" or "ties".
+      density: the fraction of each task vector TIES keeps.
+      steps, learning_rate, batch_size: Adam steps, step size, images per task per step.
+      cosine: decay the step size to 0 along a cosine over the steps.
+      init: the starting value of every lambda (1.0 = the plain sum of the adapters).
+      bounds: (low, high) the lambdas are projected onto after each step (AdaMerging keeps
+        them in (0, 1)); None = unbounded. Not for "core", whose off-diagonal entries start at 0
+        and must be free to go negative.
+      match: "kl" or "mse", how output_match compares classification heads.
+      key: a jax.random key for the minibatches (default key(0)).
+      targets: output_match's per-task targets, aligned with `inputs` (`single_outputs`);
+        computed here when None.
+      labels: supervised only: per task, {target name: (N_t, ...) labels} aligned with inputs.
+      mesh: a ('data',) mesh to split each minibatch over (multi-device CPU); None = one device.
+
+    Returns:
+      (merged tree for `lora.fold_into_base`, coefficients (see `init_coefficients`),
+       objective history (steps,) as numpy).
+
+    Raises:
+      ValueError: for a bad setting, mismatched lengths, or entropy with a non-classification
+        head.
+    """
+    static, args = _setup(
+        model,
+        base,
+        adapters,
+        heads,
+        inputs,
+        objective=objective,
+        granularity=granularity,
+        base_merge=base_merge,
+        density=density,
+        steps=steps,
+        learning_rate=learning_rate,
+        cosine=cosine,
+        init=init,
+        batch_size=batch_size,
+        bounds=bounds,
+        match=match,
+        targets=targets,
+        labels=labels,
+        mesh=mesh,
+    )
     key = jax.random.key(0) if key is None else key
     coefficients, history = _fit(static, *args, key)
-    tree = merged_tree(coefficients, args[1], paths, granularity, base_merge)
+    tree = merged_tree(coefficients, args[1], static.paths, granularity, base_merge)
     dtype = lora.target_items(adapters[0])[0][1]["lora_a"].dtype
     tree = jax.tree.map(lambda x: x.astype(dtype), tree)
     return tree, jax.device_get(coefficients), np.asarray(history)
+
+
+def objective_function(model, base, adapters, heads, inputs, **settings):
+    """(f, coefficients at init): `f(coefficients)` is `learn_merge`'s objective for these
+    settings (its keywords) over *all* of `inputs` at once, for checks and plots."""
+    settings = {**_DEFAULTS, **settings}
+    static, args = _setup(model, base, adapters, [_as_head(h) for h in heads], inputs, **settings)
+    coefficients, parts, base, head_params, inputs, targets, scales = args
+
+    def f(c):
+        return _objective(static, c, parts, base, head_params, inputs, targets, scales)
+
+    return f, coefficients
+
+
+_DEFAULTS = dict(
+    granularity="core",
+    base_merge="task_arithmetic",
+    density=0.2,
+    steps=150,
+    learning_rate=0.02,
+    cosine=False,
+    init=1.0,
+    batch_size=16,
+    bounds=None,
+    match="kl",
+    targets=None,
+    labels=None,
+    mesh=None,
+)
 
 
 def _hashable(value):
