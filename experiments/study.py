@@ -257,8 +257,17 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
         if method in config.get("refit_methods", ()):
             # Reported on rows of its own ("<method>+refit"): it retrains, with labels.
             start = time.perf_counter()
+            for t in combo:
+                if ("examples", t) not in cache:
+                    cache["examples", t] = refit_lib.training_examples(runs[t], model_def)
             refit = {
-                t: refit_lib.refit_head(runs[t], model_def, backbone, steps=config.refit_steps)
+                t: refit_lib.refit_head(
+                    runs[t],
+                    model_def,
+                    backbone,
+                    steps=config.refit_steps,
+                    examples=cache["examples", t],
+                )
                 for t in combo
             }
             seconds = time.perf_counter() - start

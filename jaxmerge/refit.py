@@ -26,20 +26,24 @@ def _pooled(model_def, backbone, images):
     return model_def.apply({"params": backbone}, images)["pooled"]
 
 
-def train_features(run, model_def, backbone: Tree, batch_size: int = 512):
-    """(pooled features (N, D), batch of targets) of every example of the run's training split
-    on `backbone`, preprocessed as for evaluation."""
+def training_examples(run, model_def) -> tuple[np.ndarray, dict]:
+    """(images, {target: values}) of every example of the run's training split, preprocessed as
+    for evaluation; independent of the backbone, so a caller refitting one task on many
+    backbones reads and preprocesses them once."""
     task = run.task
     source = data.open_split(task, task.train_split, run.config)
     preprocess = data.preprocess(task, model_def.image_size, train=False)
     examples = [preprocess(source[i], np.random.default_rng(0)) for i in range(len(source))]
     images = np.stack([e["image"] for e in examples]).astype(np.float32)
-    targets = {task.target: jnp.asarray(np.stack([np.asarray(e[task.target]) for e in examples]))}
-    pool = jax.jit(lambda p, x: model_def.apply({"params": p}, x)["pooled"])
-    features = [
-        pool(backbone, images[i : i + batch_size]) for i in range(0, len(images), batch_size)
-    ]
-    return jnp.concatenate(features), targets
+    return images, {task.target: np.stack([np.asarray(e[task.target]) for e in examples])}
+
+
+def train_features(run, model_def, backbone: Tree, examples=None, batch_size: int = 512):
+    """(pooled features (N, D), {target: values}) of the training split on `backbone`."""
+    images, targets = training_examples(run, model_def) if examples is None else examples
+    starts = range(0, len(images), batch_size)
+    features = [_pooled(model_def, backbone, images[i : i + batch_size]) for i in starts]
+    return jnp.concatenate(features), jax.tree.map(jnp.asarray, targets)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -73,13 +77,14 @@ def refit_head(
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     seed: int = 0,
+    examples=None,
 ) -> Tree:
     """The run's head retrained for `steps` Adam steps on `backbone`'s pooled features of the
     task's training split (minibatches drawn with `jax.random.key(seed)`); the backbone and the
-    adapters are untouched."""
+    adapters are untouched. `examples`: `training_examples(run, model_def)`, if already read."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: got {steps!r}; allowed: an integer >= 1")
-    features, targets = train_features(run, model_def, backbone)
+    features, targets = train_features(run, model_def, backbone, examples)
     task = run.task
     spec = tuple(
         sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in task.loss_spec.items())
