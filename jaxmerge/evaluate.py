@@ -187,11 +187,12 @@ def main(argv):
         args.no_adapter,
         args.split,
     )
-    text = json.dumps(results, indent=2)
     if args.output:
         with open(args.output, "w") as f:
-            f.write(text + "\n")
-    print(text)
+            f.write(json.dumps(results, indent=2) + "\n")
+    if "coefficients" in results.get("merge", {}):  # hundreds of numbers: in --output only
+        results["merge"] = {**results["merge"], "coefficients": "(in --output)"}
+    print(json.dumps(results, indent=2))
 
 
 def cli():

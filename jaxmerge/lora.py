@@ -197,7 +197,8 @@ def delta_weights(adapter: Tree) -> Tree:
     return map_targets(lambda node: {"delta": delta_of(node)}, adapter)
 
 
-def _update_shape(node: Mapping) -> tuple[int, ...]:
+def delta_shape(node: Mapping) -> tuple[int, ...]:
+    """The (in, out) shape of one target node's update, from its factors or its delta."""
     if "delta" in node:
         return tuple(node["delta"].shape)
     return (node["lora_a"].shape[0], node["lora_b"].shape[-1])
@@ -219,9 +220,9 @@ def check_against_base(adapter: Tree, base: Tree, name: str = "adapter") -> None
                 f"{name} target {path!r} is not a layer of the base parameters; the base has "
                 f"{len(layers)} dense layers, e.g. {layers[:3]}"
             ) from None
-        if _update_shape(node) != tuple(kernel.shape):
+        if delta_shape(node) != tuple(kernel.shape):
             raise ValueError(
-                f"{name} target {path!r}: update shape {_update_shape(node)} differs from the "
+                f"{name} target {path!r}: update shape {delta_shape(node)} differs from the "
                 f"base kernel shape {tuple(kernel.shape)}"
             )
 

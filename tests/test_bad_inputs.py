@@ -67,8 +67,18 @@ def test_merge_refuses_non_finite_adapters(method, value):
             lambda: lora.init_adapter(jax.random.key(0), BASE, lora.LoraConfig(rank=1000)),
             r"LoraConfig.rank: got 1000 for target 'block_0/attention/query'; allowed: at most min\(in, out\) = 32",
         ),
+        (
+            lambda: merging.merge([_adapter(1), _adapter(2)], "svd", svd_rank=1000),
+            r"svd_rank: got 1000; allowed: at most 4 \(the summed rank of the inputs",
+        ),
+        (
+            lambda: merging.merge(
+                [_adapter(1), _adapter(2)], "task_arithmetic", output="factored", rank=5
+            ),
+            r"rank: got 5; allowed: at most 4",
+        ),
     ],
-    ids=["nan weight", "overflowing result", "fold nan", "rank above width"],
+    ids=["nan weight", "overflowing result", "fold nan", "rank above width", "svd_rank", "rank"],
 )
 def test_bad_merge_and_adapter_inputs(call, message):
     with pytest.raises(ValueError, match=message):

@@ -201,6 +201,35 @@ def _check_adapters(adapters, equal_ranks: bool, method: str) -> None:
                 )
 
 
+def _nodes_by_target(adapters):
+    """Per target (in sorted path order), its node in every adapter."""
+    items = [lora.target_items(adapter) for adapter in adapters]
+    return [[node for _, node in nodes] for nodes in zip(*items)]
+
+
+def _check_output_rank(adapters, params) -> None:
+    """A truncated SVD cannot return more directions than the update has: at most the summed
+    input rank and the layer's smaller side, over every target."""
+    for field in ("svd_rank", "rank"):
+        value = params.get(field)
+        if value is None or (field == "rank" and params.get("output") != "factored"):
+            continue
+        items = [lora.target_items(adapter) for adapter in adapters]
+        limit = min(
+            min(
+                sum(it[i][1]["lora_a"].shape[1] for it in items),
+                *nodes[0][1]["lora_a"].shape[:1],
+                nodes[0][1]["lora_b"].shape[1],
+            )
+            for i, nodes in enumerate(zip(*items))
+        )
+        if value > limit:
+            raise ValueError(
+                f"{field}: got {value}; allowed: at most {limit} (the summed rank of the inputs "
+                f"and the smaller side of every adapted layer; more would only pad with zeros)"
+            )
+
+
 def validate(adapters, method, weights, key, params):
     """Checks a `merge` call; returns (method spec, float32 weights, params with defaults)."""
     if method not in METHODS:
@@ -220,6 +249,7 @@ def validate(adapters, method, weights, key, params):
         spec.checks[name](name, value)
     if spec.check_together is not None:
         spec.check_together(full)
+    _check_output_rank(adapters, full)
     if spec.needs_key and key is None:
         raise ValueError(f"key: method {method!r} draws random masks; pass key=jax.random.key(0)")
     n = len(adapters)
