@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import jaxmerge
+from jaxmerge import lora
 
 Tree = Any
 
@@ -89,15 +90,19 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Tree, opt_state: Tree, 
         "checksum_opt_state": checksum(opt_state),
     }
     metadata["checksum_metadata"] = _metadata_checksum(metadata)
-    mngr.save(
-        int(step),
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            metadata=ocp.args.JsonSave(metadata),
-        ),
-    )
-    mngr.wait_until_finished()
+    path = os.path.join(str(mngr.directory), str(step))
+    try:
+        mngr.save(
+            int(step),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                metadata=ocp.args.JsonSave(metadata),
+            ),
+        )
+        mngr.wait_until_finished()
+    except Exception as error:  # e.g. a full disk: one line, the earlier steps stay
+        raise CheckpointError(f"checkpoint {path} could not be written: {_cause(error)}") from None
 
 
 class _Corrupted(CheckpointError):
@@ -236,5 +241,8 @@ def load(directory: str, step: int | None = None, expected_base: str | None = No
         return _read_step(mngr, s, args, expected_base, ("params",))
 
     restored = _newest_good(mngr, step, read)
+    if "lora" in restored.params:  # checksums pass for an adapter saved with NaN in it
+        where = os.path.join(str(mngr.directory), str(restored.metadata["step"]))
+        lora.check_finite(restored.params["lora"], f"checkpoint {where} adapter")
     # As host numpy arrays, so that callers place them on their own mesh.
     return jax.tree.map(np.asarray, restored.params), restored.metadata

@@ -101,6 +101,15 @@ def make_train_step(model_def, head_def, task: tasks.Task, optimizer):
     return jax.jit(update, donate_argnums=(0,))
 
 
+def _config_record(config: ml_collections.ConfigDict) -> dict:
+    """The config as saved with a run, the base path made absolute: `evaluate` and merges load
+    the run from any working directory."""
+    record = json.loads(config.to_json_best_effort())
+    if record["base"]["path"]:
+        record["base"]["path"] = os.path.abspath(os.path.expanduser(record["base"]["path"]))
+    return record
+
+
 def _log(path: str, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -143,7 +152,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
         "lora": config.lora.to_dict() if config.mode == "lora" else None,
         "head": {"hidden": config.head.hidden, "outputs": task.outputs, "kind": task.kind},
         "base_fingerprint": base_print,
-        "config": json.loads(config.to_json_best_effort()),
+        "config": _config_record(config),
     }
     if mngr.all_steps():
         params, opt_state, saved = checkpoint.restore(

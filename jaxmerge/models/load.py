@@ -48,6 +48,16 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
     """(model, base params, architecture kwargs) for the config's base source."""
     source, path = config.base.source, os.path.expanduser(config.base.path)
     family = family_of(config)
+    wants_folder = source in ("checkpoint", "hf")
+    if source != "random" and not (os.path.isdir(path) if wants_folder else os.path.isfile(path)):
+        kind = "a folder" if wants_folder else "an .npz file"
+        found = (
+            "a file" if os.path.isfile(path) else "a folder" if os.path.isdir(path) else "nothing"
+        )
+        raise ValueError(
+            f"config.base.path: {path!r} (resolved from {os.getcwd()!r}) is {found}; "
+            f"base.source={source!r} needs {kind}"
+        )
     if source == "random":
         kwargs = config_lib.model_kwargs(config)
         params = family.init_params(build(kwargs, config), jax.random.key(config.seed + 10_000))
