@@ -66,10 +66,17 @@ def run(
 
     def quiet_main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
+        logging.get_absl_logger().addFilter(_drop_advice)
         with one_line_errors():
             main(argv)
 
     app.run(quiet_main, flags_parser=_parse_in_one_line)
+
+
+def _drop_advice(record) -> bool:
+    """Drops library advice that is not about the run (TFDS recommends installing OpenCV on
+    every image dataset it opens)."""
+    return "OpenCV is not installed" not in record.getMessage()
 
 
 def _parse_in_one_line(argv: list[str]) -> list[str]:

@@ -110,6 +110,24 @@ def _config_record(config: ml_collections.ConfigDict) -> dict:
     return record
 
 
+def _drop_logged_after(path: str, step: int) -> None:
+    """Rewrites a metrics file without the records of steps after `step` (the run is resumed
+    from there and logs them again) and without a torn last line."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("split") != "train" or record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
 def _log(path: str, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -164,6 +182,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
             TrainState(jnp.asarray(saved["step"]), params, opt_state), replicated
         )
         print(f"{directory}: resumed from step {saved['step']}")
+        _drop_logged_after(os.path.join(directory, "metrics.jsonl"), saved["step"])
     start = int(state.step)
 
     train_step = make_train_step(model_def, head_def, task, optimizer)

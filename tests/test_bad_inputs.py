@@ -298,8 +298,14 @@ def test_a_second_process_on_the_same_run_is_refused(trained_run, tmp_path):
             "error: LoraConfig.rank: got 1000 for target 'block_0/attention/query'; allowed: at most min(in, out) = 128",
         ),
         ("--config.base.source=checkpoint", "error: config.base.path: got ''"),
-        ("--config.base.source=checkpoint --config.base.path=/nonexistent/base", "error: config.base.path: '/nonexistent/base' (resolved from"),
-        ("--config.base.source=checkpoint --config.base.path=/etc/hostname", "error: config.base.path: '/etc/hostname' (resolved from"),
+        (
+            "--config.base.source=checkpoint --config.base.path=/nonexistent/base",
+            "error: config.base.path: '/nonexistent/base' (resolved from",
+        ),
+        (
+            "--config.base.source=checkpoint --config.base.path=/etc/hostname",
+            "error: config.base.path: '/etc/hostname' (resolved from",
+        ),
     ],
 )
 def test_config_errors_are_one_line_and_exit_2_before_compile(tmp_path, flag, message):

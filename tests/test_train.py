@@ -202,6 +202,10 @@ def test_killed_run_resumes_to_the_same_adapter(data_dir, tmp_path):
     a, _ = checkpoint.load(str(tmp_path / "straight" / "adapters" / "digits" / "checkpoints"))
     b, _ = checkpoint.load(str(checkpoints))
     np.testing.assert_allclose(flat(b), flat(a), rtol=1e-5, atol=1e-7)
+    assert f"resumed from step {kept[-1]}" in resumed.stdout
+    metrics = open(killed / "adapters" / "digits" / "metrics.jsonl").read().splitlines()
+    logged = [json.loads(line)["step"] for line in metrics if '"train"' in line]
+    assert logged == list(range(5, steps + 1, 5))  # every log_every step once, none twice
 
 
 def _flip_a_byte(step_dir):
