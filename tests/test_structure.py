@@ -263,3 +263,23 @@ def test_a_new_model_family_is_one_module(tmp_path):
         assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
     finally:
         models.FAMILIES.pop(family.name)
+
+
+def test_a_task_can_bring_its_own_preprocessing():
+    from jaxmerge import data
+    from jaxmerge.data import ops
+
+    def inverted(task, image_size, train, crop_padding):
+        default = data.default_preprocess(task, image_size, train, crop_padding)
+        return ops.compose(default, lambda ex, rng: {**ex, "image": -ex["image"]})
+
+    plain = tasks.get("digits")
+    own = tasks.Task(
+        "digits_inverted_test", plain.dataset, "classification", 10, preprocess=inverted
+    )
+    example = {"image": np.full((8, 8, 1), 255, np.uint8), "label": 3}
+    rng = np.random.default_rng(0)
+    default_out = data.preprocess(plain, 8, train=False)(example, rng)
+    own_out = data.preprocess(own, 8, train=False)(example, rng)
+    np.testing.assert_array_equal(own_out["image"], -default_out["image"])
+    assert default_out["image"].shape == (8, 8, 3) and float(default_out["image"].max()) == 1.0
