@@ -5,7 +5,7 @@
 Setup: the offline suite's shipped base (ViT width 128, depth 6, patch 7, 28 px), rank-8
 adapters on query and value with random factors, heads of one hidden layer of 256 (one
 classification, one regression, one landmark head), 256 images per task, output matching,
-150 Adam steps of 16 images per task. For each granularity (task-wise, layer-wise, and "core",
+300 Adam steps of 16 images per task. For each granularity (task-wise, layer-wise, and "core",
 jaxmerge's default) and 2 and 3 adapters it reports the first call (compile included) and the
 median of `--repeats` further calls with a new key (the compiled program reused). One CPU
 device, as the study and `jaxmerge.evaluate` run it.
@@ -21,7 +21,7 @@ import time
 ARGS = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
 )
-ARGS.add_argument("--steps", type=int, default=150)
+ARGS.add_argument("--steps", type=int, default=300)
 ARGS.add_argument("--repeats", type=int, default=3)
 ARGS.add_argument("--json", action="store_true", help="print JSON lines only")
 
