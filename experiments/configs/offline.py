@@ -21,9 +21,10 @@ It mirrors the paper's design on a small ViT pretrained on Fashion-MNIST
 
 Arguments (comma-separated key=value after the colon): seeds (number of seeds, default 3),
 steps (training steps per run, default 300), base ("random" to use a random backbone instead
-of the pretrained one, for the ablation in the README), learned ("all", the default: learned
-merges of pairs and triples, label-free and supervised, and head refits; "quick": the
-label-free learned merge of pairs only, no head refit, to keep the quickstart short).
+of the pretrained one, for the ablation in the README), learned ("all", the default: the
+label-free learned merge of pairs and triples, and head refits; "quick": the learned merge of
+pairs only, no head refit, to keep the quickstart short). The supervised and entropy presets
+of `jaxmerge.learned_runs` can be added to `methods` by flag or in a copy of this file.
 """
 
 import os
@@ -67,7 +68,6 @@ def get_config(arg: str | None = None):
         "knots": {"density": 0.5},
         # Learned (jaxmerge.learned_runs): coefficients fitted on each task's training images.
         "learned_output_match": {},  # label-free; 256 unlabeled images per task
-        "learned_supervised": {"labeled": 64},  # reported as supervised: 64 labels per task
     }
     # Head refit after merging (jaxmerge.refit), reported on rows of its own ("<method>+refit"):
     # it retrains each head on the merged backbone with the task's labels.
@@ -78,7 +78,6 @@ def get_config(arg: str | None = None):
         raise ValueError(f"offline.py: learned={learned!r}; allowed: 'all' or 'quick'")
     c.method_sizes = {}
     if learned == "quick":  # the quickstart: label-free learned merges of pairs, no refit
-        del c.methods["learned_supervised"]
         c.method_sizes = {"learned_output_match": (2,)}
         c.refit_methods = ()
     c.main_method = "cat"  # PEFT's exact sum of the updates, the plainest merge
