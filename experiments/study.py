@@ -14,7 +14,9 @@ finished training runs are read from their `result.json`, merge scores from `mer
 similarities from `similarity.jsonl`.
 
 Workdir layout: `seed_<s>/{adapters,heads}/<task>/` (jaxmerge run folders), the three JSONL
-caches, and `report/` (tables.md, raw.jsonl, PNG plots).
+caches, and `report/` (tables.md, raw.jsonl, PNG plots). On multi-host runs only process 0
+writes the caches and the report (`jaxmerge.logs`); every process reads them, so the workdir
+must be on a filesystem they share (as Orbax's multi-host checkpoints need anyway).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import flags
-from tqdm import tqdm
 
 from experiments import report
 from jaxmerge import cli as cli_lib
@@ -37,6 +38,7 @@ from jaxmerge import (
     config_lib,
     evaluate,
     learned_runs,
+    logs,
     lora,
     merging,
     scoring,
@@ -135,12 +137,6 @@ def read_jsonl(path: str) -> list[dict]:
     return records
 
 
-def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-
 def cache_key(record: dict) -> tuple:
     return (record["seed"], record.get("method"), tuple(record["tasks"]))
 
@@ -156,7 +152,7 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """
     jobs = [(s, t, m) for s in config.seeds for t in config.tasks for m in MODES]
     records = []
-    bar = tqdm(jobs, desc="train runs", unit="run")
+    bar = logs.progress(jobs, desc="train runs", unit="run")
     for seed, task, mode in bar:
         bar.set_postfix_str(f"seed {seed} {mode}:{task}")
         directory = train.run_dir(seed_dir(workdir, seed), mode, task)
@@ -225,7 +221,7 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
     for name, run in runs.items():
         record = {"seed": seed, "tasks": [name]}
         if cache_key(record) not in done:
-            append_jsonl(path, {**record, "scores": {name: scorers[name](base, run.head)}})
+            logs.append_jsonl(path, {**record, "scores": {name: scorers[name](base, run.head)}})
 
     path = os.path.join(workdir, "similarity.jsonl")
     done = {cache_key(r) for r in read_jsonl(path)}
@@ -234,7 +230,7 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
         if cache_key(record) not in done:
             adapters = [runs[t].adapter for t in pair]
             values = {m: fn(*adapters) for m, fn in similarity.MEASURES.items()}
-            append_jsonl(path, {**record, "similarity": values})
+            logs.append_jsonl(path, {**record, "similarity": values})
 
     path = os.path.join(workdir, "merges.jsonl")
     done = {cache_key(r) for r in read_jsonl(path)}
@@ -246,14 +242,14 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
     ]
     cache: dict = {}
     coefficients_path = os.path.join(workdir, "learned_coefficients.jsonl")
-    for method, combo in tqdm(jobs, desc=f"merges seed {seed}", unit="merge"):
+    for method, combo in logs.progress(jobs, desc=f"merges seed {seed}", unit="merge"):
         merged, extra = merge_combo(config, runs, combo, method, model_def, base, seed, cache)
         backbone = lora.fold_into_base(base, merged)
         scores = {t: scorers[t](backbone, runs[t].head) for t in combo}
         record = {"seed": seed, "method": method, "tasks": list(combo), "scores": scores}
-        append_jsonl(path, {**record, **extra})
+        logs.append_jsonl(path, {**record, **extra})
         for learned_record in cache.pop("coefficients", []):
-            append_jsonl(coefficients_path, learned_record)
+            logs.append_jsonl(coefficients_path, learned_record)
         if method in config.get("refit_methods", ()):
             # Reported on rows of its own ("<method>+refit"): it retrains, with labels.
             start = time.perf_counter()
@@ -273,7 +269,9 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
             seconds = time.perf_counter() - start
             scores = {t: scorers[t](backbone, refit[t]) for t in combo}
             extra = {"refit": {"steps": config.refit_steps, "seconds": seconds}}
-            append_jsonl(path, {**record, "method": f"{method}+refit", "scores": scores, **extra})
+            logs.append_jsonl(
+                path, {**record, "method": f"{method}+refit", "scores": scores, **extra}
+            )
     for name in ("no_adapter", "similarity", "merges"):
         records = read_jsonl(os.path.join(workdir, f"{name}.jsonl"))
         out[name] = [r for r in records if r["seed"] == seed]
@@ -303,6 +301,8 @@ def define_flags():
 def main(argv):
     del argv
     paths = run_study(flags.FLAGS.config, flags.FLAGS.workdir)
+    if not logs.is_writer():  # process 0 wrote and prints the report
+        return
     with open(paths["main_table"]) as f:
         print(f.read())
     print("report:")

@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.crop_padding = 2  # random-crop padding in pixels (0: no crop augmentation)
     c.log_every = 10
     c.checkpoint_every = 100
+    # TensorBoard event files of the logged scalars in `<run>/tensorboard/` (needs tensorboardX;
+    # skipped with a note without it). metrics.jsonl is written either way and stays the record.
+    c.tensorboard = True
     # A resumed run must have the checkpoint's config (but for RESULT_NEUTRAL fields) unless
     # this is set: a changed learning rate or step count would silently change the run.
     c.resume_with_changed_config = False
@@ -83,6 +86,7 @@ RESULT_NEUTRAL = (
     "data_dir",
     "manual_dir",
     "resume_with_changed_config",
+    "tensorboard",
 )
 
 
@@ -201,6 +205,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.crop_padding,
         "an integer >= 0",
     )
+    _check(isinstance(c.tensorboard, bool), "tensorboard", c.tensorboard, "True or False")
     _check(
         c.checkpoint_every % min(c.log_every, 10) == 0,
         "checkpoint_every",

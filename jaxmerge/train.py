@@ -7,11 +7,15 @@ every host; the batch is sharded along it and parameters are replicated. The bas
 of the update, never part of the optimised state, so it has no optimizer state.
 
 Outputs, under `workdir/<mode>/<task>/`: Orbax checkpoints (`checkpoint.py`), `metrics.jsonl`
-(one line per logged step and per evaluation) and `result.json` (the final evaluation).
+(one line per logged step and per evaluation), `result.json` (the final evaluation) and, with
+`config.tensorboard`, the same scalars as TensorBoard events in `tensorboard/`. On multi-host
+runs every process writes its part of the checkpoints; only process 0 writes the other files
+and draws the progress bar (`logs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,9 +29,8 @@ import optax
 from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
-from jaxmerge import checkpoint, config_lib, data, heads, lora, run_lock, scoring, tasks
+from jaxmerge import checkpoint, config_lib, data, heads, logs, lora, run_lock, scoring, tasks
 from jaxmerge import cli as cli_lib
 from jaxmerge.models import load
 
@@ -48,18 +51,23 @@ def run_dir(workdir: str, mode: str, task: str) -> str:
     return os.path.join(workdir, {"lora": "adapters", "head": "heads", "full": "full"}[mode], task)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup, cosine decay and global-norm clipping.
-
-    Weight decay applies to matrices only (not biases, norms or the constant LoRA `scale`).
-    """
-    schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate of update k (0-based): linear warmup, then cosine decay."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
         warmup_steps=config.warmup_steps,
         decay_steps=max(config.steps, config.warmup_steps + 1),
         end_value=config.learning_rate * config.end_learning_rate_factor,
     )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with `make_schedule`'s learning rate and global-norm clipping.
+
+    Weight decay applies to matrices only (not biases, norms or the constant LoRA `scale`).
+    """
+    schedule = make_schedule(config)
     matrices_only = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip_norm),
@@ -112,8 +120,9 @@ def _config_record(config: ml_collections.ConfigDict) -> dict:
 
 def _drop_logged_after(path: str, step: int) -> None:
     """Rewrites a metrics file without the records of steps after `step` (the run is resumed
-    from there and logs them again) and without a torn last line."""
-    if not os.path.exists(path):
+    from there and logs them again) and without a torn last line. Process 0 only, as it alone
+    writes the file."""
+    if not logs.is_writer() or not os.path.exists(path):
         return
     kept = []
     with open(path) as f:
@@ -128,11 +137,6 @@ def _drop_logged_after(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-def _log(path: str, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run the config describes and returns its final evaluation.
 
@@ -143,7 +147,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_lib.validate(config)  # every value checked before anything compiles
     directory = run_dir(workdir, config.mode, config.task)
     os.makedirs(directory, exist_ok=True)
-    with run_lock.hold(directory):
+    # Process 0 holds the lock for the whole multi-host job: on a shared filesystem the other
+    # processes would find it taken by their own job.
+    with run_lock.hold(directory) if logs.is_writer() else contextlib.nullcontext():
         return _train_and_evaluate(config, directory)
 
 
@@ -181,7 +187,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
         state = jax.device_put(
             TrainState(jnp.asarray(saved["step"]), params, opt_state), replicated
         )
-        print(f"{directory}: resumed from step {saved['step']}")
+        logs.info(f"{directory}: resumed from step {saved['step']}")
         _drop_logged_after(os.path.join(directory, "metrics.jsonl"), saved["step"])
     start = int(state.step)
 
@@ -191,46 +197,59 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
     metrics_path = os.path.join(directory, "metrics.jsonl")
     batches = data.train_batches(task, config, model_def, start_step=start)
     sync_every = min(config.log_every, MAX_STEPS_WITHOUT_SYNC)
-
-    bar = tqdm(total=config.steps, initial=start, desc=f"{config.mode}:{task.name}", unit="step")
-    last_time, last_step = time.perf_counter(), start
-    for step in range(start, config.steps):
-        state, metrics = train_step(state, base, data.shard_batch(next(batches), mesh), rng)
-        done = step + 1
-        if done % sync_every and done != config.steps:
-            continue
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(
-                f"{directory}: loss became {metrics['loss']} at step {done}; the last good "
-                f"checkpoint (step {mngr.latest_step()}) is kept; lower config.learning_rate"
-            )
-        now = time.perf_counter()
-        images_per_s = (done - last_step) * config.batch_size / (now - last_time)
-        last_time, last_step = now, done
-        bar.update(done - bar.n)
-        main = task.head_kind.main_metric
-        bar.set_postfix(
-            loss=f"{metrics['loss']:.3f}",
-            **{main: f"{metrics.get(main, 0):.3f}"},
-            img_s=f"{images_per_s:.0f}",
-        )
-        if done % config.log_every == 0 or done == config.steps:
-            _log(
-                metrics_path,
-                {"step": done, "split": "train", "images_per_s": images_per_s, **metrics},
-            )
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            checkpoint.save(mngr, done, state.params, state.opt_state, metadata)
-    bar.close()
-
-    result = scoring.evaluate(
-        eval_step, state.params, base, data.eval_batches(task, config, model_def), mesh
+    schedule = make_schedule(config)
+    tensorboard = logs.Scalars(
+        os.path.join(directory, "tensorboard"),
+        enabled=config.tensorboard,
+        # A resume logs the steps after `start` again: TensorBoard hides the old ones.
+        purge_step=start + 1 if start else None,
     )
-    result = {"task": task.name, "mode": config.mode, "step": int(state.step), **result}
-    _log(metrics_path, {"split": task.eval_split, **result})
-    with open(os.path.join(directory, "result.json"), "w") as f:
-        json.dump(result, f, indent=2)
+
+    bar = logs.progress(
+        total=config.steps, initial=start, desc=f"{config.mode}:{task.name}", unit="step"
+    )
+    last_time, last_step = time.perf_counter(), start
+    with contextlib.closing(tensorboard), contextlib.closing(bar):
+        for step in range(start, config.steps):
+            state, metrics = train_step(state, base, data.shard_batch(next(batches), mesh), rng)
+            done = step + 1
+            if done % sync_every and done != config.steps:
+                continue
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(
+                    f"{directory}: loss became {metrics['loss']} at step {done}; the last good "
+                    f"checkpoint (step {mngr.latest_step()}) is kept; lower config.learning_rate"
+                )
+            now = time.perf_counter()
+            images_per_s = (done - last_step) * config.batch_size / (now - last_time)
+            last_time, last_step = now, done
+            bar.update(done - bar.n)
+            main = task.head_kind.main_metric
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                **{main: f"{metrics.get(main, 0):.3f}"},
+                img_s=f"{images_per_s:.0f}",
+            )
+            if done % config.log_every == 0 or done == config.steps:
+                # The rate of the last update (update k uses schedule(k)).
+                learning_rate = float(schedule(done - 1))
+                record = {"images_per_s": images_per_s, "learning_rate": learning_rate, **metrics}
+                logs.append_jsonl(metrics_path, {"step": done, "split": "train", **record})
+                tensorboard.write("train", record, done)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                checkpoint.save(mngr, done, state.params, state.opt_state, metadata)
+        bar.close()
+
+        result = scoring.evaluate(
+            eval_step, state.params, base, data.eval_batches(task, config, model_def), mesh
+        )
+        result = {"task": task.name, "mode": config.mode, "step": int(state.step), **result}
+        logs.append_jsonl(metrics_path, {"split": task.eval_split, **result})
+        tensorboard.write(task.eval_split, result, result["step"])
+    if logs.is_writer():
+        with open(os.path.join(directory, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 
@@ -247,7 +266,8 @@ def main(argv):
     if flags.FLAGS.distributed:
         jax.distributed.initialize()
     result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    print(json.dumps(result))
+    if logs.is_writer():
+        print(json.dumps(result))
 
 
 def cli():

@@ -12,6 +12,7 @@ from experiments.report import scores
 from experiments.report.plots import plots
 from experiments.report.scores import Scores, method_params
 from experiments.report.tables import tables
+from jaxmerge import logs
 
 
 def machine() -> dict:
@@ -25,7 +26,12 @@ def machine() -> dict:
 
 
 def write(config, workdir: str, training, stages, seconds: float) -> dict[str, str]:
-    """Writes report/{tables.md, main_table.md, raw.jsonl, *.png}; returns {name: path}."""
+    """Writes report/{tables.md, main_table.md, raw.jsonl, *.png}; returns {name: path}.
+
+    On multi-host runs only process 0 writes; the others return {} (nothing was written).
+    """
+    if not logs.is_writer():
+        return {}
     directory = os.path.join(workdir, "report")
     os.makedirs(directory, exist_ok=True)
     s = Scores(config, training, stages)

@@ -1,2 +1,3 @@
 """Files of other libraries: Hugging Face ViT checkpoints (`hf`), big_vision `.npz` checkpoints
-(`bigvision`) and PEFT adapter folders (`peft`)."""
+(`bigvision`), PEFT adapter folders (`peft`) and the adapters of JAX LoRA libraries, qwix and
+lorax (`jax_lora`)."""
