@@ -5,13 +5,17 @@ The public API, re-exported here (the modules keep the full set):
     import jaxmerge as jm
 
     adapter = jm.init_adapter(key, base, jm.LoraConfig(rank=8, targets="qv"))
-    merged = jm.merge([adapter_a, adapter_b], "ties", [0.5, 0.5], density=0.5)
+    merged = jm.merging.merge([adapter_a, adapter_b], "ties", [0.5, 0.5], density=0.5)
     backbone = jm.fold_into_base(base, merged)
+
+(`jaxmerge.merge` is the command that writes a merged multi-task model folder,
+`python -m jaxmerge.merge`; the merge function is `jaxmerge.merging.merge`.)
 
 Where things live: `lora` (adapter trees), `merging` (merge methods by name), `models` (model
 families by name: `models.vit`), `interop` (Hugging Face, big_vision and PEFT files), `data`
 (the TF-free input pipeline), `tasks` and `heads` (what each task trains and scores),
-`scoring`, `train`, `evaluate` (entry points), `datasets` (TFDS builders).
+`scoring`, `train`, `evaluate`, `merge`, `predict` (entry points), `model_folder` (merged
+multi-task models), `datasets` (TFDS builders).
 """
 
 __version__ = "0.1.0"
@@ -24,7 +28,7 @@ from jaxmerge.lora import (  # noqa: E402
     init_adapter,
     unfold_from_base,
 )
-from jaxmerge.merging import METHODS, merge  # noqa: E402
+from jaxmerge.merging import METHODS  # noqa: E402
 from jaxmerge.models.vit import ViT  # noqa: E402
 
 __all__ = [
@@ -35,7 +39,6 @@ __all__ = [
     "fold_into_base",
     "init_adapter",
     "lora",
-    "merge",
     "merging",
     "models",
     "unfold_from_base",

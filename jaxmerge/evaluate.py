@@ -44,6 +44,7 @@ class Run:
     head: Tree
     adapter: Tree | None
     base_fingerprint: str
+    trained_base: Tree | None = None  # a full-finetuning run's own backbone
 
 
 def load_run(directory: str) -> Run:
@@ -60,6 +61,7 @@ def load_run(directory: str) -> Run:
         params["head"],
         params.get("lora"),
         metadata["base_fingerprint"],
+        params.get("base"),
     )
 
 
@@ -127,9 +129,7 @@ def evaluate_runs(
     elif no_adapter:
         backbones = [base] * len(runs)
     else:
-        backbones = [
-            base if r.adapter is None else lora.fold_into_base(base, r.adapter) for r in runs
-        ]
+        backbones = [_own_backbone(r, base) for r in runs]
     names = [run.task.name for run in runs]
     # The same task twice (an adapter beside its head baseline) is told apart by the run's mode.
     keys = [f"{n}:{r.config.mode}" if names.count(n) > 1 else n for n, r in zip(names, runs)]
@@ -139,6 +139,14 @@ def evaluate_runs(
             results[key]["single_adapter"] = _own_result(run)
         results["merge"] = about_merge
     return results
+
+
+def _own_backbone(run: Run, base: Tree) -> Tree:
+    """The backbone a run was trained to use: base + its adapter, its own trained copy (mode
+    "full"), or the base (head finetuning)."""
+    if run.trained_base is not None:
+        return run.trained_base
+    return base if run.adapter is None else lora.fold_into_base(base, run.adapter)
 
 
 def _own_result(run: Run) -> dict[str, float] | None:

@@ -115,6 +115,10 @@ def test_modes_train_what_they_should(data_dir, tmp_path, mode):
         .splitlines()
     )
     assert len(lines) == 20 // 5 + 1  # every log_every steps, plus the evaluation
+    from jaxmerge import evaluate  # each mode scored again on the backbone it trained for
+
+    again = evaluate.evaluate_runs([train.run_dir(str(tmp_path), mode, "digits")])["digits"]
+    assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
 
 
 def test_adapter_learns_digits(data_dir, tmp_path):

@@ -2,7 +2,7 @@
 
     adapter = from_qwix(params, alpha=16.0)  # a qwix (tunix) LoRA model's params
     adapter = from_lorax(params)             # params holding lorax LoraWeight leaves
-    merged = jaxmerge.merge([adapter, other], "ties", weights)
+    merged = jaxmerge.merging.merge([adapter, other], "ties", weights)
 
 Each returns `{target path: {"lora_a": (in, r), "lora_b": (r, out), "scale": ()}}` (`lora.py`),
 the update `dW = scale * lora_a @ lora_b` in the layout of a flax kernel (in, out).

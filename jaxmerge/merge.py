@@ -1,0 +1,159 @@
+"""Merge trained adapters into one multi-task model folder (`jaxmerge.model_folder`).
+
+    python -m jaxmerge.merge --run W/adapters/digits --run W/adapters/digit_box \
+        --method ties --weights 0.5,0.5 --merge_param density=0.5 --output models/digits_box
+    python -m jaxmerge.merge --run W/adapters/digits --run W/adapters/digit_box \
+        --method learned_output_match --fold --output models/learned
+    python -m jaxmerge.merge ... --method cat --output models/cat --export_peft exported/cat
+
+`--method` is a fixed method of `jaxmerge.merging.METHODS` or a learned preset of
+`jaxmerge.learned_runs.PRESETS` (fitted on images of each task's training split). The folder
+holds the base and the merged adapter (or, with `--fold`, the backbone with the adapter folded
+in), every task's own head (heads are never merged) and model.json; `python -m
+jaxmerge.predict --model FOLDER IMAGES...` runs it. `--export_peft DIR` also writes the merged
+adapter as a PEFT LoRA folder (not for `--fold`, nor for methods that return dense deltas).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from absl import flags
+
+from jaxmerge import cli as cli_lib
+from jaxmerge import evaluate, learned_runs, merging, model_folder
+
+Tree = Any
+
+
+def check_request(
+    directories: Sequence[str],
+    method: str,
+    weights: Sequence[float] | None,
+    fold: bool,
+    output: str,
+    export_peft: str | None,
+) -> None:
+    """Every flag checked before anything loads: ValueError naming the flag otherwise."""
+    if not directories:
+        raise ValueError("--run: give at least one run folder (WORKDIR/adapters/<task>)")
+    model_folder.check_output_folder(output)
+    if method not in merging.METHODS and method not in learned_runs.PRESETS:
+        raise ValueError(
+            f"--method: got {method!r}; allowed: a fixed method {sorted(merging.METHODS)} or a "
+            f"learned one {sorted(learned_runs.PRESETS)}"
+        )
+    if method in learned_runs.PRESETS and weights is not None:
+        raise ValueError(f"--weights: learned method {method!r} fits its own weights; drop them")
+    if export_peft is not None:
+        if fold:
+            model_folder.check_peft_exportable(None, True, method)
+        model_folder.check_output_folder(export_peft, "--export_peft")
+
+
+def merge_adapters(runs, model_def, base, method, weights, params, seed=0) -> tuple[Tree, dict]:
+    """(merged adapter tree, recipe) of the runs' adapters: a fixed method, or a learned preset
+    (the recipe then holds its record: settings, coefficients, seconds, images used)."""
+    params = dict(params or {})
+    if method in learned_runs.PRESETS:
+        merged, record = learned_runs.merge_runs(runs, model_def, base, method, params, seed)
+        recipe = {"method": method, "weights": None, "params": params, "learned": record}
+    else:
+        adapters = [run.adapter for run in runs]
+        merged = merging.merge(adapters, method, weights, key=jax.random.key(seed), **params)
+        recipe = {"method": method, "weights": weights, "params": params, "learned": None}
+    return merged, {**recipe, "seed": seed}
+
+
+def merge_to_folder(
+    directories: Sequence[str],
+    method: str,
+    output: str,
+    weights: Sequence[float] | None = None,
+    params: dict[str, Any] | None = None,
+    fold: bool = False,
+    export_peft: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Merges the runs' adapters and writes a model folder (and a PEFT export); returns a
+    summary: the folder, tasks, method, whether folded, the export, seconds."""
+    start = time.perf_counter()
+    weights = None if weights is None else [float(w) for w in weights]
+    check_request(directories, method, weights, fold, output, export_peft)
+    runs = [evaluate.load_run(d) for d in directories]
+    headless = [r.directory for r in runs if r.adapter is None]
+    if headless:
+        raise ValueError(
+            f"--run: {headless[0]!r} has no adapter (a head or full run); allowed: LoRA runs "
+            f"WORKDIR/adapters/<task>"
+        )
+    names = [run.task.name for run in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--run: task(s) {twice} given twice; allowed: one run per task")
+    model_def, base = evaluate.load_base_of(runs)
+    merged, recipe = merge_adapters(runs, model_def, base, method, weights, params, seed)
+    if export_peft is not None:  # refused before anything is written
+        model_folder.check_peft_exportable(merged, fold, method)
+    info = model_folder.describe(runs, model_def, recipe, fold)
+    heads = {run.task.name: run.head for run in runs}
+    folder = model_folder.save(output, info, base, merged, heads)
+    exported = None
+    if export_peft is not None:
+        exported = model_folder.export_peft(model_folder.load(folder), export_peft)
+    return {
+        "output": folder,
+        "tasks": names,
+        "method": method,
+        "folded": bool(fold),
+        "peft": exported,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _weights(values: Sequence[str] | None) -> list[float] | None:
+    if not values:
+        return None
+    try:
+        return [float(w) for w in values]
+    except ValueError:
+        raise ValueError(f"--weights: got {','.join(values)!r}; allowed: numbers") from None
+
+
+def define_flags():
+    flags.DEFINE_multi_string("run", [], "A LoRA run folder, WORKDIR/adapters/<task>; repeated.")
+    flags.DEFINE_string("method", None, "A merge method, fixed or learned.")
+    flags.DEFINE_list("weights", None, "One weight per run (fixed methods).")
+    flags.DEFINE_multi_string("merge_param", [], "name=value for the merge method.")
+    flags.DEFINE_bool("fold", False, "Store the backbone with the merged adapter folded in.")
+    flags.DEFINE_string("output", None, "The model folder to write (new or empty).")
+    flags.DEFINE_string("export_peft", None, "Also write the merged adapter as a PEFT folder.")
+    flags.DEFINE_integer("seed", 0, "Random masks (DARE) and learned merges' images.")
+
+
+def main(argv):
+    del argv
+    args = flags.FLAGS
+    summary = merge_to_folder(
+        args.run,
+        args.method,
+        args.output,
+        _weights(args.weights),
+        dict(evaluate._parse_param(p) for p in args.merge_param),
+        args.fold,
+        args.export_peft,
+        args.seed,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def cli():
+    cli_lib.run(main, define_flags, required=["method", "output"])
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,220 @@
+"""Run every task of a model on image files: one row of readable predictions per image.
+
+    python -m jaxmerge.predict --model models/digits_box photos/ 'scans/**/*.png' \
+        --output predictions.jsonl
+    python -m jaxmerge.predict --model W/adapters/digits one.png --output predictions.csv
+
+`--model` is a model folder (`python -m jaxmerge.merge`) or one training run
+(WORKDIR/adapters/<task>, its adapter folded into its base). Paths are image files, folders
+(searched recursively for image suffixes, hidden files such as .DS_Store skipped) or globs.
+Images of any size and PIL mode (grey, RGBA, CMYK, 16-bit, ...) are decoded to RGB and
+preprocessed as the tasks were in training. Rows go to `--output` as JSONL or CSV (by suffix),
+or as JSONL to stdout: the path, then per task the class name and probability, the value, or
+the landmarks in the input image's pixels. An image that cannot be read gives one line on
+stderr and a row with an "error" field; the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import flags
+from tqdm import tqdm
+
+from jaxmerge import cli as cli_lib
+from jaxmerge import model_folder
+from jaxmerge.datasets import common
+
+IMAGE_SUFFIXES = common.IMAGE_SUFFIXES + (".gif",)
+
+
+def open_model(path: str) -> model_folder.MultiTaskModel:
+    """A model folder (it has model.json) or a training run folder (it has checkpoints/)."""
+    if os.path.isfile(os.path.join(path, model_folder.MODEL_FILE)):
+        return model_folder.load(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return model_folder.from_run(path)
+    raise ValueError(
+        f"--model: {path!r} holds neither {model_folder.MODEL_FILE} nor checkpoints/; allowed: "
+        f"a folder written by `python -m jaxmerge.merge` or a run folder WORKDIR/adapters/<task>"
+    )
+
+
+def _images_in(folder: str) -> list[str]:
+    """Image files under `folder` (recursive, by suffix), hidden files and folders skipped
+    (.DS_Store, macOS `._name.jpg` resource forks, .git), in sorted order."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        found += [
+            os.path.join(root, name)
+            for name in sorted(files)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+        ]
+    return found
+
+
+def image_paths(patterns: Sequence[str]) -> list[str]:
+    """Files, folders and globs -> image files, each once, in the order given.
+
+    A file named explicitly is kept whatever its suffix; folders (also those a glob matches)
+    are searched with `_images_in`.
+    """
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = (
+            [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
+        )
+        if not matches:
+            raise ValueError(
+                f"PATHS: {pattern!r} is not a file, a folder or a glob that matches anything"
+            )
+        for match in matches:
+            paths += _images_in(match) if os.path.isdir(match) else [match]
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        raise ValueError(f"PATHS: no image files ({', '.join(IMAGE_SUFFIXES)}) in {patterns}")
+    return unique
+
+
+def _read(path: str, prepare) -> tuple[np.ndarray, tuple[int, int]]:
+    rgb = common.load_rgb(path)
+    return prepare({"image": rgb}, None)["image"], rgb.shape[:2]
+
+
+def predict_paths(
+    model: model_folder.MultiTaskModel, paths: Sequence[str], batch_size: int = 32
+) -> Iterator[dict[str, Any]]:
+    """One row per path, in order: {"path", task: prediction, ...} or {"path", "error"}.
+
+    A file that cannot be decoded gives one line on stderr naming it and the cause. Batches are
+    padded to `batch_size`, so the model compiles once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch_size: got {batch_size}; allowed: an integer >= 1")
+    prepare = model_folder.preprocess_fn(model.info["preprocessing"])
+    size = model.info["preprocessing"]["image_size"]
+    bar = tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        rows: list[dict[str, Any]] = [{"path": p} for p in chunk]
+        images, shapes, good = [], [], []
+        for index, path in enumerate(chunk):
+            try:
+                image, shape = _read(path, prepare)
+            # Any decoder failure (PIL raises OSError, SyntaxError, ValueError, struct.error,
+            # DecompressionBombError...) is this file's problem, never the run's.
+            except Exception as error:
+                cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+                rows[index]["error"] = f"{type(error).__name__}: {cause}"
+                tqdm.write(f"predict: skipped {path}: {rows[index]['error']}", file=sys.stderr)
+                continue
+            images.append(image)
+            shapes.append(shape)
+            good.append(index)
+        if images:
+            batch = np.zeros((batch_size, size, size, 3), np.float32)
+            batch[: len(images)] = np.stack(images)
+            outputs = model.predict(batch)
+            predictions = model_folder.outputs_to_predictions(outputs, model.tasks, shapes)
+            for index, prediction in zip(good, predictions):
+                rows[index].update(prediction)
+        bar.update(len(chunk))
+        yield from rows
+    bar.close()
+
+
+def csv_columns(tasks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """path, then per task `task.label`, `task.probability` / `task.value` / `task.x0`,
+    `task.y0`, ..., then error."""
+    columns = ["path"]
+    for task, info in tasks.items():
+        if info["kind"] == "classification":
+            columns += [f"{task}.label", f"{task}.probability"]
+        elif info["kind"] == "regression":
+            columns.append(f"{task}.value")
+        else:
+            for k in range(info["outputs"] // 2):
+                columns += [f"{task}.x{k}", f"{task}.y{k}"]
+    return columns + ["error"]
+
+
+def flat_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row as `csv_columns` names its fields."""
+    flat = {"path": row["path"], "error": row.get("error", "")}
+    for task, prediction in row.items():
+        if not isinstance(prediction, dict):
+            continue
+        for field in ("label", "probability", "value"):
+            if field in prediction:
+                flat[f"{task}.{field}"] = prediction[field]
+        for k, (x, y) in enumerate(prediction.get("points", [])):
+            flat.update({f"{task}.x{k}": x, f"{task}.y{k}": y})
+    return flat
+
+
+def write_rows(rows: Iterable[dict], output: str | None, tasks) -> int:
+    """Writes rows as they come (JSONL, or CSV for a `.csv` output; stdout without one);
+    returns how many were written."""
+    count = 0
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if output is None else stack.enter_context(open(output, "w", newline=""))
+        writer = None
+        if output is not None and output.lower().endswith(".csv"):
+            writer = csv.DictWriter(out, fieldnames=csv_columns(tasks))
+            writer.writeheader()
+        for row in rows:
+            if writer is None:
+                out.write(json.dumps(row) + "\n")
+            else:
+                writer.writerow(flat_row(row))
+            count += 1
+    return count
+
+
+def define_flags():
+    flags.DEFINE_string("model", None, "A model folder, or a run folder WORKDIR/adapters/<task>.")
+    flags.DEFINE_string("output", None, "Rows as .jsonl or .csv (default: JSONL on stdout).")
+    flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+
+
+def main(argv):
+    args = flags.FLAGS
+    patterns = argv[1:]
+    if not patterns:
+        raise ValueError("PATHS: give image files, folders or globs after the flags")
+    if args.output and not args.output.lower().endswith((".jsonl", ".csv")):
+        raise ValueError(f"--output: got {args.output!r}; allowed: a .jsonl or .csv file")
+    paths = image_paths(patterns)
+    model = open_model(args.model)
+    skipped = []
+
+    def noting_errors(rows):
+        for row in rows:
+            if "error" in row:
+                skipped.append(row["path"])
+            yield row
+
+    rows = noting_errors(predict_paths(model, paths, args.batch_size))
+    count = write_rows(rows, args.output, model.tasks)
+    print(
+        f"predict: {count} images, {count - len(skipped)} predicted, {len(skipped)} skipped; "
+        f"tasks {', '.join(model.tasks)}; rows in {args.output or 'stdout'}",
+        file=sys.stderr,
+    )
+
+
+def cli():
+    cli_lib.run(main, define_flags, required=["model"])
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,324 @@
+"""The multi-task model folder: a round trip equal to the in-memory merge (folded or not),
+checksums on load, no overwriting, the PEFT export, predictions on odd image files, and the
+merge and predict commands end to end, on two tiny runs trained on scikit-learn digits."""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxmerge import checkpoint, evaluate, lora, merging, model_folder, multitask, predict, train
+from jaxmerge.datasets import common, prepare
+from jaxmerge.interop import peft
+from jaxmerge.merging import learned
+from tests.test_train import tiny_config
+
+# `jaxmerge.merge` the attribute is the public merge function; the command is its submodule.
+merge_cli = importlib.import_module("jaxmerge.merge")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("digits", "digit_box")
+TIES = dict(method="ties", weights=[0.5, 0.5], params={"density": 0.5})
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    """Two LoRA runs of 10 steps on one random base: digit classes and digit boxes."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    for name in ("sklearn_digits", "digit_box"):
+        prepare.prepare(name, str(data_dir))
+    workdir = tmp_path_factory.mktemp("work")
+    for task in TASKS:
+        config = tiny_config(data_dir, task=task, steps=10, checkpoint_every=10, log_every=5)
+        train.train_and_evaluate(config, str(workdir))
+    return [str(workdir / "adapters" / task) for task in TASKS]
+
+
+@pytest.fixture(scope="module")
+def ties_folder(run_dirs, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("models") / "ties")
+    merge_cli.merge_to_folder(run_dirs, output=folder, **TIES)
+    return folder
+
+
+def images(count=5, size=8, seed=0):
+    return np.random.default_rng(seed).normal(size=(count, size, size, 3)).astype(np.float32)
+
+
+def in_memory_outputs(run_dirs, method, weights, params, batch):
+    """fold_into_base(base, merging.merge(...)) then one multitask_forward: the reference."""
+    runs = [evaluate.load_run(d) for d in run_dirs]
+    model_def, base = evaluate.load_base_of(runs)
+    merged = merging.merge(
+        [r.adapter for r in runs], method, weights, key=jax.random.key(0), **params
+    )
+    backbone = lora.fold_into_base(base, merged)
+    head_defs = {r.task.name: r.head_def for r in runs}
+    heads = {r.task.name: r.head for r in runs}
+    return multitask.multitask_forward(model_def, head_defs, backbone, heads, batch), runs
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_folder_predicts_what_the_in_memory_merge_does(run_dirs, tmp_path, fold):
+    folder = str(tmp_path / "model")
+    summary = merge_cli.merge_to_folder(run_dirs, output=folder, fold=fold, **TIES)
+    assert summary["folded"] is fold and summary["tasks"] == list(TASKS)
+    model = model_folder.load(folder)
+    batch = images()
+    expected, runs = in_memory_outputs(run_dirs, "ties", [0.5, 0.5], {"density": 0.5}, batch)
+    outputs = model.predict(batch)
+    assert list(outputs) == list(TASKS)
+    for task in TASKS:
+        np.testing.assert_allclose(outputs[task], expected[task], rtol=1e-5, atol=1e-6)
+    params, _ = checkpoint.load(os.path.join(folder, "checkpoints"), step=0)
+    assert set(params) == ({"base", "heads"} if fold else {"base", "merged", "heads"})
+    assert (model.merged is None) is fold
+
+    info = json.load(open(os.path.join(folder, "model.json")))
+    assert info["model"]["kwargs"]["image_size"] == 8 and info["model"]["family"] == "vit"
+    assert info["tasks"]["digits"]["labels"] == [str(d) for d in range(10)]
+    assert info["tasks"]["digits"]["metric"] == "accuracy"
+    assert info["tasks"]["digit_box"]["labels"] is None
+    assert info["tasks"]["digit_box"]["spec"] == {"norm_points": [0, 1]}
+    assert info["preprocessing"]["normalisation"] == "[-1, 1]"
+    assert info["base_fingerprint"] == runs[0].base_fingerprint
+    assert info["merge"]["method"] == "ties" and info["merge"]["params"] == {"density": 0.5}
+    for source, run in zip(info["merge"]["runs"], runs):
+        assert source["adapter_sha256"] == checkpoint.checksum(run.adapter)
+        assert source["head_sha256"] == checkpoint.checksum(run.head)
+
+
+def test_learned_merge_stores_a_record_that_rebuilds_it(run_dirs, tmp_path):
+    folder = str(tmp_path / "learned")
+    params = {"images": 16, "steps": 3}
+    merge_cli.merge_to_folder(run_dirs, "learned_output_match", folder, params=params)
+    model = model_folder.load(folder)
+    record = model.info["merge"]["learned"]
+    assert record["settings"]["granularity"] == "core" and record["images_per_task"] == 16
+    adapters = [evaluate.load_run(d).adapter for d in run_dirs]
+    coefficients = learned.coefficients_from_json(record["coefficients"], "core")
+    rebuilt = learned.rebuild(adapters, coefficients, "core")
+    for got, want in zip(jax.tree.leaves(model.merged), jax.tree.leaves(rebuilt)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _flip_byte(path, offset=None):
+    content = bytearray(open(path, "rb").read())
+    offset = len(content) // 2 if offset is None else offset
+    content[offset] ^= 0x01
+    open(path, "wb").write(bytes(content))
+
+
+def test_an_edited_model_json_is_refused(ties_folder, tmp_path):
+    folder = shutil.copytree(ties_folder, tmp_path / "copy")
+    _flip_byte(folder / "model.json")
+    with pytest.raises(checkpoint.CheckpointError, match="model.json does not match the checksum"):
+        model_folder.load(str(folder))
+
+
+def test_a_corrupted_checkpoint_is_refused_and_left_as_it_is(ties_folder, tmp_path):
+    folder = shutil.copytree(ties_folder, tmp_path / "copy")
+    params = folder / "checkpoints" / "0" / "params"
+    files = [os.path.join(r, f) for r, _, fs in os.walk(params) for f in fs]
+    _flip_byte(max(files, key=os.path.getsize))  # the array data
+    before = sorted(os.listdir(folder))
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint .*checkpoints/0"):
+        model_folder.load(str(folder))
+    assert sorted(os.listdir(folder)) == before  # nothing moved aside inside a model
+
+
+def test_an_existing_folder_is_never_overwritten(ties_folder, tmp_path):
+    before = open(os.path.join(ties_folder, "model.json")).read()
+    # Checked before anything loads: the runs given need not even exist.
+    with pytest.raises(ValueError, match=r"--output: .* exists and is not empty"):
+        merge_cli.merge_to_folder(["no/such/run"], output=ties_folder, **TIES)
+    assert open(os.path.join(ties_folder, "model.json")).read() == before
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        merge_cli.merge_to_folder(["no/such/run"], output=str(file), **TIES)
+
+
+def test_an_empty_folder_is_written_into(run_dirs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    merge_cli.merge_to_folder(run_dirs, output=str(tmp_path / "empty"), **TIES)
+    assert sorted(os.listdir(tmp_path / "empty")) == ["checkpoints", "model.json"]
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no partial left
+
+
+def test_peft_export_loads_back_to_the_same_deltas(ties_folder, tmp_path):
+    model = model_folder.load(ties_folder)
+    exported = model_folder.export_peft(model, str(tmp_path / "peft"))
+    adapter, head, config = peft.load_peft_adapter(exported)
+    assert head is None and config["peft_type"] == "LORA"
+    want, got = lora.delta_weights(model.merged), lora.delta_weights(adapter)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_peft_export_refuses_folded_models_and_dense_deltas(run_dirs, tmp_path):
+    with pytest.raises(ValueError, match="saved folded"):
+        merge_cli.merge_to_folder(
+            run_dirs, output=str(tmp_path / "f"), fold=True, export_peft=str(tmp_path / "p"), **TIES
+        )
+    with pytest.raises(ValueError, match="'task_arithmetic' returned dense deltas"):
+        merge_cli.merge_to_folder(
+            run_dirs, "task_arithmetic", str(tmp_path / "ta"), export_peft=str(tmp_path / "p")
+        )
+    assert not os.path.exists(tmp_path / "f") and not os.path.exists(tmp_path / "ta")
+    merge_cli.merge_to_folder(run_dirs, output=str(tmp_path / "folded"), fold=True, **TIES)
+    with pytest.raises(ValueError, match="saved folded"):
+        model_folder.export_peft(str(tmp_path / "folded"), str(tmp_path / "p"))
+
+
+def test_outputs_to_predictions_are_in_task_units():
+    tasks = {
+        "kind": {"kind": "classification", "outputs": 3, "labels": ["cat", "dog", "owl"]},
+        "age": {"kind": "regression", "outputs": 1, "spec": {"mean": 30.0, "std": 10.0}},
+        "box": {"kind": "landmarks", "outputs": 4},
+    }
+    outputs = {
+        "kind": np.array([[0.0, 2.0, 0.0], [5.0, 0.0, 0.0]]),
+        "age": np.array([[0.5], [-1.0]]),
+        "box": np.array([[0.25, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]]),
+    }
+    rows = model_folder.outputs_to_predictions(outputs, tasks, [(48, 64), (10, 20)])
+    assert rows[0]["kind"]["label"] == "dog" and rows[1]["kind"]["label"] == "cat"
+    assert rows[0]["kind"]["probability"] == pytest.approx(np.exp(2) / (np.exp(2) + 2))
+    assert rows[0]["age"]["value"] == pytest.approx(35.0) and rows[1]["age"]["value"] == 20.0
+    assert rows[0]["box"]["points"] == [[16.0, 24.0], [64.0, 48.0]]  # x * width, y * height
+    assert rows[1]["box"]["points"] == [[0.0, 0.0], [10.0, 5.0]]
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    """One digit as grey, RGBA, 16-bit and CMYK files, a truncated JPEG, and junk files."""
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path_factory.mktemp("images")
+    digit = np.round(load_digits().images[0] * 255 / 16).astype(np.uint8)
+    (folder / "sub").mkdir()
+    Image.fromarray(digit).save(folder / "grey.png")
+    Image.fromarray(digit).convert("RGBA").save(folder / "rgba.png")  # opaque: the same pixels
+    Image.fromarray(digit.astype(np.uint16) * 257).save(folder / "sub" / "sixteen.png")
+    Image.fromarray(digit).resize((64, 48)).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(digit).save(folder / "sub" / "whole.jpg")
+    jpeg = (folder / "sub" / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_predict_reads_odd_images_and_skips_broken_ones(ties_folder, odd_images, capsys):
+    assert Image.open(odd_images / "sub" / "sixteen.png").mode.startswith("I;16")
+    paths = predict.image_paths([str(odd_images)])
+    names = [os.path.relpath(p, odd_images) for p in paths]
+    assert names == ["cmyk.jpg", "grey.png", "rgba.png", "truncated.jpg"] + [
+        "sub/sixteen.png",
+        "sub/whole.jpg",
+    ]
+    model = model_folder.load(ties_folder)
+    rows = {os.path.basename(r["path"]): r for r in predict.predict_paths(model, paths, 4)}
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and "truncated.jpg" in skipped[0]
+    assert set(rows["truncated.jpg"]) == {"path", "error"}
+    for name in ("cmyk.jpg", "grey.png", "rgba.png", "sixteen.png", "whole.jpg"):
+        assert set(rows[name]) == {"path", *TASKS}, rows[name]
+    grey = rows["grey.png"]
+    for same in ("rgba.png", "sixteen.png"):  # decoded to the same RGB pixels
+        assert rows[same]["digits"] == grey["digits"]
+        np.testing.assert_allclose(rows[same]["digit_box"]["points"], grey["digit_box"]["points"])
+    # The same picture read directly: pixel coordinates of the 64 x 48 original.
+    rgb = common.load_rgb(odd_images / "cmyk.jpg")
+    batch = model_folder.preprocess_fn(model.info["preprocessing"])({"image": rgb}, None)["image"]
+    box = model.predict(batch[None])["digit_box"][0].reshape(2, 2) * [64, 48]
+    np.testing.assert_allclose(rows["cmyk.jpg"]["digit_box"]["points"], box, atol=0.01)
+
+
+def test_predict_refuses_paths_that_match_nothing(tmp_path):
+    with pytest.raises(ValueError, match="not a file, a folder or a glob"):
+        predict.image_paths([str(tmp_path / "missing*.png")])
+    (tmp_path / ".DS_Store").write_text("x")
+    with pytest.raises(ValueError, match="no image files"):
+        predict.image_paths([str(tmp_path)])
+
+
+def test_a_run_folder_predicts_with_its_adapter_folded(run_dirs):
+    model = predict.open_model(run_dirs[0])
+    run = evaluate.load_run(run_dirs[0])
+    model_def, base = evaluate.load_base_of([run])
+    single = multitask.make_single_task_predictor(model_def, run.head_def)
+    batch = images()
+    expected = single(lora.fold_into_base(base, run.adapter), run.head, batch)
+    assert list(model.tasks) == ["digits"] and model.tasks["digits"]["labels"][3] == "3"
+    np.testing.assert_allclose(model.predict(batch)["digits"], expected, rtol=1e-5, atol=1e-6)
+
+
+def _command(module, *args):
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": ""}
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_merge_then_predict_commands(run_dirs, odd_images, tmp_path):
+    output = tmp_path / "model"
+    runs = [a for d in run_dirs for a in ("--run", d)]
+    merged = _command(
+        "jaxmerge.merge",
+        *runs,
+        "--method=ties",
+        "--weights=0.5,0.5",
+        "--merge_param=density=0.5",
+        f"--output={output}",
+    )
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert json.loads(merged.stdout)["output"] == str(output)
+
+    again = _command("jaxmerge.merge", *runs, "--method=ties", f"--output={output}")
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"error: --output: {str(output)!r} exists and is not empty; allowed: a new or empty "
+        f"folder (remove it or choose another)"
+    ]
+
+    rows_file = tmp_path / "rows.jsonl"
+    predicted = _command(
+        "jaxmerge.predict",
+        f"--model={output}",
+        "--batch_size=2",
+        f"--output={rows_file}",
+        odd_images,
+        odd_images / "grey.png",
+    )
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert "skipped" in predicted.stderr and "truncated.jpg" in predicted.stderr
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert len(rows) == 6  # grey.png named twice is read once
+    good = [r for r in rows if "error" not in r]
+    assert len(good) == 5 and all(r["digits"]["label"] in "0123456789" for r in good)
+    assert all(len(r["digit_box"]["points"]) == 2 for r in good)
+
+    csv_file = tmp_path / "rows.csv"
+    single = _command(
+        "jaxmerge.predict",
+        f"--model={run_dirs[0]}",
+        f"--output={csv_file}",
+        odd_images / "sub" / "*.png",
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    lines = csv_file.read_text().splitlines()
+    assert lines[0] == "path,digits.label,digits.probability,error" and len(lines) == 2
