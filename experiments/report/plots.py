@@ -76,9 +76,11 @@ def plots(s: Scores, directory: str) -> dict[str, str]:
     for ax in list(axes.flat)[len(methods) :]:
         ax.axis("off")
     axes.flat[0].set_ylabel("normalised score")
-    axes.flat[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Merged models against a single adapter (1.0) and head finetuning")
-    fig.tight_layout()
+    # One legend for the figure, above the panels: inside a panel it covered bars.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=8)
+    fig.suptitle("Merged models against a single adapter (1.0) and head finetuning", x=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     paths["baselines"] = _save(fig, directory, "baselines.png")
 
     if 2 in config.merge_sizes:
