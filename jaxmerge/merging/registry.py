@@ -40,6 +40,34 @@ class MergeMethod:
 METHODS: dict[str, MergeMethod] = {}
 
 
+def _finite_flags(tree: Tree) -> jax.Array:
+    """One bool per leaf of `tree` (in `lora.target_items` order): is it all finite?"""
+    leaves = [leaf for _, node in lora.target_items(tree) for leaf in node.values()]
+    return jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves])
+
+
+def _with_finite_flags(fn):
+    """`fn` that also returns the finite flags of its inputs and of its result, computed in
+    the same compiled call: checking them costs a few reductions, not extra dispatches."""
+
+    def checked(adapters, weights, key, **params):
+        merged = fn(adapters, weights, key, **params)
+        return merged, [_finite_flags(a) for a in adapters], _finite_flags(merged)
+
+    return checked
+
+
+def _raise_if_not_finite(tree: Tree, flags, name: str) -> None:
+    if bool(flags.all()):
+        return
+    leaves = [(path, key) for path, node in lora.target_items(tree) for key in node]
+    path, key = leaves[int(flags.argmin())]
+    raise ValueError(
+        f"{name} target {path!r}: {key} holds NaN or inf; allowed: finite values (a diverged "
+        f"or corrupted adapter)"
+    )
+
+
 def register(
     name: str,
     *,
@@ -72,7 +100,7 @@ def register(
                 f"merge method {name!r}: parameters {sorted(params)} need exactly one check "
                 f"each; checks given for {sorted(checks)}"
             )
-        jitted = jax.jit(fn, static_argnames=tuple(params))
+        jitted = jax.jit(_with_finite_flags(fn), static_argnames=tuple(params))
         METHODS[name] = MergeMethod(
             name, params, checks, check_together, equal_ranks, needs_key, peft, jitted
         )
@@ -106,13 +134,16 @@ def merge(
         result) holding NaN or inf, naming the adapter and the target.
     """
     spec, weights, params = validate(adapters, method, weights, key, params)
-    for index, adapter in enumerate(adapters):
-        lora.check_finite(adapter, f"adapters[{index}]")
     if spec.peft and len(adapters) == 1:
         spec, params = METHODS["linear"], {}  # PEFT's rule: one adapter is merged linearly
-    merged = spec.jitted(list(adapters), weights, key, **params)
-    # Finite inputs with finite weights can still overflow (e.g. huge weights): say so here.
-    lora.check_finite(merged, f"merge result of {method!r}")
+    merged, input_flags, output_flags = spec.jitted(list(adapters), weights, key, **params)
+    if isinstance(output_flags, jax.core.Tracer):  # merge called inside the user's own jit
+        return merged
+    input_flags, output_flags = jax.device_get((input_flags, output_flags))
+    for index, (adapter, flags) in enumerate(zip(adapters, input_flags)):
+        _raise_if_not_finite(adapter, flags, f"adapters[{index}]")
+    # Finite inputs with finite weights can still overflow (e.g. huge weights): say so too.
+    _raise_if_not_finite(merged, output_flags, f"merge result of {method!r}")
     return merged
 
 
