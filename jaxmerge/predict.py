@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 from absl import flags
-from tqdm import tqdm
 
 from jaxmerge import cli as cli_lib
-from jaxmerge import model_folder
+from jaxmerge import logs, model_folder
 from jaxmerge.datasets import common
 
 IMAGE_SUFFIXES = common.IMAGE_SUFFIXES + (".gif",)
@@ -102,7 +101,7 @@ def predict_paths(
         raise ValueError(f"--batch_size: got {batch_size}; allowed: an integer >= 1")
     prepare = model_folder.preprocess_fn(model.info["preprocessing"])
     size = model.info["preprocessing"]["image_size"]
-    bar = tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr)
+    bar = logs.progress(total=len(paths), desc="predict", unit="img")
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         rows: list[dict[str, Any]] = [{"path": p} for p in chunk]
@@ -115,7 +114,7 @@ def predict_paths(
             except Exception as error:
                 cause = str(error).splitlines()[0] if str(error) else type(error).__name__
                 rows[index]["error"] = f"{type(error).__name__}: {cause}"
-                tqdm.write(f"predict: skipped {path}: {rows[index]['error']}", file=sys.stderr)
+                print(f"predict: skipped {path}: {rows[index]['error']}", file=sys.stderr)
                 continue
             images.append(image)
             shapes.append(shape)
