@@ -325,3 +325,17 @@ def test_config_errors_are_one_line_and_exit_2_before_compile(tmp_path, flag, me
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().splitlines() == [run.stderr.strip().splitlines()[-1]], run.stderr
     assert run.stderr.strip().startswith(message), run.stderr
+
+
+def test_a_failed_save_is_one_line_naming_the_step_and_the_cause(tmp_path, monkeypatch):
+    mngr = checkpoint.manager(str(tmp_path / "checkpoints"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError("[Errno 28] No space left on device\n" + "spec dump line\n" * 60)
+
+    monkeypatch.setattr(mngr, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.save(mngr, 10, {"w": jnp.ones(3)}, {"m": jnp.zeros(3)}, {})
+    message = str(error.value)
+    assert "checkpoints/10 could not be written: disk full ([Errno 28] No space left" in message
+    assert "\n" not in message
