@@ -18,23 +18,10 @@ from jaxmerge import config_lib, logs, train
 
 
 def tiny_config(data_dir, **overrides):
-    """tests/test_train.py's tiny run: digits, a mu/4 ViT on 8-pixel images."""
-    config = config_lib.base_config()
-    config.task = "digits"
-    config.data_dir = str(data_dir)
-    config.model.variant = "mu/4"
-    config.model.image_size = 8
-    config.batch_size = 16
-    config.eval_batch_size = 64
-    config.steps = 10
-    config.warmup_steps = 3
-    config.log_every = 5
-    config.checkpoint_every = 10
-    config.head.hidden = 16
-    config.crop_padding = 0
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    """tests/test_train.py's tiny run (digits, a mu/4 ViT on 8-pixel images), 10 steps."""
+    from tests.test_train import tiny_config as train_tiny_config
+
+    return train_tiny_config(data_dir, **{"steps": 10, **overrides})
 
 
 @pytest.fixture(scope="module")
