@@ -69,13 +69,13 @@ def test_merge_refuses_non_finite_adapters(method, value):
         ),
         (
             lambda: merging.merge([_adapter(1), _adapter(2)], "svd", svd_rank=1000),
-            r"svd_rank: got 1000; allowed: at most 4 \(the summed rank of the inputs",
+            r"svd_rank: got 1000; allowed: at most 32 \(the largest adapted layer's smaller side",
         ),
         (
             lambda: merging.merge(
-                [_adapter(1), _adapter(2)], "task_arithmetic", output="factored", rank=5
+                [_adapter(1), _adapter(2)], "task_arithmetic", output="factored", rank=33
             ),
-            r"rank: got 5; allowed: at most 4",
+            r"rank: got 33; allowed: at most 32",
         ),
     ],
     ids=["nan weight", "overflowing result", "fold nan", "rank above width", "svd_rank", "rank"],

@@ -239,25 +239,18 @@ def _nodes_by_target(adapters):
 
 
 def _check_output_rank(adapters, params) -> None:
-    """A truncated SVD cannot return more directions than the update has: at most the summed
-    input rank and the layer's smaller side, over every target."""
+    """A truncated SVD cannot return more directions than any adapted layer has: a rank above
+    every layer's smaller side is refused. (Above one layer's side, or above the summed input
+    rank, the factors are padded with zeros: one rank serves layers of different shapes.)"""
     for field in ("svd_rank", "rank"):
         value = params.get(field)
         if value is None or (field == "rank" and params.get("output") != "factored"):
             continue
-        items = [lora.target_items(adapter) for adapter in adapters]
-        limit = min(
-            min(
-                sum(it[i][1]["lora_a"].shape[1] for it in items),
-                *nodes[0][1]["lora_a"].shape[:1],
-                nodes[0][1]["lora_b"].shape[1],
-            )
-            for i, nodes in enumerate(zip(*items))
-        )
+        limit = max(min(lora.delta_shape(nodes[0])) for nodes in _nodes_by_target(adapters))
         if value > limit:
             raise ValueError(
-                f"{field}: got {value}; allowed: at most {limit} (the summed rank of the inputs "
-                f"and the smaller side of every adapted layer; more would only pad with zeros)"
+                f"{field}: got {value}; allowed: at most {limit} (the largest adapted layer's "
+                f"smaller side; more would only pad with zeros)"
             )
 
 
