@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 import experiments
 import jaxmerge
-from jaxmerge import config_lib, lora, merging, models, tasks, train
+from jaxmerge import lora, merging, models, tasks, train
 from jaxmerge.datasets import common
 from jaxmerge.models.layers import LoraDense
 
@@ -138,19 +138,11 @@ def test_a_new_merge_method_is_one_registered_function_with_its_checks():
 
 
 def _tiny_config(tmp_path, **fields):
-    config = config_lib.base_config()
-    config.data_dir = str(tmp_path / "data")
-    config.model.variant, config.model.image_size = "mu/4", 8
-    config.batch_size, config.eval_batch_size = 16, 32
-    config.steps, config.warmup_steps, config.log_every, config.checkpoint_every = 5, 1, 5, 5
-    config.head.hidden, config.crop_padding = 8, 0
-    for name, value in fields.items():
-        *parents, leaf = name.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    """tests/test_train.py's tiny run, 5 steps, with `fields` ("model.family"-style keys)."""
+    from tests.test_train import tiny_config
+
+    short = dict(steps=5, warmup_steps=1, log_every=5, checkpoint_every=5, eval_batch_size=32)
+    return tiny_config(tmp_path / "data", **{**short, "head.hidden": 8, **fields})
 
 
 def test_a_new_task_is_one_builder_and_one_task(tmp_path):
