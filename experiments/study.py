@@ -290,7 +290,11 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for name, records in evaluate_seed(config, workdir, seed, scorers).items():
             stages[name] += records
     seconds = time.perf_counter() - start
-    return report.write(config, workdir, training, stages, seconds)
+    # Every finished invocation's time, so that a rerun that only reads the caches still reports
+    # what the study cost.
+    logs.append_jsonl(os.path.join(workdir, "invocations.jsonl"), {"seconds": seconds})
+    total = sum(r["seconds"] for r in read_jsonl(os.path.join(workdir, "invocations.jsonl")))
+    return report.write(config, workdir, training, stages, seconds, total)
 
 
 def define_flags():

@@ -173,3 +173,13 @@ def test_head_refit_lowers_the_training_loss_on_a_changed_backbone(finished):
     )
     assert loss(new_head) < 0.9 * loss(run.head)
     jax.tree.map(np.testing.assert_array_equal, base, before)
+
+
+def test_a_cached_rerun_reports_the_time_the_study_took(finished):
+    """A rerun that only reads the caches still reports the whole study's time."""
+    config, workdir, paths = finished
+    first = json.loads(open(paths["raw"]).readline())["study_seconds"]
+    again = study.run_study(config, workdir)
+    meta = json.loads(open(again["raw"]).readline())
+    assert meta["study_seconds"] > first > meta["invocation_seconds"]
+    assert f"The study took {meta['study_seconds'] / 60:.1f} min" in open(again["tables"]).read()

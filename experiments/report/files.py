@@ -25,7 +25,9 @@ def machine() -> dict:
     }
 
 
-def write(config, workdir: str, training, stages, seconds: float) -> dict[str, str]:
+def write(
+    config, workdir: str, training, stages, seconds: float, total_seconds: float | None = None
+) -> dict[str, str]:
     """Writes report/{tables.md, main_table.md, raw.jsonl, *.png}; returns {name: path}.
 
     On multi-host runs only process 0 writes; the others return {} (nothing was written).
@@ -51,6 +53,7 @@ def write(config, workdir: str, training, stages, seconds: float) -> dict[str, s
         "base": {"source": train_cfg.base.source, "path": os.path.basename(train_cfg.base.path)},
         "machine": machine(),
         "invocation_seconds": round(seconds, 1),
+        "study_seconds": round(total_seconds if total_seconds is not None else seconds, 1),
         "train_seconds": round(sum(r["seconds"] for r in training), 1),
     }  # fmt: skip
     titles = {
@@ -71,9 +74,11 @@ def write(config, workdir: str, training, stages, seconds: float) -> dict[str, s
         f"{train_cfg.learning_rate}, {train_cfg.steps} steps of batch {train_cfg.batch_size} "
         f"for adapters and heads alike, merge weight {config.merge_weight}, methods "
         + ", ".join(f"`{m}` {method_params(config, m) or ''}".strip() for m in config.methods)
-        + f". This invocation took {seconds / 60:.1f} min on {meta['machine']['cpu_count']} CPU "
-        f"cores ({meta['machine']['processor']}); stages cached in the workdir by earlier "
-        "invocations were read back, not rerun.\n"
+        + f". The study took {meta['study_seconds'] / 60:.1f} min over its finished invocations "
+        f"on {meta['machine']['cpu_count']} CPU cores ({meta['machine']['processor']}), this "
+        f"invocation {seconds / 60:.1f} min (stages cached in the workdir by earlier "
+        "invocations were read back, not rerun; an interrupted invocation's time is not "
+        "counted).\n"
     )
     text = "# Study report\n\n" + settings + "\n" + (scores.__doc__.split("\n\n", 1)[1]) + "\n"
     for name, table in made.items():
