@@ -18,7 +18,9 @@ Two families share the registry `METHODS`:
 Modules: `registry` (`register`, `merge`, the checks), `peft` and `delta` (the methods),
 `targets` (per-target plumbing), `ops` and `factorize` (the array maths). A new method is one
 function registered in a module of its own or beside its family; `METHODS` lists PEFT's methods
-first, then the delta-space ones, then the learned ones, whichever module is imported first.
+first, then the delta-space ones, whichever module is imported first. Learned merges
+(`learned.learn_merge`) need a model, heads and images, so they are not in `METHODS`: their
+named presets are `jaxmerge.learned_runs.PRESETS`.
 
 Inputs are factored adapters (`{"lora_a", "lora_b", "scale"}` nodes) over the same targets and
 base shapes. Maths runs in float32; factors and deltas come back in the inputs' dtype. SVD
