@@ -222,6 +222,10 @@ class ViT(nn.Module):
       image_size: sets the number of position embeddings (one per patch, plus the class token).
       lora_compute: "branch" or "fold", how LoRA factors are applied (see `LoraDense`).
       kernels: "auto", "cpu" or "plain" LayerNorm and GELU (see `cpu_kernels`).
+      dtype: the compute dtype of matmuls (None: the inputs', float32). Mixed precision with
+        bfloat16: parameters stay float32 and are cast where they are used (gradients are
+        float32), while softmax, LayerNorm statistics, the residual stream and the outputs are
+        float32.
     """
 
     width: int = 192
@@ -271,6 +275,10 @@ class ViT(nn.Module):
             dtype=self.dtype,
             name="patch_embed",
         )(patches, train)
+        # The residual stream stays float32 under a bfloat16 `dtype` (as big_vision's `dtype_mm`):
+        # matmuls run in `dtype`, their outputs are added to float32 sums, so rounding does not
+        # pile up over the depth of the network.
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.pool == "cls":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
