@@ -220,8 +220,11 @@ def _check_finite(tensors: Mapping[str, np.ndarray], path: str) -> None:
             )
 
 
-def load_peft_adapter(folder: str) -> tuple[Tree, Tree | None, dict]:
+def load_peft_adapter(folder: str, *, module_path=None) -> tuple[Tree, Tree | None, dict]:
     """Reads a PEFT LoRA adapter of a ViTModel or ViTForImageClassification.
+
+    `module_path` maps a module name to its jaxmerge path (default `hf.hf_module_path`, the
+    ViT's; `interop.clip` passes CLIP's).
 
     Returns:
       (adapter, head, peft_config): the jaxmerge adapter tree (float32 factors, per-target
@@ -259,7 +262,7 @@ def load_peft_adapter(folder: str) -> tuple[Tree, Tree | None, dict]:
     adapter: dict = {}
     use_rslora = bool(config.get("use_rslora", False))
     for module, pair in sorted(factors.items()):
-        path = hf.hf_module_path(module)
+        path = (module_path or hf.hf_module_path)(module)
         if path is None or not _LINEAR_PATH.fullmatch(path):
             raise ValueError(
                 f"{source}: LoRA on module {module!r}; allowed: the ViT's linear layers"

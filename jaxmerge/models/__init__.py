@@ -14,6 +14,7 @@ from jaxmerge.models.registry import FAMILIES, Family, get, register
 # Importing a family's module registers it; a new family is one more module and line here.
 # isort: off
 from jaxmerge.models import vit
+from jaxmerge.models import clip
 # isort: on
 
-__all__ = ["FAMILIES", "Family", "get", "register", "vit"]
+__all__ = ["FAMILIES", "Family", "get", "register", "vit", "clip"]

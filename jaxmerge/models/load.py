@@ -4,9 +4,10 @@ Sources (`config.base.source`):
   random      fresh parameters from `config.seed` (tests; pretraining from scratch)
   checkpoint  a jaxmerge run folder trained with mode "full" (e.g. `configs/pretrain.py`);
               its metadata names the ViT it holds
-  hf          a Hugging Face ViTModel / ViTForImageClassification folder
+  hf          a Hugging Face ViTModel / ViTForImageClassification folder (family "vit"), or a
+              CLIP / SigLIP folder (families "clip", "siglip": `interop.clip`)
   bigvision   a big_vision / vision_transformer .npz (position embeddings resampled to
-              `config.model.image_size`)
+              `config.model.image_size`); a SigLIP .npz with its MAP head for "siglip"
 """
 
 from __future__ import annotations
@@ -69,10 +70,18 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
                 f"from a run with mode 'full' (e.g. configs/pretrain.py)"
             )
         params, kwargs = params["base"], metadata["model"]
+    elif source == "hf" and family.name in ("clip", "siglip"):
+        from jaxmerge.interop import clip
+
+        kwargs, params = clip.load_hf_clip(path)[:2]
     elif source == "hf":
         from jaxmerge.interop import hf
 
         kwargs, params = hf.load_hf_vit(path)[:2]
+    elif family.name == "siglip":
+        from jaxmerge.interop import clip
+
+        kwargs, params = clip.load_siglip_npz(path, image_size=config.model.image_size)[:2]
     else:
         from jaxmerge.interop import bigvision
 

@@ -1,0 +1,370 @@
+"""CLIP and SigLIP vision towers (flax linen), built from `LoraDense` like `vit.ViT`.
+
+    model = VisionTower(**clip_variant("B/32"))                   # CLIP ViT-B/32
+    out = model.apply({"params": base, "lora": adapter}, images)
+
+Two families share the module: "clip" (OpenAI CLIP, Hugging Face `CLIPVisionModel` /
+`CLIPVisionModelWithProjection`) and "siglip" (big_vision SigLIP image towers). They differ in
+four switches, fixed by the family's variants and by the checkpoint loaders
+(`jaxmerge.interop.clip`):
+
+    | switch       | clip                               | siglip                             |
+    | pool         | "cls": class token                 | "map": attention pooling (MAPHead) |
+    | pre_norm     | LayerNorm after the embeddings     | none                               |
+    | activation   | "quick_gelu", x * sigmoid(1.702 x) | "gelu_tanh"                        |
+    | encoder_norm | on the class token only            | on every token                     |
+
+`out` holds `pooled` (B, width), the feature a task head reads (CLIP: the post-LayerNorm class
+token, HF `pooler_output`; SigLIP: the MAP head's output, HF `pooler_output`), `tokens`
+(B, T, D), HF's `last_hidden_state` (CLIP: before the post-LayerNorm, as HF), and with
+`projection_dim > 0` `image_embeds` (B, projection_dim), the projected feature CLIP compares
+with text embeddings (`jaxmerge.zero_shot`).
+
+Parameter paths: patch_embed, cls (clip), pos_embedding, pre_norm (clip),
+block_N/{norm1, attention/{query, key, value, out}, norm2, mlp/{fc1, fc2}}, encoder_norm,
+map_head/{probe, attention/{query, key, value, out}, norm, mlp/{fc1, fc2}} (siglip),
+projection. The block paths are the ViT's, so LoRA adapters, merges and folds work unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmerge import lora
+from jaxmerge.models import cpu_kernels, registry
+from jaxmerge.models.layers import LORA_COMPUTES, LoraDense
+from jaxmerge.models.vit import Attention, LayerNorm
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+POOLS = ("cls", "map")
+
+# width, depth, mlp_dim, num_heads, projection_dim (CLIP's shared image-text embedding size).
+_CLIP_SIZES = {
+    "mu": (32, 1, 64, 2, 16),
+    "B": (768, 12, 3072, 12, 512),
+    "L": (1024, 24, 4096, 16, 768),
+}
+_SIGLIP_SIZES = {
+    "mu": (32, 1, 64, 2, 0),
+    "B": (768, 12, 3072, 12, 0),
+    "L": (1024, 24, 4096, 16, 0),
+    "So400m": (1152, 27, 4304, 16, 0),
+}
+
+ARCHITECTURE_KEYS = (
+    "width",
+    "depth",
+    "mlp_dim",
+    "num_heads",
+    "patch_size",
+    "image_size",
+    "channels",
+    "layer_norm_eps",
+    "activation",
+    "pre_norm",
+    "pool",
+    "projection_dim",
+)
+
+# Only the encoder blocks: the MAP head's attention has the same leaf names.
+_BLOCK = r"block_\d+/"
+TARGET_PRESETS = {
+    "qv": _BLOCK + r"attention/(query|value)$",
+    "qkv": _BLOCK + r"attention/(query|key|value)$",
+    "attention": _BLOCK + r"attention/(query|key|value|out)$",
+    "mlp": _BLOCK + r"mlp/(fc1|fc2)$",
+    "all": _BLOCK + r"(attention/(query|key|value|out)|mlp/(fc1|fc2))$",
+}
+
+# ViT knobs that `config_lib.model_kwargs` passes to every family; a tower's family fixes them.
+_VIT_ONLY = ("pool", "pooler", "gelu_approximate")
+
+
+def _variant(sizes: dict, family: str, defaults: dict, name: str, **overrides: Any) -> dict:
+    match = re.fullmatch(r"(\w+)/(\d+)", name)
+    if match is None or match.group(1) not in sizes:
+        raise ValueError(
+            f"variant: unknown {family} variant {name!r}; expected '<size>/<patch>' with size "
+            f"one of {sorted(sizes)} and an integer patch size, e.g. 'B/16'"
+        )
+    width, depth, mlp_dim, num_heads, projection_dim = sizes[match.group(1)]
+    kwargs = dict(
+        width=width,
+        depth=depth,
+        mlp_dim=mlp_dim,
+        num_heads=num_heads,
+        patch_size=int(match.group(2)),
+        projection_dim=projection_dim,
+        **defaults,
+    )
+    kwargs.update({k: v for k, v in overrides.items() if k not in _VIT_ONLY})
+    return kwargs
+
+
+def clip_variant(name: str, **overrides: Any) -> dict[str, Any]:
+    """`VisionTower` kwargs of a CLIP variant ("B/32", "B/16", "L/14", tiny "mu/4").
+
+    Overrides replace entries; `pool`, `pooler` and `gelu_approximate` (ViT settings) are
+    ignored, the family fixes them.
+    """
+    defaults = dict(
+        image_size=224, layer_norm_eps=1e-5, activation="quick_gelu", pre_norm=True, pool="cls"
+    )
+    return _variant(_CLIP_SIZES, "CLIP", defaults, name, **overrides)
+
+
+def siglip_variant(name: str, **overrides: Any) -> dict[str, Any]:
+    """`VisionTower` kwargs of a SigLIP image tower ("B/16", "L/16", "So400m/14", "mu/4")."""
+    defaults = dict(
+        image_size=224, layer_norm_eps=1e-6, activation="gelu_tanh", pre_norm=False, pool="map"
+    )
+    return _variant(_SIGLIP_SIZES, "SigLIP", defaults, name, **overrides)
+
+
+def activation_fn(name: str, kernels: str = "auto"):
+    """The MLP nonlinearity by name: quick_gelu (OpenAI CLIP), gelu (erf) or gelu_tanh."""
+    if name == "quick_gelu":
+        return lambda h: h * jax.nn.sigmoid(jnp.asarray(1.702, h.dtype) * h)
+    if name == "gelu":
+        return cpu_kernels.norm_and_gelu(kernels)[1]
+    if name == "gelu_tanh":
+        return lambda h: nn.gelu(h, approximate=True)
+    raise ValueError(f"activation: got {name!r}; allowed: {ACTIVATIONS}")
+
+
+class Mlp(nn.Module):
+    mlp_dim: int
+    activation: str = "quick_gelu"
+    lora_dropout: float = 0.0
+    lora_compute: str = "branch"
+    dtype: Any = None
+    kernels: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        width = x.shape[-1]
+        dense = lambda n_in, n_out, name: LoraDense(  # noqa: E731
+            n_in, n_out, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=name
+        )
+        h = dense(width, self.mlp_dim, "fc1")(x, train)
+        h = activation_fn(self.activation, self.kernels)(h)
+        return dense(self.mlp_dim, width, "fc2")(h, train).astype(x.dtype)
+
+
+class Block(nn.Module):
+    """x + attention(norm1(x)), then + mlp(norm2(x)): the pre-norm block of CLIP and SigLIP."""
+
+    num_heads: int
+    mlp_dim: int
+    layer_norm_eps: float = 1e-5
+    activation: str = "quick_gelu"
+    lora_dropout: float = 0.0
+    lora_compute: str = "branch"
+    dtype: Any = None
+    kernels: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        norm = lambda name: LayerNorm(self.layer_norm_eps, self.kernels, name=name)  # noqa: E731
+        attention = Attention(
+            self.num_heads, self.lora_dropout, self.lora_compute, self.dtype, name="attention"
+        )
+        x = x + attention(norm("norm1")(x), train).astype(x.dtype)
+        mlp = Mlp(
+            self.mlp_dim,
+            self.activation,
+            self.lora_dropout,
+            self.lora_compute,
+            self.dtype,
+            self.kernels,
+            name="mlp",
+        )
+        return x + mlp(norm("norm2")(x), train)
+
+
+class ProbeAttention(nn.Module):
+    """Multihead attention of `queries` (B, Q, D) over `tokens` (B, T, D)."""
+
+    num_heads: int
+    lora_dropout: float = 0.0
+    lora_compute: str = "branch"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, queries: jax.Array, tokens: jax.Array, train: bool = False) -> jax.Array:
+        batch, length, width = tokens.shape
+        heads, head_dim = self.num_heads, width // self.num_heads
+        dense = lambda name: LoraDense(  # noqa: E731
+            width, width, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=name
+        )
+        split = lambda t: t.reshape(batch, -1, heads, head_dim).transpose(0, 2, 1, 3)  # noqa: E731
+        q = split(dense("query")(queries, train))
+        k, v = split(dense("key")(tokens, train)), split(dense("value")(tokens, train))
+        logits = (q @ k.transpose(0, 1, 3, 2)) * jnp.asarray(head_dim**-0.5, q.dtype)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        context = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, -1, width)
+        return dense("out")(context, train)
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling (big_vision `MAPHead`): a learned probe attends over the
+    tokens, then `x + mlp(norm(x))`; returns the probe's (B, D) output."""
+
+    num_heads: int
+    mlp_dim: int
+    layer_norm_eps: float = 1e-6
+    activation: str = "gelu_tanh"
+    lora_dropout: float = 0.0
+    lora_compute: str = "branch"
+    dtype: Any = None
+    kernels: str = "auto"
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        batch, _, width = tokens.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width))
+        x = tokens.astype(self.dtype or tokens.dtype)
+        queries = jnp.tile(probe.astype(x.dtype), (batch, 1, 1))
+        attention = ProbeAttention(
+            self.num_heads, self.lora_dropout, self.lora_compute, self.dtype, name="attention"
+        )
+        x = attention(queries, x, train).astype(tokens.dtype)
+        norm = LayerNorm(self.layer_norm_eps, self.kernels, name="norm")
+        mlp = Mlp(
+            self.mlp_dim,
+            self.activation,
+            self.lora_dropout,
+            self.lora_compute,
+            self.dtype,
+            self.kernels,
+            name="mlp",
+        )
+        return (x + mlp(norm(x), train))[:, 0]
+
+
+class VisionTower(nn.Module):
+    """A CLIP or SigLIP image encoder. Call with images (B, H, W, C), normalised as the
+    checkpoint expects (CLIP: (x - mean) / std with CLIP's mean and std).
+
+    Attributes:
+      pool: "cls" (class token; `pooled = encoder_norm(tokens[:, 0])`) or "map" (no class
+        token; `pooled = MAPHead(encoder_norm(tokens))`).
+      pre_norm: a LayerNorm on the embeddings before the first block (CLIP's `pre_layrnorm`).
+      activation: the MLP nonlinearity, one of `ACTIVATIONS`.
+      projection_dim: > 0 adds `image_embeds = projection(pooled)`; 0 for none.
+      dtype, lora_dropout, lora_compute, kernels: as in `vit.ViT`.
+    """
+
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int = 3072
+    num_heads: int = 12
+    patch_size: int = 32
+    image_size: int = 224
+    channels: int = 3
+    layer_norm_eps: float = 1e-5
+    activation: str = "quick_gelu"
+    pre_norm: bool = True
+    pool: str = "cls"
+    projection_dim: int = 0
+    lora_dropout: float = 0.0
+    lora_compute: str = "branch"
+    dtype: Any = None
+    kernels: str = "auto"
+
+    def _check(self, images: jax.Array) -> None:
+        for field, value, allowed in (
+            ("pool", self.pool, POOLS),
+            ("activation", self.activation, ACTIVATIONS),
+            ("lora_compute", self.lora_compute, LORA_COMPUTES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"VisionTower.{field}: got {value!r}; allowed: {allowed}")
+        _, height, width, _ = images.shape
+        p = self.patch_size
+        if height % p or height != width or height != self.image_size:
+            raise ValueError(
+                f"VisionTower: images of shape {images.shape} do not fit image_size="
+                f"{self.image_size} with patch_size={p}; resize the images"
+            )
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        self._check(images)
+        if "lora" in self.variables and not self.is_initializing():
+            lora.check_against_base(self.variables["lora"], self.variables["params"])
+        batch, height, width, channels = images.shape
+        p = self.patch_size
+        dense = lambda n_in, n_out, name: LoraDense(  # noqa: E731
+            n_in, n_out, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=name
+        )
+        norm = lambda name: LayerNorm(self.layer_norm_eps, self.kernels, name=name)  # noqa: E731
+        # Patchify as reshape + dense, as `vit.ViT`: a stride-p convolution's maths.
+        patches = images.reshape(batch, height // p, p, width // p, p, channels)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p * p * channels)
+        x = dense(p * p * channels, self.width, "patch_embed")(patches, train)
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32 residual stream
+        if self.pool == "cls":
+            cls = self.param("cls", nn.initializers.normal(stddev=0.02), (1, 1, self.width))
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], self.width)
+        )
+        x = x + pos.astype(x.dtype)
+        if self.pre_norm:
+            x = norm("pre_norm")(x)
+        for i in range(self.depth):
+            x = Block(
+                self.num_heads,
+                self.mlp_dim,
+                self.layer_norm_eps,
+                self.activation,
+                self.lora_dropout,
+                self.lora_compute,
+                self.dtype,
+                self.kernels,
+                name=f"block_{i}",
+            )(x, train)
+        if self.pool == "cls":
+            tokens, pooled = x, norm("encoder_norm")(x[:, 0])
+        else:
+            tokens = norm("encoder_norm")(x)
+            pooled = MapHead(
+                self.num_heads,
+                self.mlp_dim,
+                self.layer_norm_eps,
+                self.activation,
+                self.lora_dropout,
+                self.lora_compute,
+                self.dtype,
+                self.kernels,
+                name="map_head",
+            )(tokens, train)
+        out = {"pooled": pooled.astype(jnp.float32), "tokens": tokens.astype(jnp.float32)}
+        if self.projection_dim:
+            embeds = dense(self.width, self.projection_dim, "projection")(pooled, train)
+            out["image_embeds"] = embeds.astype(jnp.float32)
+        return out
+
+
+def init_params(model: VisionTower, key: jax.Array) -> dict:
+    """Random base parameters for `model` (tests, dry runs)."""
+    images = jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
+    return jax.jit(model.init)(key, images)["params"]
+
+
+registry.register(
+    registry.Family(
+        "clip", VisionTower, clip_variant, ARCHITECTURE_KEYS, TARGET_PRESETS, init_params
+    )
+)
+registry.register(
+    registry.Family(
+        "siglip", VisionTower, siglip_variant, ARCHITECTURE_KEYS, TARGET_PRESETS, init_params
+    )
+)
