@@ -27,6 +27,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # TFDS data_dir; "" = the TFDS default (~/tensorflow_datasets)
     c.manual_dir = ""  # where the paper's hand-downloaded files are
 
+    # A task defined by a prepared dataset's name instead of a registered `config.task`
+    # (jaxmerge.tasks.from_dataset): config.task is then the new task's own name.
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = ""  # e.g. "image_folder/shapes-size64" or a TFDS name ("mnist")
+    c.dataset.kind = ""  # "" = from the target feature; "classification" or "regression"
+    c.dataset.target = ""  # "" = "label"
+    c.dataset.outputs = 0  # classes, for kind=classification on integer targets
+    c.dataset.train_split = ""  # "" = "train"
+    c.dataset.eval_split = ""  # "" = "test", else "validation"
+    c.dataset.flip = True  # random horizontal flips in training
+
     c.model = ml_collections.ConfigDict()
     c.model.family = "vit"  # a name in jaxmerge.models.FAMILIES
     c.model.variant = "Ti/4"
@@ -127,7 +138,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field, its value and what is allowed."""
     import jax
 
-    tasks.get(c.task)
+    task_of(c)
     _check(c.mode in MODES, "mode", c.mode, str(MODES))
     _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
     family = models.get(c.model.family)
@@ -211,6 +222,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "checkpoint_every",
         c.checkpoint_every,
         f"a multiple of min(log_every, 10) = {min(c.log_every, 10)} (checkpoint after a NaN check)",
+    )
+
+
+def task_of(c: ml_collections.ConfigDict) -> tasks.Task:
+    """The run's task: the registered `config.task`, or the one `config.dataset` defines."""
+    if not c.dataset.name:
+        return tasks.get(c.task)
+    from jaxmerge import data
+    from jaxmerge.tasks import from_dataset
+
+    d = c.dataset
+    _check(isinstance(d.outputs, int) and d.outputs >= 0, "dataset.outputs", d.outputs, ">= 0")
+    return from_dataset.define(
+        c.task,
+        d.name,
+        data.data_dir(c),
+        c.manual_dir,
+        d.kind,
+        d.target,
+        d.outputs,
+        d.train_split,
+        d.eval_split,
+        bool(d.flip),
     )
 
 

@@ -51,7 +51,7 @@ def load_run(directory: str) -> Run:
     """Loads the latest verified checkpoint of a run folder (`workdir/<mode>/<task>`)."""
     params, metadata = checkpoint.load(os.path.join(directory, "checkpoints"))
     config = ml_collections.ConfigDict(metadata["config"])
-    task = tasks.get(metadata["task"])
+    task = tasks.registry.of_run(metadata["task"], metadata.get("task_definition"))
     head_def = heads.MlpHead(metadata["head"]["hidden"], metadata["head"]["outputs"])
     return Run(
         directory,

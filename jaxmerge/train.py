@@ -110,12 +110,17 @@ def make_train_step(model_def, head_def, task: tasks.Task, optimizer):
 
 
 def _config_record(config: ml_collections.ConfigDict) -> dict:
-    """The config as saved with a run, the base path made absolute: `evaluate` and merges load
-    the run from any working directory."""
+    """The config as saved with a run, its paths (base, data_dir, manual_dir) made absolute:
+    `evaluate`, merges and predict load the run from any working directory."""
     record = json.loads(config.to_json_best_effort())
-    if record["base"]["path"]:
-        record["base"]["path"] = os.path.abspath(os.path.expanduser(record["base"]["path"]))
+    record["base"]["path"] = _absolute(record["base"]["path"])
+    record["data_dir"] = _absolute(record["data_dir"])
+    record["manual_dir"] = _absolute(record["manual_dir"])
     return record
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
 def _drop_logged_after(path: str, step: int) -> None:
@@ -154,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
-    task = tasks.get(config.task)
+    task = config_lib.task_of(config)
     mesh = data.data_mesh()
     replicated = NamedSharding(mesh, P())
 
@@ -171,6 +176,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
     mngr = checkpoint.manager(os.path.join(directory, "checkpoints"))
     metadata = {
         "task": task.name,
+        # The task itself, so the run loads where the task is not registered.
+        "task_definition": tasks.registry.to_record(task),
         "mode": config.mode,
         "model": base_info,
         "lora": config.lora.to_dict() if config.mode == "lora" else None,

@@ -30,20 +30,26 @@ def data_dir(config) -> str:
 def open_split(task: tasks.Task, split: str, config) -> loader.Source:
     """The task's split as a random-access source, preparing the dataset if it is not yet (or
     if its source folder changed since)."""
+    directory = data_dir(config)
+    ensure_prepared(task.dataset, directory, config.manual_dir)
+    return sources.open_source(task.dataset, split, directory)
+
+
+def ensure_prepared(dataset: str, directory: str, manual_dir: str = "") -> None:
+    """Prepares one of jaxmerge's builders that is not prepared in `directory` yet (or, for a
+    builder of the user's own files given its folder, whose folder changed since)."""
     from jaxmerge.datasets import BUILDERS, prepare
 
-    directory = data_dir(config)
-    builder_name = task.dataset.split("/")[0]
+    builder_name = dataset.split("/")[0]
     if builder_name in BUILDERS:
         builder = BUILDERS[builder_name](
-            config=task.dataset.partition("/")[2] or None, data_dir=directory
+            config=dataset.partition("/")[2] or None, data_dir=directory
         )
         # A builder of the user's own files (image_folder) given its folder checks it on every
         # open: a changed folder is rebuilt, never read stale.
-        rechecks = hasattr(builder, "source_change") and bool(config.manual_dir)
+        rechecks = hasattr(builder, "source_change") and bool(manual_dir)
         if not builder.is_prepared() or rechecks:
-            prepare.prepare(task.dataset, directory, config.manual_dir or None)
-    return sources.open_source(task.dataset, split, directory)
+            prepare.prepare(dataset, directory, manual_dir or None)
 
 
 def default_preprocess(task: tasks.Task, image_size: int, train: bool, crop_padding: int = 0):

@@ -15,6 +15,18 @@ def open_source(name: str, split: str, data_dir: str | None = None) -> Source:
       ValueError: naming the dataset, split and data_dir when the name is unknown, the dataset
         is not prepared there, or the split does not exist.
     """
+    prepared = builder(name, data_dir)
+    if split.split("[")[0] not in prepared.info.splits:  # "train[80%:]" slices "train"
+        raise ValueError(
+            f"split={split!r} is not in dataset {name!r}; its splits: "
+            f"{', '.join(prepared.info.splits)}"
+        )
+    return prepared.as_data_source(split=split)
+
+
+def builder(name: str, data_dir: str | None = None):
+    """The TFDS builder of a dataset prepared in `data_dir` (its `info` names the features and
+    splits); a ValueError names the dataset and data_dir when it is unknown or not prepared."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import registered
 
@@ -27,17 +39,12 @@ def open_source(name: str, split: str, data_dir: str | None = None) -> Source:
             f"dataset={name!r} is not a registered TFDS builder; jaxmerge's are: "
             f"{', '.join(BUILDERS)}"
         )
-    builder = tfds.builder(name, data_dir=data_dir)
+    found = tfds.builder(name, data_dir=data_dir)
     where = data_dir if data_dir is not None else "(TFDS default)"
-    if not builder.is_prepared():
+    if not found.is_prepared():
         raise ValueError(
             f"dataset {name!r} is not prepared in data_dir={where}; run `python -m "
             f"jaxmerge.datasets.prepare --dataset {builder_name} --data_dir DIR "
             "[--manual_dir DIR]` first"
         )
-    if split not in builder.info.splits:
-        raise ValueError(
-            f"split={split!r} is not in dataset {name!r}; its splits: "
-            f"{', '.join(builder.info.splits)}"
-        )
-    return builder.as_data_source(split=split)
+    return found

@@ -18,8 +18,11 @@ prepared data is kept beside it as `<version>.previous` (one copy, replaced each
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import sys
 
 import tensorflow_datasets as tfds
 from absl import flags
@@ -123,8 +126,22 @@ def prepare(
         builder = _checked_folder_builder(cls, config_name, data_dir, manual_dir, folder_options)
     else:
         builder = cls(config=config_name, data_dir=data_dir)
-    builder.download_and_prepare(file_format="array_record", download_config=download_config)
+    with _quiet_tfds():
+        builder.download_and_prepare(file_format="array_record", download_config=download_config)
     return builder
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Without TFDS's own stdout lines ("Dataset ... downloaded and prepared to ...": nothing is
+    downloaded, and callers print what was prepared), and without its progress bars when
+    stderr is not a terminal (a log file would get every redraw)."""
+    tfds.display_progress_bar(sys.stderr.isatty())
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(True)
 
 
 def _checked_folder_builder(cls, config_name, data_dir: str, manual_dir: str, folder_options):

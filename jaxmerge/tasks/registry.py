@@ -71,3 +71,46 @@ def get(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"config.task: unknown task {name!r}; known tasks: {sorted(TASKS)}")
     return TASKS[name]
+
+
+# The Task fields a run folder records; `preprocess` is code, recorded by its qualified name.
+_RECORDED = ("name", "dataset", "kind", "outputs", "target", "train_split", "eval_split", "spec")
+
+
+def to_record(task: Task) -> dict[str, Any]:
+    """The task as JSON-ready data, so a run can be reloaded where the task is not registered."""
+    record = {field: getattr(task, field) for field in _RECORDED}
+    record["spec"] = {k: list(v) if isinstance(v, tuple) else v for k, v in task.spec.items()}
+    record["flip"] = task.flip
+    record["flip_permutation"] = list(task.flip_permutation) if task.flip_permutation else None
+    record["suite"], record["about"] = task.suite, task.about
+    fn = task.preprocess
+    record["preprocess"] = None if fn is None else f"{fn.__module__}.{fn.__qualname__}"
+    return record
+
+
+def from_record(record: dict[str, Any]) -> Task:
+    """The Task a run recorded (`to_record`); a task with its own preprocessing needs the code
+    that registers it, so it is refused here."""
+    if record.get("preprocess"):
+        raise ValueError(
+            f"task {record['name']!r} uses its own preprocessing ({record['preprocess']}), "
+            "which a run folder cannot carry; import the module that registers the task first"
+        )
+    permutation = record.get("flip_permutation")
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in record["spec"].items()}
+    return Task(
+        **{field: record[field] for field in _RECORDED if field != "spec"},
+        spec=spec,
+        flip=record.get("flip", True),
+        flip_permutation=tuple(permutation) if permutation else None,
+        suite=record.get("suite", "offline"),
+        about=record.get("about", ""),
+    )
+
+
+def of_run(name: str, record: dict[str, Any] | None) -> Task:
+    """The task of a run: the registered one of that name, else the run's own record of it."""
+    if name in TASKS or record is None:
+        return get(name)
+    return from_record(record)

@@ -1,0 +1,138 @@
+"""Your own data from the command line: a task defined by its dataset's name, no registration.
+
+The README's "Your own data" walkthrough runs here on the folder `demo_shapes` generates:
+prepare, train with the documented small-folder settings to the stated accuracy, then load
+the run in a fresh process that never defined the task.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import adapter
+from jaxmerge import config_lib, data, evaluate, train
+from jaxmerge.data import sources
+from jaxmerge.datasets import demo_shapes, prepare
+from jaxmerge.tasks import from_dataset, registry
+from test_train import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README_ACCURACY = 0.8  # the README states 0.88 for these settings; the floor leaves noise room
+
+
+def digits_config(data_dir, **overrides):
+    return tiny_config(
+        data_dir, task="digit_values", **{"dataset.name": "sklearn_digits"}, **overrides
+    )
+
+
+def test_classification_is_read_from_the_label_feature(tmp_path):
+    task = config_lib.task_of(digits_config(tmp_path))
+    assert (task.name, task.kind, task.outputs, task.target) == (
+        "digit_values", "classification", 10, "label"
+    )  # fmt: skip
+    assert (task.train_split, task.eval_split) == ("train", "test")
+
+
+def test_regression_is_read_from_a_scalar_feature_with_its_training_statistics(tmp_path):
+    task = config_lib.task_of(digits_config(tmp_path, **{"dataset.target": "value"}))
+    values = [ex["value"] for ex in sources.open_source("sklearn_digits", "train", str(tmp_path))]
+    assert (task.kind, task.outputs, task.spec["loss"]) == ("regression", 1, "l1")
+    np.testing.assert_allclose(task.spec["mean"], np.mean(values), rtol=1e-6)
+    np.testing.assert_allclose(task.spec["std"], np.std(values), rtol=1e-6)
+
+
+def test_kind_override_reads_class_indices_as_values(tmp_path):
+    task = config_lib.task_of(digits_config(tmp_path, **{"dataset.kind": "regression"}))
+    assert (task.kind, task.target, task.outputs) == ("regression", "label", 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"task": "digits"}, "config.task: 'digits' is a registered task"),
+        ({"dataset.target": "pixels"}, "config.dataset.target: got 'pixels'; allowed: a feature"),
+        ({"dataset.kind": "landmarks"}, "config.dataset.kind: got 'landmarks'"),
+        ({"dataset.eval_split": "val"}, "config.dataset.eval_split: got 'val'; allowed: a split"),
+        ({"dataset.name": "no_such_set"}, "dataset='no_such_set' is not a registered TFDS builder"),
+    ],
+    ids=["registered name", "unknown feature", "landmarks kind", "unknown split", "unknown set"],
+)
+def test_bad_dataset_fields_name_field_value_and_allowed(tmp_path, overrides, message):
+    config = digits_config(tmp_path)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        (config[parents[0]] if parents else config)[leaf] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_lib.validate(config)
+
+
+def test_landmark_features_point_to_a_registered_task(tmp_path):
+    config = tiny_config(tmp_path, task="boxes", **{"dataset.name": "digit_box"})
+    config.dataset.target = "landmarks"
+    with pytest.raises(ValueError, match="Landmarks need a registered Task"):
+        config_lib.validate(config)
+
+
+def test_task_record_round_trip_keeps_every_field():
+    for task in registry.TASKS.values():
+        if task.preprocess is None:
+            assert registry.from_record(json.loads(json.dumps(registry.to_record(task)))) == task
+
+
+def test_default_names():
+    assert from_dataset.default_name("image_folder/shapes-size64") == "shapes"
+    assert from_dataset.default_name("eurosat/rgb:2.0.0") == "eurosat_rgb"
+    assert from_dataset.default_name("mnist") == "mnist"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("own")
+    counts = demo_shapes.write_folder(str(root / "shapes"), per_class=200)
+    data_dir = str(root / "tfds")
+    prepare.prepare("image_folder/shapes-size32", data_dir, str(root / "shapes"))
+    return root, data_dir, counts
+
+
+def test_demo_folder_mixes_sizes_and_modes(shapes):
+    root, _, counts = shapes
+    assert set(counts) == {"RGB", "L", "RGBA", "P", "I;16", "CMYK"}
+    sizes = {Image.open(p).size for p in (root / "shapes" / "circle").glob("*.png")}
+    assert len(sizes) > 20 and any(w != h for w, h in sizes)
+
+
+def test_readme_walkthrough_reaches_its_accuracy_and_loads_without_the_task(shapes, tmp_path):
+    root, data_dir, _ = shapes
+    config = adapter.get_config(
+        "dataset=image_folder/shapes-size32,base=jaxmerge/assets/fashion_vit"
+    )  # the README's command, with its small-folder settings
+    config.data_dir, config.crop_padding, config.lora.targets = data_dir, 4, "all"
+    base = os.path.join(REPO, config.base.path)
+    config.base.path = os.path.relpath(base)  # relative, as typed: the run stores it absolute
+    result = train.train_and_evaluate(config, str(tmp_path / "workdir"))
+    assert result["accuracy"] >= README_ACCURACY
+
+    run = str(tmp_path / "workdir" / "adapters" / "shapes")
+    script = (
+        "import json, sys; from jaxmerge import evaluate, tasks; "
+        "assert 'shapes' not in tasks.TASKS; "
+        "print(json.dumps(evaluate.evaluate_runs([sys.argv[1]])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, run],
+        cwd=str(tmp_path),  # another directory: every stored path must still resolve
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(scores["shapes"]["accuracy"], result["accuracy"], atol=1e-6)
+    assert evaluate.load_run(run).task == config_lib.task_of(config)
+    assert data.open_split(evaluate.load_run(run).task, "test", config).__len__() == 120
