@@ -11,7 +11,11 @@
 holds the base and the merged adapter (or, with `--fold`, the backbone with the adapter folded
 in), every task's own head (heads are never merged) and model.json; `python -m
 jaxmerge.predict --model FOLDER IMAGES...` runs it. `--export_peft DIR` also writes the merged
-adapter as a PEFT LoRA folder (not for `--fold`, nor for methods that return dense deltas).
+adapter as a PEFT LoRA folder (not for `--fold`, nor for methods that return dense deltas);
+`--export_hf DIR` writes the backbone with the merged adapter folded in as a Hugging Face
+`ViTModel` folder (`transformers.ViTModel.from_pretrained(DIR, add_pooling_layer=False)`);
+the task heads stay in the model folder (they are MLPs on the pooled feature, which a ViTModel
+has no place for).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def check_request(
     fold: bool,
     output: str,
     export_peft: str | None,
+    export_hf: str | None = None,
 ) -> None:
     """Every flag checked before anything loads: ValueError naming the flag otherwise."""
     if not directories:
@@ -53,6 +58,8 @@ def check_request(
         if fold:
             model_folder.check_peft_exportable(None, True, method)
         model_folder.check_output_folder(export_peft, "--export_peft")
+    if export_hf is not None:
+        model_folder.check_output_folder(export_hf, "--export_hf")
 
 
 def merge_adapters(runs, model_def, base, method, weights, params, seed=0) -> tuple[Tree, dict]:
@@ -78,12 +85,14 @@ def merge_to_folder(
     fold: bool = False,
     export_peft: str | None = None,
     seed: int = 0,
+    export_hf: str | None = None,
 ) -> dict[str, Any]:
-    """Merges the runs' adapters and writes a model folder (and a PEFT export); returns a
-    summary: the folder, tasks, method, whether folded, the export, seconds."""
+    """Merges the runs' adapters and writes a model folder (and the PEFT and Hugging Face
+    exports asked for); returns a summary: the folder, tasks, method, whether folded, the
+    exports, seconds."""
     start = time.perf_counter()
     weights = None if weights is None else [float(w) for w in weights]
-    check_request(directories, method, weights, fold, output, export_peft)
+    check_request(directories, method, weights, fold, output, export_peft, export_hf)
     runs = [evaluate.load_run(d) for d in directories]
     headless = [r.directory for r in runs if r.adapter is None]
     if headless:
@@ -96,21 +105,26 @@ def merge_to_folder(
     if twice:
         raise ValueError(f"--run: task(s) {twice} given twice; allowed: one run per task")
     model_def, base = evaluate.load_base_of(runs)
+    if export_hf is not None:  # refused before anything is written
+        model_folder.check_hf_exportable(model_def)
     merged, recipe = merge_adapters(runs, model_def, base, method, weights, params, seed)
     if export_peft is not None:  # refused before anything is written
         model_folder.check_peft_exportable(merged, fold, method)
     info = model_folder.describe(runs, model_def, recipe, fold)
     heads = {run.task.name: run.head for run in runs}
     folder = model_folder.save(output, info, base, merged, heads)
-    exported = None
+    exported = exported_hf = None
     if export_peft is not None:
         exported = model_folder.export_peft(model_folder.load(folder), export_peft)
+    if export_hf is not None:
+        exported_hf = model_folder.export_hf(model_folder.load(folder), export_hf)
     return {
         "output": folder,
         "tasks": names,
         "method": method,
         "folded": bool(fold),
         "peft": exported,
+        "hf": exported_hf,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -132,6 +146,11 @@ def define_flags():
     flags.DEFINE_bool("fold", False, "Store the backbone with the merged adapter folded in.")
     flags.DEFINE_string("output", None, "The model folder to write (new or empty).")
     flags.DEFINE_string("export_peft", None, "Also write the merged adapter as a PEFT folder.")
+    flags.DEFINE_string(
+        "export_hf",
+        None,
+        "Also write the backbone, merged adapter folded in, as a Hugging Face ViTModel folder.",
+    )
     flags.DEFINE_integer("seed", 0, "Random masks (DARE) and learned merges' images.")
 
 
@@ -147,6 +166,7 @@ def main(argv):
         args.fold,
         args.export_peft,
         args.seed,
+        args.export_hf,
     )
     print(json.dumps(summary, indent=2))
 

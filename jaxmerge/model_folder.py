@@ -358,3 +358,30 @@ def export_peft(model: MultiTaskModel | str, directory: str, naming: str = "v5")
     name = base.get("path") if base.get("source") == "hf" else None  # a Hub / HF folder name
     peft.save_peft_adapter(directory, model.merged, naming=naming, base_model_name_or_path=name)
     return os.path.abspath(directory)
+
+
+def check_hf_exportable(model_def) -> None:
+    """Raises ValueError unless the backbone can be written as a Hugging Face ViTModel."""
+    from jaxmerge.models import vit
+
+    if type(model_def) is not vit.ViT:
+        raise ValueError(
+            f"--export_hf: the backbone is a {type(model_def).__name__}; allowed: a ViT "
+            f"(family 'vit'), the architecture of transformers' ViTModel"
+        )
+    if model_def.pool != "cls":
+        raise ValueError(
+            f"--export_hf: the ViT pools by {model_def.pool!r}; allowed: pool='cls', the class "
+            f"token a ViTModel reads"
+        )
+
+
+def export_hf(model: MultiTaskModel | str, directory: str, naming: str = "v4") -> str:
+    """Writes a model's backbone (merged adapter folded in) as a Hugging Face `ViTModel` folder
+    (`interop.hf.save_hf_vit`); `model` is a loaded model or a model folder. Returns the folder."""
+    from jaxmerge.interop import hf
+
+    model = load(model) if isinstance(model, str) else model
+    check_hf_exportable(model.model_def)
+    check_output_folder(directory, "--export_hf")
+    return hf.save_hf_vit(directory, model.info["model"]["kwargs"], model.backbone, naming)

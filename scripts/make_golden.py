@@ -427,10 +427,45 @@ def export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
             assert err < 1e-4, (name, key, err)
 
 
+def hf_export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
+    """jaxmerge's `save_hf_vit` of a folded TIES merge -> `ViTModel.from_pretrained` gives
+    jaxmerge's outputs (both tensor namings), and PEFT's own TIES merge (ties_total)."""
+    sys.path.insert(0, ROOT)
+    import jax
+    from transformers import ViTModel
+
+    from jaxmerge import lora, merging
+    from jaxmerge.interop import hf
+    from jaxmerge.interop import peft as peft_io
+    from jaxmerge.models import vit
+
+    vit_kwargs, params, _ = hf.load_hf_vit(os.path.join(GOLDEN, "hf_vit"))
+    load = lambda n: peft_io.load_peft_adapter(os.path.join(GOLDEN, "adapters", n))[0]  # noqa: E731
+    merged = merging.merge([load(n) for n in ABC], "ties", W3, density=0.5)
+    folded = lora.fold_into_base(params, merged)
+    want = jax.jit(vit.ViT(**vit_kwargs).apply)({"params": folded}, images)
+    peft_merge = np.load(os.path.join(GOLDEN, "outputs.npz"))["merge/ties_total/last_hidden_state"]
+    for naming in hf.HF_NAMINGS:
+        folder = os.path.join(GOLDEN, "exported", f"hf_folded_ties_{naming}")
+        shutil.rmtree(folder, ignore_errors=True)
+        hf.save_hf_vit(folder, vit_kwargs, folded, naming)
+        got = outputs(ViTModel.from_pretrained(folder).eval(), pixels)
+        for key, ours in (("last_hidden_state", "tokens"), ("pooler_output", "pooled")):
+            err = rel_err(got[key], want[ours])
+            print(f"HF export ({naming} names): transformers {key} vs jaxmerge: rel err {err:.2e}")
+            assert err < 1e-4, (naming, key, err)
+        err = rel_err(got["last_hidden_state"], peft_merge)
+        print(f"HF export ({naming} names): transformers vs PEFT's ties merge: rel err {err:.2e}")
+        assert err < 1e-4, (naming, err)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--v4", action="store_true", help="write adapters_v4/ (transformers<5)")
     parser.add_argument("--skip-export", action="store_true", help="no jaxmerge export check")
+    parser.add_argument(
+        "--hf-export-only", action="store_true", help="only the Hugging Face export check"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.chdir(ROOT)
@@ -438,6 +473,9 @@ def main() -> None:
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     if args.v4:
         make_v4_adapters(pixels)
+        return
+    if args.hf_export_only:
+        hf_export_check(pixels, images)
         return
     os.makedirs(GOLDEN, exist_ok=True)
     arrays = {"images": images}
@@ -449,6 +487,7 @@ def main() -> None:
     print(f"wrote {len(arrays)} arrays to {os.path.join(GOLDEN, 'outputs.npz')}")
     if not args.skip_export:
         export_check(pixels, images)
+        hf_export_check(pixels, images)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from PIL import Image
 
 from jaxmerge import checkpoint, evaluate, lora, merging, model_folder, multitask, predict, train
 from jaxmerge.datasets import common, prepare
-from jaxmerge.interop import peft
+from jaxmerge.interop import hf, peft
 from jaxmerge.merging import learned
+from jaxmerge.models import vit
 from tests.test_train import tiny_config
 
 # `jaxmerge.merge` the attribute is the public merge function; the command is its submodule.
@@ -177,6 +178,48 @@ def test_peft_export_refuses_folded_models_and_dense_deltas(run_dirs, tmp_path):
     merge_cli.merge_to_folder(run_dirs, output=str(tmp_path / "folded"), fold=True, **TIES)
     with pytest.raises(ValueError, match="saved folded"):
         model_folder.export_peft(str(tmp_path / "folded"), str(tmp_path / "p"))
+
+
+@pytest.mark.parametrize("naming", ["v4", "v5"])
+def test_golden_hf_export_of_a_folded_ties_merge_gives_pefts_merge(naming):
+    """scripts/make_golden.py wrote these with `save_hf_vit` and checked that transformers'
+    ViTModel loads them to jaxmerge's outputs (3e-7); here they must give PEFT's own TIES merge
+    of the same adapters (an independent truth)."""
+    golden = os.path.join(ROOT, "tests", "golden")
+    vit_kwargs, params, _ = hf.load_hf_vit(
+        os.path.join(golden, "exported", f"hf_folded_ties_{naming}")
+    )
+    arrays = np.load(os.path.join(golden, "outputs.npz"))
+    tokens = vit.ViT(**vit_kwargs).apply({"params": params}, arrays["images"])["tokens"]
+    np.testing.assert_allclose(
+        tokens, arrays["merge/ties_total/last_hidden_state"], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_hf_export_round_trips_the_backbone(run_dirs, tmp_path):
+    summary = merge_cli.merge_to_folder(
+        run_dirs, output=str(tmp_path / "m"), export_hf=str(tmp_path / "hf"), **TIES
+    )
+    model = model_folder.load(summary["output"])
+    vit_kwargs, params, head = hf.load_hf_vit(summary["hf"])
+    assert head is None and vit_kwargs == model.info["model"]["kwargs"]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(model.backbone)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        model_folder.export_hf(model, summary["hf"])
+
+
+def test_hf_export_refuses_what_a_vit_model_cannot_hold(run_dirs, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="--export_hf"):
+        merge_cli.merge_to_folder(
+            run_dirs, output=str(tmp_path / "m"), export_hf=str(tmp_path / "taken"), **TIES
+        )
+    assert not os.path.exists(tmp_path / "m")  # refused before anything was written
+    mean_pool = vit.ViT(**vit.variant("mu/4", image_size=8, pool="mean"))
+    with pytest.raises(ValueError, match="pools by 'mean'; allowed: pool='cls'"):
+        model_folder.check_hf_exportable(mean_pool)
 
 
 def test_outputs_to_predictions_are_in_task_units():

@@ -13,13 +13,13 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import tiny_config
 
 from configs import adapter
 from jaxmerge import config_lib, data, evaluate, train
 from jaxmerge.data import sources
 from jaxmerge.datasets import demo_shapes, prepare
 from jaxmerge.tasks import from_dataset, registry
+from tests.test_train import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_ACCURACY = 0.8  # the README states 0.88 for these settings; the floor leaves noise room

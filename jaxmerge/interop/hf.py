@@ -244,3 +244,89 @@ def load_hf_vit(folder: str, *, dtype=jnp.float32) -> tuple[dict, Tree, Tree | N
             f"{np.shape(head['out']['kernel'])[::-1]}; expected (num_labels, {vit_kwargs['width']})"
         )
     return vit_kwargs, as_jax(params, dtype), None if head is None else as_jax(head, dtype)
+
+
+# ----------------------------------------------------------------------------- writing
+
+HF_NAMINGS = tuple(vit.HF_LAYERS)
+
+
+def _hf_name(path: str, naming: str) -> str:
+    """'block_3/attention/query' -> 'encoder.layer.3.attention.attention.query' (v4) or
+    'layers.3.attention.q_proj' (v5); top-level modules by `vit.HF_TOP_NAMES`."""
+    top = {p: name for name, p in _HF_TOP.items()}
+    if path in top:
+        return top[path]
+    block, _, sub = path.partition("/")
+    return (
+        f"{vit.HF_LAYERS[naming]}.{block.removeprefix('block_')}.{vit.HF_BLOCK_NAMES[sub][naming]}"
+    )
+
+
+def params_to_hf(params: Tree, patch_size: int, naming: str = "v4") -> dict[str, np.ndarray]:
+    """A ViT parameter tree as a Hugging Face `ViTModel` state dict (the inverse of
+    `hf_to_params`): kernels (in, out) -> weights (out, in), the patch kernel back to a conv."""
+    state = {}
+    for key, value in jax.tree_util.tree_leaves_with_path(params):
+        *module, leaf = jax.tree_util.keystr(key, simple=True, separator="/").split("/")
+        module, value = "/".join(module), np.asarray(value, np.float32)
+        if not module:  # cls, pos_embedding: parameters of their own
+            state[_hf_name(leaf, naming)] = value
+            continue
+        if module == "patch_embed" and leaf == "kernel":  # (p*p*C, D) -> (D, C, p, p)
+            p = patch_size
+            value = value.reshape(p, p, -1, value.shape[1]).transpose(3, 2, 0, 1)
+        elif leaf == "kernel":
+            value = value.T
+        name = "weight" if leaf in ("kernel", "scale") else leaf
+        state[f"{_hf_name(module, naming)}.{name}"] = np.ascontiguousarray(value)
+    return state
+
+
+def save_hf_vit(folder: str, vit_kwargs: Mapping, params: Tree, naming: str = "v4") -> str:
+    """Writes a ViT backbone (an adapter folded in, if any) as a Hugging Face `ViTModel` folder,
+    `config.json` and `model.safetensors`, that `transformers.ViTModel.from_pretrained` loads
+    (add `add_pooling_layer=False` when the ViT has no pooler). `naming` "v4" writes the Hub's
+    tensor names, which transformers 4.x and 5.x both read; "v5" the 5.x module names.
+
+    Raises:
+      ValueError: a ViT that `ViTModel` cannot express (mean pooling, a channel count other
+        than 3), an unknown naming, or a folder that exists and is not empty.
+    """
+    from safetensors.numpy import save_file
+
+    if naming not in HF_NAMINGS:
+        raise ValueError(f"naming={naming!r}; allowed: {HF_NAMINGS}")
+    if vit_kwargs.get("pool", "cls") != "cls":
+        raise ValueError(
+            f"pool={vit_kwargs['pool']!r}: a Hugging Face ViTModel reads the class token; "
+            "allowed: a ViT with pool='cls'"
+        )
+    if vit_kwargs.get("channels", 3) != 3:
+        raise ValueError(f"channels={vit_kwargs['channels']}; allowed: 3 (RGB)")
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ValueError(f"{folder!r} exists and is not empty; allowed: a new or empty folder")
+    check_params(vit_kwargs, params, "save_hf_vit")
+    config = {
+        "architectures": ["ViTModel"],
+        "model_type": "vit",
+        "hidden_size": vit_kwargs["width"],
+        "num_hidden_layers": vit_kwargs["depth"],
+        "num_attention_heads": vit_kwargs["num_heads"],
+        "intermediate_size": vit_kwargs["mlp_dim"],
+        "hidden_act": "gelu_new" if vit_kwargs.get("gelu_approximate") else "gelu",
+        "image_size": vit_kwargs["image_size"],
+        "patch_size": vit_kwargs["patch_size"],
+        "num_channels": 3,
+        "layer_norm_eps": float(vit_kwargs.get("layer_norm_eps", 1e-6)),
+        "qkv_bias": True,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "encoder_stride": vit_kwargs["patch_size"],
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    state = params_to_hf(params, vit_kwargs["patch_size"], naming)
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    return os.path.abspath(folder)
