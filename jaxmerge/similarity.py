@@ -64,7 +64,17 @@ def top_singular_vectors(delta: jnp.ndarray, rank: int, side: str = "input") -> 
     """
     if side not in SIDES:
         raise ValueError(f"side: got {side!r}; allowed: {SIDES}")
-    u, s, vh = np.linalg.svd(np.asarray(delta, np.float64), full_matrices=False)
+    delta = np.asarray(delta, np.float64)
+    if rank + 8 < min(delta.shape):
+        # A LoRA update has rank <= r: its SVD is that of its projection on a range basis of
+        # r + 8 random directions (exact for rank <= r + 8), far cheaper than the full SVD of a
+        # ViT-B layer.
+        sketch = delta @ np.random.default_rng(0).standard_normal((delta.shape[1], rank + 8))
+        basis = np.linalg.qr(sketch)[0]
+        u, s, vh = np.linalg.svd(basis.T @ delta, full_matrices=False)
+        u = basis @ u
+    else:
+        u, s, vh = np.linalg.svd(delta, full_matrices=False)
     if s.size == 0 or s[0] == 0:
         return u[:, :0] if side == "input" else vh.T[:, :0]
     keep = int(min(rank, np.sum(s > 1e-6 * s[0])))

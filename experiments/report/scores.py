@@ -31,8 +31,12 @@ def main_metric(task: str) -> tuple[str, bool]:
 
 
 def normalised(value: float, single: float, task: str) -> float:
-    """`value / single` for higher-is-better metrics, `single / value` for errors."""
+    """`value / single` for higher-is-better metrics, `single / value` for errors; NaN when
+    the divisor is 0 (a single adapter at 0% accuracy, e.g. a dry run's few fake images)."""
     _, higher = main_metric(task)
+    divisor = single if higher else value
+    if divisor == 0:
+        return float("nan")
     return value / single if higher else single / value
 
 

@@ -4,6 +4,7 @@ Each builder is prepared as array_record (`prepare.prepare(name, data_dir, manua
 without TensorFlow through `tfds.data_source`. `BUILDERS` maps each TFDS name to its class:
 
   the paper's five (manual download): firerisk, utkface, expw, wflw, galaxy10_decals;
+  the CLIP suite's GTSRB (manual download; the other seven are TFDS's own): gtsrb;
   offline: sklearn_digits, fashion_mnist_idx, skimage_textures, lfw_subset, digit_box,
   photo_scenes;
   your own folders: image_folder.
@@ -16,6 +17,7 @@ from jaxmerge.datasets import (  # noqa: F401  (imported to register the builder
     fashion_mnist,
     firerisk,
     galaxy10,
+    gtsrb,
     image_folder,
     lfw,
     photo_scenes,

@@ -14,6 +14,7 @@ from jaxmerge.tasks.registry import TASKS, Task, get, register
 # isort: off
 from jaxmerge.tasks import paper
 from jaxmerge.tasks import offline
+from jaxmerge.tasks import clip_suite
 # isort: on
 
-__all__ = ["TASKS", "Task", "get", "register", "paper", "offline"]
+__all__ = ["TASKS", "Task", "get", "register", "paper", "offline", "clip_suite"]
