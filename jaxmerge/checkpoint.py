@@ -15,10 +15,14 @@ replaced by another. Reads never create folders.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
+import time
 from typing import Any
 
 import jax
@@ -34,6 +38,11 @@ Tree = Any
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted: corrupted, or trained on another base."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A step that could not be written (a full disk, a lost mount). Orbax's background threads
+    may still be failing, so the command line exits at once after saying so (`cli`)."""
 
 
 def checksum(tree: Tree) -> str:
@@ -91,18 +100,75 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Tree, opt_state: Tree, 
     }
     metadata["checksum_metadata"] = _metadata_checksum(metadata)
     path = os.path.join(str(mngr.directory), str(step))
+    failure = None
+    with _stderr_aside() as aside:
+        try:
+            mngr.save(
+                int(step),
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    metadata=ocp.args.JsonSave(metadata),
+                ),
+            )
+            mngr.wait_until_finished()
+        except Exception as error:  # e.g. a full disk: one line, the earlier steps stay
+            failure = error
+            # Lets Orbax's writer threads finish failing while their output still goes aside.
+            with contextlib.suppress(Exception):
+                mngr.close()
+            time.sleep(0.5)
+    if failure is None:
+        aside.pass_on()
+        return
+    details = f"; Orbax's own messages are in {aside.path}" if aside.keep() else ""
+    raise CheckpointWriteError(
+        f"checkpoint {path} could not be written: {_cause(failure)}{details}"
+    ) from None
+
+
+class _Aside:
+    """What went to stderr during a save: `pass_on` replays it, `keep` leaves it in its file."""
+
+    def __init__(self, path: str = ""):
+        self.path, self.text = path, b""
+
+    def pass_on(self) -> None:
+        if self.path:
+            os.remove(self.path)
+        if self.text:
+            sys.stderr.write(self.text.decode(errors="replace"))
+
+    def keep(self) -> bool:
+        if self.path and not self.text:
+            os.remove(self.path)
+        return bool(self.path and self.text)
+
+
+@contextlib.contextmanager
+def _stderr_aside():
+    """Runs a save with stderr (file descriptor 2: Python, absl and TensorStore's C++ alike)
+    going to a temporary file: a save that fails on a full disk makes
+    Orbax's writer threads print hundreds of tracebacks, which belong in a file, not before
+    the one line that says what happened."""
     try:
-        mngr.save(
-            int(step),
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                metadata=ocp.args.JsonSave(metadata),
-            ),
-        )
-        mngr.wait_until_finished()
-    except Exception as error:  # e.g. a full disk: one line, the earlier steps stay
-        raise CheckpointError(f"checkpoint {path} could not be written: {_cause(error)}") from None
+        capture = tempfile.NamedTemporaryFile(prefix="jaxmerge_save_", suffix=".log", delete=False)
+    except OSError:  # no temporary space either: save as is
+        yield _Aside()
+        return
+    aside = _Aside(capture.name)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    os.dup2(capture.fileno(), 2)
+    try:
+        yield aside
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        capture.seek(0)
+        aside.text = capture.read()
+        capture.close()
 
 
 class _Corrupted(CheckpointError):

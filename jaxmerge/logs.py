@@ -162,5 +162,10 @@ class Scalars:
                 self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
 
     def close(self) -> None:
-        if self.writer is not None:
+        if self.writer is None:
+            return
+        try:
             self.writer.close()
+        except OSError as error:  # a full disk: the JSONL record matters, not its mirror
+            logging.warning("TensorBoard events not flushed: %s", error)
+        self.writer = None
