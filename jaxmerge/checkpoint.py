@@ -216,10 +216,17 @@ def _verify(path: str, metadata: dict, items: dict[str, Tree], expected_base: st
 
 def _read_step(mngr, step: int, args: dict, expected_base: str | None, verify_items):
     path = os.path.join(str(mngr.directory), str(step))
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(**args))
-    except Exception as error:  # Orbax raises many kinds; the user needs the path and cause.
-        raise _Corrupted(f"checkpoint {path} cannot be read: {_cause(error)}") from None
+    failure = None
+    with _stderr_aside() as aside:  # a failed read also sets Orbax's threads printing
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as error:  # Orbax raises many kinds; the user needs the path and cause.
+            failure = error
+            time.sleep(0.2)
+    if failure is not None:
+        details = f"; Orbax's own messages are in {aside.path}" if aside.keep() else ""
+        raise _Corrupted(f"checkpoint {path} cannot be read: {_cause(failure)}{details}")
+    aside.pass_on()
     _verify(path, restored.metadata, {n: restored[n] for n in verify_items}, expected_base)
     return restored
 

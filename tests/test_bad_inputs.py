@@ -205,6 +205,41 @@ def test_broken_latest_step_falls_back_to_the_newest_good_one(
     )
 
 
+@pytest.mark.parametrize("breakage", ["truncated", "half-written"])
+def test_evaluate_on_a_broken_latest_step_prints_one_line(trained_run, tmp_path, breakage):
+    """The fallback's warning is the only line on stderr: no TensorStore spec dump, no
+    "Event loop is closed" tracebacks from Orbax's callbacks afterwards."""
+    _, _, run = trained_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    BREAKAGES[breakage](os.path.join(copy, "checkpoints", "20"))
+    command = [sys.executable, "-m", "jaxmerge.evaluate", "--run", copy]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "checkpoints/20" in lines[0] and "moved it to" in lines[0], lines
+    assert json.loads(done.stdout)["digits"]["examples"] > 0
+
+
+def test_closed_loop_tracebacks_are_dropped_and_everything_else_passes(capsys):
+    import io
+
+    from jaxmerge import cli
+
+    out = io.StringIO()
+    stream = cli.DropClosedLoopTracebacks(out)
+    spurious = [
+        "Traceback (most recent call last):\n",
+        '  File "base_events.py", line 806, in call_soon_threadsafe\n',
+        "    self._check_closed()\n",
+        "RuntimeError: Event loop is closed\n",
+    ]
+    real = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad\n'
+    for chunk in ["progress 1/2\r", *spurious, "a line\n", real, *spurious, "progress 2/2\r"]:
+        stream.write(chunk)
+    assert out.getvalue() == "progress 1/2\ra line\n" + real + "progress 2/2\r"
+
+
 def test_resume_falls_back_too_and_reaches_the_same_step(trained_run, tmp_path):
     config, workdir, run = trained_run
     copy_workdir = str(tmp_path / "work")
