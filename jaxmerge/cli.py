@@ -139,10 +139,14 @@ class DropClosedLoopTracebacks:
         return getattr(self.stream, name)
 
 
+# Library lines that are not about the run: TFDS recommends OpenCV on every image dataset it
+# opens, and warns that a dataset being prepared on first use has no dataset_info.json yet.
+NOT_ABOUT_THE_RUN = ("OpenCV is not installed", "has no dataset_info.json")
+
+
 def _drop_advice(record) -> bool:
-    """Drops library advice that is not about the run (TFDS recommends installing OpenCV on
-    every image dataset it opens)."""
-    return "OpenCV is not installed" not in record.getMessage()
+    message = record.getMessage()
+    return not any(text in message for text in NOT_ABOUT_THE_RUN)
 
 
 def _parse_in_one_line(argv: list[str]) -> list[str]:
