@@ -121,6 +121,7 @@ DRY_RUN_TASKS = os.environ.get("JAXMERGE_CLIP_DRY_RUN_TASKS", "mnist+gtsrb").rep
 )
 
 
+@pytest.mark.full_size
 def test_clip_suite_dry_run_at_full_size(tmp_path):
     """The suite's config at ViT-B/32, 224 px: 2 training steps per run, every merge method
     of the config on all the tasks at once, scoring and the report."""
