@@ -5,8 +5,12 @@
     python -m jaxmerge.merge --run W/adapters/digits --run W/adapters/digit_box \
         --method learned_output_match --fold --output models/learned
     python -m jaxmerge.merge ... --method cat --output models/cat --export_peft exported/cat
+    python -m jaxmerge.merge --peft adapters/cifar --peft adapters/food --base vit-base \
+        --method ties --weights 0.5,0.5 --merge_param density=0.5 --output models/cifar_food
 
-`--method` is a fixed method of `jaxmerge.merging.METHODS` or a learned preset of
+`--peft` takes PEFT LoRA folders of Hugging Face ViT classifiers saved with their classifier
+(`modules_to_save`), each a task named after its folder, beside or instead of `--run` folders
+(all on one base). `--method` is a fixed method of `jaxmerge.merging.METHODS` or a learned preset of
 `jaxmerge.learned_runs.PRESETS` (fitted on images of each task's training split). The folder
 holds the base and the merged adapter (or, with `--fold`, the backbone with the adapter folded
 in), every task's own head (heads are never merged) and model.json; `python -m
@@ -21,15 +25,27 @@ has no place for).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from absl import flags
 
+from jaxmerge import (
+    checkpoint,
+    config_lib,
+    evaluate,
+    heads,
+    learned_runs,
+    merging,
+    model_folder,
+    tasks,
+)
 from jaxmerge import cli as cli_lib
-from jaxmerge import evaluate, learned_runs, merging, model_folder
+from jaxmerge.models import load
 
 Tree = Any
 
@@ -45,7 +61,10 @@ def check_request(
 ) -> None:
     """Every flag checked before anything loads: ValueError naming the flag otherwise."""
     if not directories:
-        raise ValueError("--run: give at least one run folder (WORKDIR/adapters/<task>)")
+        raise ValueError(
+            "--run / --peft: give at least one run folder (WORKDIR/adapters/<task>) or PEFT "
+            "adapter folder"
+        )
     model_folder.check_output_folder(output)
     if method not in merging.METHODS and method not in learned_runs.PRESETS:
         raise ValueError(
@@ -60,6 +79,48 @@ def check_request(
         model_folder.check_output_folder(export_peft, "--export_peft")
     if export_hf is not None:
         model_folder.check_output_folder(export_hf, "--export_hf")
+
+
+def load_peft_run(folder: str, base: str | None) -> evaluate.Run:
+    """A PEFT LoRA adapter folder of a Hugging Face ViT classifier as a run: its task is named
+    after the folder, its head is the adapter's saved classifier (`modules_to_save`) reading
+    the class token, and its base is `base` (a Hugging Face ViT folder) or else the folder the
+    adapter config's `base_model_name_or_path` names.
+
+    Raises:
+      ValueError: naming the folder, when it has no classifier (a task needs its head) or no
+        base folder can be found.
+    """
+    from jaxmerge.interop import peft
+
+    adapter, head, peft_config = peft.load_peft_adapter(folder)
+    name = os.path.basename(os.path.normpath(folder))
+    if head is None:
+        raise ValueError(
+            f"--peft: {folder!r} has no classifier (modules_to_save), so its task has no head; "
+            f"allowed: a PEFT adapter of a ViTForImageClassification saved with its classifier"
+        )
+    base = base or peft_config.get("base_model_name_or_path") or ""
+    if not os.path.isdir(os.path.expanduser(base)):
+        raise ValueError(
+            f"--base: {base!r} (for PEFT adapter {folder!r}) is not a folder; allowed: the "
+            f"Hugging Face ViT folder the adapter was trained on"
+        )
+    config = config_lib.base_config()
+    config.task = name
+    config.base.source, config.base.path = "hf", os.path.abspath(os.path.expanduser(base))
+    outputs = int(np.shape(head["out"]["bias"])[0])
+    task = tasks.Task(name, "", "classification", outputs, suite="user", about=f"PEFT {folder}")
+    model_def, base_params, _ = load.load_base(config)
+    return evaluate.Run(
+        os.path.abspath(folder),
+        config,
+        task,
+        heads.MlpHead(0, outputs),
+        head,
+        adapter,
+        checkpoint.fingerprint(base_params),
+    )
 
 
 def merge_adapters(runs, model_def, base, method, weights, params, seed=0) -> tuple[Tree, dict]:
@@ -86,14 +147,18 @@ def merge_to_folder(
     export_peft: str | None = None,
     seed: int = 0,
     export_hf: str | None = None,
+    peft_folders: Sequence[str] = (),
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Merges the runs' adapters and writes a model folder (and the PEFT and Hugging Face
     exports asked for); returns a summary: the folder, tasks, method, whether folded, the
     exports, seconds."""
     start = time.perf_counter()
     weights = None if weights is None else [float(w) for w in weights]
-    check_request(directories, method, weights, fold, output, export_peft, export_hf)
+    sources = [*directories, *peft_folders]
+    check_request(sources, method, weights, fold, output, export_peft, export_hf)
     runs = [evaluate.load_run(d) for d in directories]
+    runs += [load_peft_run(folder, base) for folder in peft_folders]
     headless = [r.directory for r in runs if r.adapter is None]
     if headless:
         raise ValueError(
@@ -140,6 +205,12 @@ def _weights(values: Sequence[str] | None) -> list[float] | None:
 
 def define_flags():
     flags.DEFINE_multi_string("run", [], "A LoRA run folder, WORKDIR/adapters/<task>; repeated.")
+    flags.DEFINE_multi_string(
+        "peft", [], "A PEFT LoRA folder of a ViT classifier (with its classifier); repeated."
+    )
+    flags.DEFINE_string(
+        "base", None, "The Hugging Face ViT folder of the --peft adapters (default: theirs)."
+    )
     flags.DEFINE_string("method", None, "A merge method, fixed or learned.")
     flags.DEFINE_list("weights", None, "One weight per run (fixed methods).")
     flags.DEFINE_multi_string("merge_param", [], "name=value for the merge method.")
@@ -167,6 +238,8 @@ def main(argv):
         args.export_peft,
         args.seed,
         args.export_hf,
+        args.peft,
+        args.base,
     )
     print(json.dumps(summary, indent=2))
 

@@ -7,7 +7,8 @@
 A folder, written by `python -m jaxmerge.merge` (`save`), holds:
 
   model.json    the model family and architecture, each task (head kind, outputs, hidden size,
-                label names, metric, target, loss spec), the preprocessing, the base fingerprint,
+                head module: `heads.to_record`, an MLP or a frozen zero-shot head; label
+                names, metric, target, loss spec), the preprocessing, the base fingerprint,
                 and the merge recipe (method, weights, parameters, a learned merge's record,
                 each source run's path with SHA-256 checksums of its adapter and head);
   checkpoints/0 an Orbax checkpoint (`jaxmerge.checkpoint`, checksummed) of
@@ -53,7 +54,7 @@ class MultiTaskModel:
 
     model_def: Any
     backbone: Tree
-    head_defs: Mapping[str, heads.MlpHead]
+    head_defs: Mapping[str, Any]  # `heads.from_record` modules
     head_params: Mapping[str, Tree]
     tasks: Mapping[str, Mapping[str, Any]]
     info: Mapping[str, Any]
@@ -78,7 +79,7 @@ class MultiTaskModel:
 
 def label_names(task, data_dir: str) -> list[str] | None:
     """The class names of a classification task's TFDS ClassLabel feature, or None."""
-    if task.kind != "classification":
+    if task.kind != "classification" or not task.dataset:  # e.g. a PEFT folder's task
         return None
     try:
         import tensorflow_datasets as tfds
@@ -103,7 +104,8 @@ def task_info(run) -> dict[str, Any]:
     return {
         "kind": task.kind,
         "outputs": task.outputs,
-        "hidden": run.head_def.hidden,
+        "hidden": heads.to_record(run.head_def)["hidden"],
+        "head": heads.to_record(run.head_def),
         "labels": label_names(task, data.data_dir(run.config)),
         "metric": task.head_kind.main_metric,
         "higher_is_better": task.head_kind.higher_is_better,
@@ -226,7 +228,8 @@ def build_model(model: Mapping[str, Any]):
 
 def _assemble(model_def, backbone, head_params, info, merged) -> MultiTaskModel:
     tasks = info["tasks"]
-    head_defs = {t: heads.MlpHead(v["hidden"], v["outputs"]) for t, v in tasks.items()}
+    # Folders written before head records held "hidden" and "outputs" only: MLP heads.
+    head_defs = {t: heads.from_record(v.get("head", v)) for t, v in tasks.items()}
     predictor = multitask.make_predictor(model_def, head_defs)
     return MultiTaskModel(
         model_def, backbone, head_defs, head_params, tasks, info, merged, predictor

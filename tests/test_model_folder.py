@@ -222,6 +222,33 @@ def test_hf_export_refuses_what_a_vit_model_cannot_hold(run_dirs, tmp_path):
         model_folder.check_hf_exportable(mean_pool)
 
 
+def test_peft_folders_merge_into_a_model_that_gives_transformers_logits(tmp_path):
+    """Two PEFT classifier folders (the golden `cls` adapter twice) merged with `cat` at 0.5
+    each are the adapter itself: each task's logits equal transformers + PEFT's."""
+    golden = os.path.join(ROOT, "tests", "golden")
+    shutil.copytree(os.path.join(golden, "adapters", "cls"), tmp_path / "cls_copy")
+    folders = [os.path.join(golden, "adapters", "cls"), str(tmp_path / "cls_copy")]
+    summary = merge_cli.merge_to_folder(
+        [], "cat", str(tmp_path / "m"), weights=[0.5, 0.5], peft_folders=folders,
+        base=os.path.join(golden, "hf_vit"),
+    )  # fmt: skip
+    assert summary["tasks"] == ["cls", "cls_copy"]
+    arrays = np.load(os.path.join(golden, "outputs.npz"))
+    outputs = model_folder.load(summary["output"]).predict(arrays["images"])
+    for task in summary["tasks"]:
+        np.testing.assert_allclose(outputs[task], arrays["adapter/cls/logits"], atol=1e-5)
+
+
+def test_peft_folders_without_a_classifier_or_a_base_are_refused(tmp_path):
+    golden = os.path.join(ROOT, "tests", "golden")
+    with pytest.raises(ValueError, match="has no classifier"):
+        merge_cli.load_peft_run(
+            os.path.join(golden, "adapters", "a"), os.path.join(golden, "hf_vit")
+        )
+    with pytest.raises(ValueError, match="--base: .*nowhere.* is not a folder"):
+        merge_cli.load_peft_run(os.path.join(golden, "adapters", "cls"), str(tmp_path / "nowhere"))
+
+
 def test_outputs_to_predictions_are_in_task_units():
     tasks = {
         "kind": {"kind": "classification", "outputs": 3, "labels": ["cat", "dog", "owl"]},

@@ -78,6 +78,16 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
         from jaxmerge.interop import hf
 
         kwargs, params = hf.load_hf_vit(path)[:2]
+        if kwargs["pooler"] and not config.model.pooler:
+            # Heads read the class token, as ViTForImageClassification's classifier does; a
+            # ViTModel checkpoint's pooler (dense + tanh) is left out unless asked for.
+            params = {k: v for k, v in params.items() if k != "pooler"}
+            kwargs = {**kwargs, "pooler": False}
+        elif config.model.pooler and not kwargs["pooler"]:
+            raise ValueError(
+                f"config.model.pooler: True, but the checkpoint {path!r} has no pooler; "
+                "allowed: False"
+            )
     elif family.name == "siglip":
         from jaxmerge.interop import clip
 
