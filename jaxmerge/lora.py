@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -122,6 +122,25 @@ def set_at(tree: Tree, path: str, value: Any) -> Tree:
     new = dict(tree)
     new[head] = set_at(tree.get(head, {}), rest, value) if rest else value
     return new
+
+
+def on_common_targets(adapters: Sequence[Tree]) -> list[Tree]:
+    """Every adapter over the union of the adapters' targets: where one lacks a target that
+    another adapts, it gets zero factors (or a zero delta) of the other's shapes there, so it
+    adds nothing at that layer, as PEFT's `add_weighted_adapter` skips a module an adapter
+    does not adapt. Adapters that share their targets are returned as they are."""
+    items = [dict(target_items(adapter)) for adapter in adapters]
+    union = sorted(set().union(*items))
+    if all(len(found) == len(union) for found in items):
+        return list(adapters)
+    padded = []
+    for adapter, found in zip(adapters, items):
+        for path in union:
+            if path not in found:
+                like = next(other[path] for other in items if path in other)
+                adapter = set_at(adapter, path, {k: jnp.zeros_like(v) for k, v in like.items()})
+        padded.append(adapter)
+    return padded
 
 
 def get_at(tree: Tree, path: str) -> Any:

@@ -518,6 +518,7 @@ def learn_merge(
       ValueError: for a bad setting, mismatched lengths, or entropy with a non-classification
         head.
     """
+    adapters = lora.on_common_targets(adapters)
     static, args = _setup(
         model,
         base,

@@ -120,7 +120,8 @@ def merge(
     """Merges adapters with a registered method after validating every input.
 
     Args:
-      adapters: factored adapter trees over the same targets and base shapes.
+      adapters: factored adapter trees over the same base; where one lacks a target another
+        adapts, it counts as zero there (`lora.on_common_targets`).
       method: a name in `METHODS`.
       weights: one weight per adapter (default all 1.0); may be a traced array.
       key: a `jax.random` key, required by the DARE methods.
@@ -133,6 +134,7 @@ def merge(
       ValueError: naming the field, the bad value and what is allowed; an adapter (or the
         result) holding NaN or inf, naming the adapter and the target.
     """
+    adapters = lora.on_common_targets(adapters)  # an adapter adds nothing where it has no target
     spec, weights, params = validate(adapters, method, weights, key, params)
     if spec.peft and len(adapters) == 1:
         spec, params = METHODS["linear"], {}  # PEFT's rule: one adapter is merged linearly
