@@ -6,11 +6,12 @@ has every field and `validate` can check each one before anything compiles.
 
 from __future__ import annotations
 
+import os
 import re
 
 import ml_collections
 
-from jaxmerge import lora, models, tasks
+from jaxmerge import heads, lora, models, tasks, zero_shot
 from jaxmerge.models import cpu_kernels, layers
 
 BASE_SOURCES = ("random", "checkpoint", "hf", "bigvision")
@@ -68,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.head = ml_collections.ConfigDict()
     c.head.hidden = 256
+    # "mlp": a trained MlpHead (hidden 0: linear); "zero_shot": CLIP's frozen classifier of
+    # the task from `zero_shot_file` (scripts/make_zero_shot_heads.py; `jaxmerge.zero_shot`).
+    c.head.type = "mlp"
+    c.head.zero_shot_file = ""
 
     c.batch_size = 128
     c.eval_batch_size = 256
@@ -138,7 +143,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field, its value and what is allowed."""
     import jax
 
-    task_of(c)
+    task = task_of(c)
     _check(c.mode in MODES, "mode", c.mode, str(MODES))
     _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
     family = models.get(c.model.family)
@@ -179,6 +184,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.head.hidden,
         "an integer >= 0",
     )
+    _check_head(c.head, task)
     devices = jax.device_count()
     for field in ("batch_size", "eval_batch_size"):
         value = c[field]
@@ -222,6 +228,41 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "checkpoint_every",
         c.checkpoint_every,
         f"a multiple of min(log_every, 10) = {min(c.log_every, 10)} (checkpoint after a NaN check)",
+    )
+
+
+def _check_head(head: ml_collections.ConfigDict, task: tasks.Task) -> None:
+    """The head type, and a zero-shot head's file against the task (`heads.build` checks the
+    backbone width once the base is loaded)."""
+    _check(head.type in heads.HEAD_TYPES, "head.type", head.type, str(heads.HEAD_TYPES))
+    if head.type != zero_shot.HEAD:
+        return
+    field, path = "head.zero_shot_file", head.zero_shot_file
+    _check(
+        task.kind == "classification",
+        "head.type",
+        head.type,
+        f"'mlp' for task {task.name!r} ({task.kind}); zero-shot heads classify",
+    )
+    _check(
+        bool(path) and os.path.isfile(os.path.expanduser(path)),
+        field,
+        path,
+        "an existing file of scripts/make_zero_shot_heads.py",
+    )
+    classes = zero_shot.load_heads(os.path.abspath(os.path.expanduser(path)))["classes"]
+    _check(
+        task.name in classes,
+        field,
+        path,
+        f"a file holding task {task.name!r} (it holds {sorted(classes)})",
+    )
+    count = len(classes[task.name])
+    _check(
+        count == task.outputs,
+        field,
+        path,
+        f"a file with {task.outputs} classes for task {task.name!r} (it has {count})",
     )
 
 

@@ -40,7 +40,7 @@ class Run:
     directory: str
     config: ml_collections.ConfigDict
     task: tasks.Task
-    head_def: heads.MlpHead
+    head_def: Any  # `heads.MlpHead` or `zero_shot.ZeroShotHead` (`heads.from_record`)
     head: Tree
     adapter: Tree | None
     base_fingerprint: str
@@ -52,7 +52,7 @@ def load_run(directory: str) -> Run:
     params, metadata = checkpoint.load(os.path.join(directory, "checkpoints"))
     config = ml_collections.ConfigDict(metadata["config"])
     task = tasks.registry.of_run(metadata["task"], metadata.get("task_definition"))
-    head_def = heads.MlpHead(metadata["head"]["hidden"], metadata["head"]["outputs"])
+    head_def = heads.from_record(metadata["head"])  # an MLP head for runs without a "type"
     return Run(
         directory,
         config,

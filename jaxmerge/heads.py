@@ -1,19 +1,24 @@
 """Task heads and the loss and metric of each head kind.
 
-A head is the paper's 2-layer MLP on the pooled ViT feature. Heads are never merged: a merged
-backbone carries every task's own head. Each head kind fixes the output layout, the training
-loss and the evaluation metrics, as pure functions of (outputs, batch).
+A head is the paper's 2-layer MLP on the pooled ViT feature (head type "mlp"), or CLIP's
+frozen zero-shot classifier from class-name text embeddings (type "zero_shot",
+`jaxmerge.zero_shot`). Heads are never merged: a merged backbone carries every task's own
+head. Each head kind fixes the output layout, the training loss and the evaluation metrics, as
+pure functions of (outputs, batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxmerge import zero_shot
 
 
 class MlpHead(nn.Module):
@@ -28,6 +33,57 @@ class MlpHead(nn.Module):
         if self.hidden:
             x = nn.gelu(nn.Dense(self.hidden, name="hidden")(x), approximate=False)
         return nn.Dense(self.outputs, name="out")(x)
+
+
+HEAD_TYPES = ("mlp", zero_shot.HEAD)  # `config.head.type`
+
+
+def build(head_config, task, width: int) -> nn.Module:
+    """The head `config.head` asks for on a backbone whose pooled feature has `width`:
+    `MlpHead(hidden, task.outputs)`, or the zero-shot head of `task` in
+    `head_config.zero_shot_file` (its parameters read by `init`, frozen in training).
+
+    Raises:
+      ValueError: naming `config.head.zero_shot_file` when the file's projection does not
+        read a `width` feature (config_lib.validate checks the rest before anything loads).
+    """
+    if head_config.get("type", "mlp") != zero_shot.HEAD:
+        return MlpHead(head_config.hidden, task.outputs)
+    path = os.path.abspath(os.path.expanduser(head_config.zero_shot_file))
+    head = zero_shot.head_def(path, task.name)
+    if head.width != width:
+        raise ValueError(
+            f"config.head.zero_shot_file: got {path!r}, whose visual_projection reads a "
+            f"{head.width}-wide feature; allowed: a file made for this backbone (width {width})"
+        )
+    return head
+
+
+def to_record(head_def: nn.Module) -> dict:
+    """The head module as run metadata and model.json record it ({"type", "hidden",
+    "outputs"}, plus the zero-shot head's sizes and file); `from_record` rebuilds it."""
+    if isinstance(head_def, zero_shot.ZeroShotHead):
+        return {
+            "type": zero_shot.HEAD,
+            "hidden": 0,
+            "outputs": head_def.outputs,
+            "width": head_def.width,
+            "projection_dim": head_def.projection_dim,
+            "file": head_def.path,
+        }
+    return {"type": "mlp", "hidden": head_def.hidden, "outputs": head_def.outputs}
+
+
+def from_record(record: dict) -> nn.Module:
+    """The head module of a `to_record` record, its parameters to be restored (a zero-shot
+    head's file is not read again). A record without "type" (runs and model folders written
+    before zero-shot heads) is an MLP head."""
+    kind = record.get("type", "mlp")
+    if kind == "mlp":
+        return MlpHead(record["hidden"], record["outputs"])
+    if kind == zero_shot.HEAD:
+        return zero_shot.ZeroShotHead(record["outputs"], record["width"], record["projection_dim"])
+    raise ValueError(f"head record: type {kind!r}; allowed: {HEAD_TYPES}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,7 +76,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def init_params(config, model_def, head_def, base: Tree, key: jax.Array) -> Tree:
-    """The trained parameters of a new run: adapter and/or base copy, and a fresh head."""
+    """The trained parameters of a new run: adapter and/or base copy, and a fresh head (a
+    zero-shot head's `init` reads its file; it stays frozen)."""
     lora_key, head_key = jax.random.split(key)
     feature = jnp.zeros((1, model_def.width), jnp.float32)
     params = {"head": head_def.init(head_key, feature)["params"]}
@@ -110,12 +111,15 @@ def make_train_step(model_def, head_def, task: tasks.Task, optimizer):
 
 
 def _config_record(config: ml_collections.ConfigDict) -> dict:
-    """The config as saved with a run, its paths (base, data_dir, manual_dir) made absolute:
-    `evaluate`, merges and predict load the run from any working directory."""
+    """The config as saved with a run, its paths (base, data_dir, manual_dir, the zero-shot
+    head file) made absolute: `evaluate`, merges and predict load the run from any working
+    directory."""
     record = json.loads(config.to_json_best_effort())
     record["base"]["path"] = _absolute(record["base"]["path"])
     record["data_dir"] = _absolute(record["data_dir"])
     record["manual_dir"] = _absolute(record["manual_dir"])
+    if record["head"].get("zero_shot_file"):
+        record["head"]["zero_shot_file"] = _absolute(record["head"]["zero_shot_file"])
     return record
 
 
@@ -164,7 +168,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
     replicated = NamedSharding(mesh, P())
 
     model_def, base, base_info = load.load_base(config)
-    head_def = heads.MlpHead(config.head.hidden, task.outputs)
+    head_def = heads.build(config.head, task, model_def.width)
     base = jax.device_put(base, replicated)
     base_print = checkpoint.fingerprint(base)
     optimizer = make_optimizer(config)
@@ -181,7 +185,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
         "mode": config.mode,
         "model": base_info,
         "lora": config.lora.to_dict() if config.mode == "lora" else None,
-        "head": {"hidden": config.head.hidden, "outputs": task.outputs, "kind": task.kind},
+        # The head module (`heads.from_record` rebuilds it) and the task's head kind.
+        "head": {**heads.to_record(head_def), "kind": task.kind},
         "base_fingerprint": base_print,
         "config": _config_record(config),
     }
