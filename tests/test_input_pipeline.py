@@ -1,5 +1,7 @@
 """The TF-free input pipeline: order, resumption, host slicing, eval coverage, augmentation."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -252,3 +254,17 @@ def test_closing_or_dropping_an_iterator_stops_its_thread():
     for thread in prefetch_threads():
         thread.join(timeout=2)
     assert prefetch_threads() == []
+
+
+def test_config_data_threads_sets_the_loader_threads():
+    """`config.data_threads` picks the loader's threads, 0 one per core; batches do not depend
+    on it (test_threads_and_prefetch_do_not_change_the_batches)."""
+    from jaxmerge import config_lib, data
+
+    config = config_lib.base_config()
+    assert data.num_threads(config) == min(32, os.cpu_count() or 1)
+    config.data_threads = 3
+    assert data.num_threads(config) == 3
+    config.data_threads = -1
+    with pytest.raises(ValueError, match="config.data_threads: got -1"):
+        config_lib.validate(config)

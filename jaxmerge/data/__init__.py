@@ -79,7 +79,14 @@ def train_batches(task: tasks.Task, config, model_def, start_step: int = 0) -> I
         start_step=start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        num_threads=num_threads(config),
     )
+
+
+def num_threads(config) -> int:
+    """`config.data_threads`, or one thread per CPU core (at most 32) when it is 0. JPEG
+    decoding and numpy release the GIL, so threads scale with cores (benchmarks/RESULTS.md)."""
+    return config.get("data_threads", 0) or min(32, os.cpu_count() or 1)
 
 
 def eval_batches(task: tasks.Task, config, model_def, split: str | None = None) -> Iterator[dict]:
@@ -91,6 +98,7 @@ def eval_batches(task: tasks.Task, config, model_def, split: str | None = None) 
         config.eval_batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        num_threads=num_threads(config),
     )
 
 
