@@ -255,7 +255,9 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
             start = time.perf_counter()
             for t in combo:
                 if ("examples", t) not in cache:
-                    cache["examples", t] = refit_lib.training_examples(runs[t], model_def)
+                    cache["examples", t] = refit_lib.training_examples(
+                        runs[t], model_def, config.get("refit_examples", 0)
+                    )
             refit = {
                 t: refit_lib.refit_head(
                     runs[t],

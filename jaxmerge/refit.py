@@ -26,14 +26,18 @@ def _pooled(model_def, backbone, images):
     return model_def.apply({"params": backbone}, images)["pooled"]
 
 
-def training_examples(run, model_def) -> tuple[np.ndarray, dict]:
-    """(images, {target: values}) of every example of the run's training split, preprocessed as
-    for evaluation; independent of the backbone, so a caller refitting one task on many
-    backbones reads and preprocesses them once."""
+def training_examples(run, model_def, max_examples: int = 0) -> tuple[np.ndarray, dict]:
+    """(images, {target: values}) of every example of the run's training split (or of a seeded
+    subset of `max_examples` of them, when > 0), preprocessed as for evaluation; independent of
+    the backbone, so a caller refitting one task on many backbones reads and preprocesses them
+    once. They are held in memory as float32: 0.6 MB an image at 224 px."""
     task = run.task
     source = data.open_split(task, task.train_split, run.config)
     preprocess = data.preprocess(task, model_def.image_size, train=False)
-    examples = [preprocess(source[i], np.random.default_rng(0)) for i in range(len(source))]
+    indices = np.arange(len(source))
+    if 0 < max_examples < len(source):
+        indices = np.sort(np.random.default_rng(0).choice(len(source), max_examples, False))
+    examples = [preprocess(source[int(i)], np.random.default_rng(0)) for i in indices]
     images = np.stack([e["image"] for e in examples]).astype(np.float32)
     return images, {task.target: np.stack([np.asarray(e[task.target]) for e in examples])}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -65,6 +66,18 @@ def evaluate(eval_step, params: Tree, base: Tree, batches, mesh) -> dict[str, fl
     return average(eval_step(params, base, data.shard_batch(batch, mesh)) for batch in batches)
 
 
+def _cached_images(batch: dict, model_def) -> dict:
+    """The batch as the scorer keeps it on the device: a bfloat16 ViT casts its input to
+    bfloat16 in the patch embedding before anything else reads it, so its images are kept in
+    bfloat16 with the same results at half the memory (a paper study's six eval splits: 12 GB
+    instead of 24)."""
+    from jaxmerge.models import vit
+
+    if isinstance(model_def, vit.ViT) and model_def.dtype == jnp.bfloat16:
+        return {**batch, "image": np.asarray(batch["image"]).astype(jnp.bfloat16)}
+    return batch
+
+
 class Scorer:
     """Scores heads on backbones for one task, compiling once and reading the data once.
 
@@ -76,7 +89,9 @@ class Scorer:
         self.mesh = data.data_mesh()
         self.eval_step = make_eval_step(model_def, head_def, task)
         batches = data.eval_batches(task, config, model_def, split)
-        self.batches = [data.shard_batch(batch, self.mesh) for batch in batches]
+        self.batches = [
+            data.shard_batch(_cached_images(batch, model_def), self.mesh) for batch in batches
+        ]
 
     def __call__(self, backbone: Tree, head: Tree) -> dict[str, float]:
         # Every device holds the whole backbone and head.

@@ -9,13 +9,20 @@ import os
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from jaxmerge.datasets import BUILDERS, expw, fashion_mnist, firerisk, textures, utkface, wflw
+from jaxmerge.datasets import (
+    BUILDERS,
+    expw,
+    fakes,
+    fashion_mnist,
+    firerisk,
+    textures,
+    utkface,
+    wflw,
+)
 from jaxmerge.datasets.prepare import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,13 +39,7 @@ def prepare_and_read(name, tmp_path, manual_dir=None, **kwargs):
     return out
 
 
-def save_image(path, array, fmt=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(array, np.uint8)).save(path, format=fmt)
-
-
-def solid(height, width, rgb):
-    return np.broadcast_to(np.asarray(rgb, np.uint8), (height, width, 3))
+save_image, solid = fakes.save_image, fakes.solid
 
 
 def test_registry_holds_every_builder():
@@ -129,15 +130,7 @@ def test_fashion_mnist_idx_reads_a_manual_folder(tmp_path):
 
 
 def test_firerisk_folders_and_3_class_grouping(tmp_path):
-    folders = ["High", "Low", "Moderate", "Non-burnable", "Very_High", "Very_Low", "Water"]
-    for split, n in (("train", 2), ("val", 1)):
-        for folder in folders:
-            fine = firerisk.FINE_NAMES.index(firerisk.fine_name(folder))
-            for i in range(n):  # the red channel encodes the fine class
-                save_image(
-                    tmp_path / "raw/FireRisk" / split / folder / f"{i}.png",
-                    solid(40, 40, (30 * fine, 90, 60)),
-                )
+    fakes.firerisk(tmp_path / "raw")  # the red channel encodes the fine class
     splits = prepare_and_read("firerisk/size32", tmp_path, manual_dir=tmp_path / "raw")
     assert {k: len(v) for k, v in splits.items()} == {"train": 14, "validation": 7}
     coarse = {"very_low": 1, "low": 1, "moderate": 1, "high": 2, "very_high": 2,
@@ -151,13 +144,10 @@ def test_firerisk_folders_and_3_class_grouping(tmp_path):
 
 
 def test_utkface_ages_bins_and_skipped_names(tmp_path):
-    ages = [1, 2, 3, 9, 10, 25, 39, 45, 59, 60, 70, 116]
+    ages = list(fakes.UTKFACE_AGES)
     expected_class = {1: 0, 2: 0, 3: 1, 9: 1, 10: 2, 25: 3, 39: 4, 45: 5, 59: 6, 60: 7, 70: 8,
                       116: 8}  # fmt: skip
-    for i, age in enumerate(ages):
-        name = f"{age}_{i % 2}_{i % 5}_2017011617452{i:04d}.jpg.chip.jpg"
-        save_image(tmp_path / "raw/UTKFace" / name, solid(50, 40, (age * 2, 0, 0)), "JPEG")
-    save_image(tmp_path / "raw/UTKFace/39_1_20170116174525125.jpg.chip.jpg", solid(8, 8, 0), "JPEG")
+    fakes.utkface(tmp_path / "raw", ages)  # and one file without a race: skipped
     splits = prepare_and_read("utkface/size32", tmp_path, manual_dir=tmp_path / "raw")
     assert {k: len(v) for k, v in splits.items()} == {"train": 10, "validation": 1, "test": 1}
     examples = [ex for split in splits.values() for ex in split]
@@ -172,19 +162,9 @@ def test_utkface_ages_bins_and_skipped_names(tmp_path):
 
 
 def test_expw_crops_face_boxes_from_label_lst(tmp_path):
-    origin = tmp_path / "raw/data/image/origin"
-    lines = []
-    for p in range(10):
-        photo = np.zeros((60, 80, 3), np.uint8)
-        # face 0 inside, face 1 partly outside (clipped): both filled with the expression colour
-        for face_id, (top, left, right, bottom) in enumerate([(5, 10, 30, 25), (40, 70, 95, 75)]):
-            expression = (p + face_id) % 7
-            photo[max(top, 0) : bottom, left:right] = 30 * expression + 20
-            lines.append(f"{p}.jpg {face_id} {top} {left} {right} {bottom} 0.9 {expression}")
-        lines.append(f"{p}.jpg 2 100 100 120 120 0.5 3")  # entirely outside: skipped
-        save_image(origin / f"{p}.jpg", photo, "JPEG")
-    (tmp_path / "raw/data/label").mkdir(parents=True)
-    (tmp_path / "raw/data/label/label.lst").write_text("\n".join(lines) + "\n")
+    # 10 photos; face 0 inside, face 1 partly outside (clipped): both filled with the expression
+    # colour; a third box entirely outside: skipped
+    fakes.expw(tmp_path / "raw", photos=10)
     splits = prepare_and_read("expw/size32", tmp_path, manual_dir=tmp_path / "raw")
     assert {k: len(v) for k, v in splits.items()} == {"train": 16, "validation": 2, "test": 2}
     for ex in [ex for split in splits.values() for ex in split]:
@@ -195,24 +175,10 @@ def test_expw_crops_face_boxes_from_label_lst(tmp_path):
     assert expw.crop_face(np.zeros((60, 80, 3), np.uint8), face).shape == (20, 10, 3)
 
 
-def wflw_line(landmarks, box, attributes, name):
-    numbers = [f"{v:g}" for v in np.ravel(landmarks)] + [str(v) for v in (*box, *attributes)]
-    return " ".join(numbers + [name])
-
-
 def test_wflw_crop_and_landmark_normalisation(tmp_path):
-    photo = np.zeros((80, 100, 3), np.uint8)
-    photo[25:35, 40:50] = 255  # a white block at x 40..50, y 25..35
-    save_image(tmp_path / "raw/WFLW_images/1--Event/a.jpg", photo, "JPEG")
-    landmarks = np.zeros((98, 2))
-    landmarks[:, 0] = np.linspace(20, 60, 98)
-    landmarks[:, 1] = np.linspace(10, 40, 98)
-    box = (20, 10, 60, 40)  # x_min y_min x_max y_max: w 40, h 30
-    folder = tmp_path / "raw/WFLW_annotations/list_98pt_rect_attr_train_test"
-    folder.mkdir(parents=True)
-    line = wflw_line(landmarks, box, (1, 0, 0, 1, 0, 1), "1--Event/a.jpg")
-    (folder / "list_98pt_rect_attr_train.txt").write_text(line + "\n" + line + "\n")
-    (folder / "list_98pt_rect_attr_test.txt").write_text(line + "\n")
+    # a white block at x 40..50, y 25..35; landmarks from (20, 10) to (60, 40); 2 train, 1 test
+    fakes.wflw(tmp_path / "raw", train_faces=2, test_faces=1)
+    box = fakes.WFLW_BOX  # x_min y_min x_max y_max: w 40, h 30
     splits = prepare_and_read("wflw/size32", tmp_path, manual_dir=tmp_path / "raw")
     assert {k: len(v) for k, v in splits.items()} == {"train": 2, "test": 1}
     ex = splits["test"][0]
@@ -235,12 +201,7 @@ def test_wflw_flip_permutation_swaps_sides():
 
 
 def test_galaxy10_decals_h5(tmp_path):
-    labels = np.repeat(np.arange(10, dtype=np.uint8), 10)
-    images = (20 * labels + 10)[:, None, None, None] * np.ones((1, 16, 16, 3), np.uint8)
-    (tmp_path / "raw").mkdir()
-    with h5py.File(tmp_path / "raw/Galaxy10_DECals.h5", "w") as f:
-        f["images"], f["ans"] = images.astype(np.uint8), labels
-        f["redshift"] = np.zeros(100, np.float32)
+    fakes.galaxy10(tmp_path / "raw", labels=np.repeat(np.arange(10), 10))  # 20 x label + 10
     splits = prepare_and_read("galaxy10_decals/size32", tmp_path, manual_dir=tmp_path / "raw")
     assert {k: len(v) for k, v in splits.items()} == {"train": 80, "validation": 10, "test": 10}
     assert sorted(ex["label"] for ex in splits["test"]) == list(range(10))

@@ -59,7 +59,7 @@ register(
         2 * 98,
         target="landmarks",
         spec={"norm_points": (60, 72)},
-        flip_permutation=tuple(wflw.FLIP_PERMUTATION),
+        flip_permutation=tuple(int(i) for i in wflw.FLIP_PERMUTATION),  # JSON-ready ints
         suite="paper",
         about="WFLW faces, 98 landmarks (NME, inter-ocular)",
     )
