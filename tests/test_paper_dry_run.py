@@ -27,6 +27,8 @@ from experiments.configs import paper
 from jaxmerge.datasets import fakes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Minutes on a CPU: CI runs it in its own step (`pytest -m full_size`), not in the README's.
+pytestmark = pytest.mark.full_size
 
 
 @pytest.fixture(scope="module")

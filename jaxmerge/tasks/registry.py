@@ -82,7 +82,8 @@ def to_record(task: Task) -> dict[str, Any]:
     record = {field: getattr(task, field) for field in _RECORDED}
     record["spec"] = {k: list(v) if isinstance(v, tuple) else v for k, v in task.spec.items()}
     record["flip"] = task.flip
-    record["flip_permutation"] = list(task.flip_permutation) if task.flip_permutation else None
+    permutation = task.flip_permutation
+    record["flip_permutation"] = [int(i) for i in permutation] if permutation else None
     record["suite"], record["about"] = task.suite, task.about
     fn = task.preprocess
     record["preprocess"] = None if fn is None else f"{fn.__module__}.{fn.__qualname__}"
