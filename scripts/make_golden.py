@@ -58,6 +58,11 @@ only by jaxmerge, `mixed`, a hand-built adapter with a different rank and scale 
 target, and `merged_ties` / `merged_cat`, merges made by `jaxmerge.merging.merge`),
 loads the v5 exports with `PeftModel.from_pretrained` and asserts the outputs equal jaxmerge's
 within 1e-4 relative. It prints each check. The test suite re-imports these folders too.
+
+Hugging Face export check (default run, or alone with --hf-export-only): the TIES merge of
+a, b, c (weights 0.5, 0.3, 0.2, density 0.5) folded into hf_vit and written by jaxmerge's
+`save_hf_vit` to tests/golden/hf_exports/folded_ties_{v4,v5}/, loaded by transformers'
+`ViTModel.from_pretrained`, must give jaxmerge's outputs and PEFT's own merge (ties_total).
 """
 
 from __future__ import annotations
@@ -446,7 +451,7 @@ def hf_export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
     want = jax.jit(vit.ViT(**vit_kwargs).apply)({"params": folded}, images)
     peft_merge = np.load(os.path.join(GOLDEN, "outputs.npz"))["merge/ties_total/last_hidden_state"]
     for naming in hf.HF_NAMINGS:
-        folder = os.path.join(GOLDEN, "exported", f"hf_folded_ties_{naming}")
+        folder = os.path.join(GOLDEN, "hf_exports", f"folded_ties_{naming}")
         shutil.rmtree(folder, ignore_errors=True)
         hf.save_hf_vit(folder, vit_kwargs, folded, naming)
         got = outputs(ViTModel.from_pretrained(folder).eval(), pixels)

@@ -187,7 +187,7 @@ def test_golden_hf_export_of_a_folded_ties_merge_gives_pefts_merge(naming):
     of the same adapters (an independent truth)."""
     golden = os.path.join(ROOT, "tests", "golden")
     vit_kwargs, params, _ = hf.load_hf_vit(
-        os.path.join(golden, "exported", f"hf_folded_ties_{naming}")
+        os.path.join(golden, "hf_exports", f"folded_ties_{naming}")
     )
     arrays = np.load(os.path.join(golden, "outputs.npz"))
     tokens = vit.ViT(**vit_kwargs).apply({"params": params}, arrays["images"])["tokens"]
