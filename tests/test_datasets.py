@@ -46,7 +46,7 @@ def test_registry_holds_every_builder():
     assert set(BUILDERS) == {
         "firerisk", "utkface", "expw", "wflw", "galaxy10_decals", "sklearn_digits",
         "fashion_mnist_idx", "skimage_textures", "lfw_subset", "image_folder", "digit_box",
-        "photo_scenes",
+        "photo_scenes", "gtsrb",
     }  # fmt: skip
 
 
