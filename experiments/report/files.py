@@ -61,7 +61,7 @@ def write(
         "per_task_pairs": "Each task inside pair merges (mean over its partners), per method",
         "per_task_triples": "Each task inside triple merges (mean over its partners), per method",
         "normalised_by_method": "Normalised score per method (merged / single adapter)",
-        "learned_cost": "What each learned merge and head refit cost (2 CPU cores)",
+        "learned_cost": f"What each learned merge and head refit cost ({_machine()})",
         "normalised_pairs": "Normalised score of each pair merge, per method",
         "normalised_triples": "Normalised score of each triple merge, per method",
         "similarity": "Adapter similarity beside the pair's merge quality",
@@ -100,3 +100,14 @@ def write(
             for r in records:
                 f.write(json.dumps({"kind": name, **r}) + "\n")
     return paths
+
+
+def _machine() -> str:
+    """The devices the timings were taken on, e.g. '1 x NVIDIA H100' or '8 cpu devices on 2
+    cores'."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"{jax.device_count()} cpu devices on {os.cpu_count()} cores"
+    return f"{jax.device_count()} x {device.device_kind}"
