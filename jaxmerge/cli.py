@@ -27,8 +27,9 @@ CPU_DEVICES = 8
 def split_cpu_into_devices(count: int = CPU_DEVICES) -> None:
     """On CPU, run data parallel over `count` host devices instead of one.
 
-    XLA:CPU parallelises one device's program poorly; on 2-core machines 8 devices trained
-    1.2x and evaluated 1.3x faster than 2, and much faster than 1 (benchmarks/train_speed.py).
+    XLA:CPU parallelises one device's program poorly; on a 2-core machine the ViT-Ti-like
+    benchmark trained with 14% less CPU time per image on 8 devices than on 2 and 30% less
+    than on 1 (benchmarks/RESULTS.md; the offline study's small model is cheapest on 2).
     Only sets XLA_FLAGS, so it must run before JAX starts its backends; a device count the user
     set is kept. GPU and TPU runs are unaffected.
     """
