@@ -99,7 +99,7 @@ def run(
     flags.mark_flags_as_required(list(required))
 
     def quiet_main(argv):
-        sys.stderr = DropClosedLoopTracebacks(sys.stderr)
+        sys.unraisablehook = drop_closed_loop_reports
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
         logging.get_absl_logger().addFilter(_drop_advice)
         with one_line_errors():
@@ -108,36 +108,15 @@ def run(
     app.run(quiet_main, flags_parser=_parse_in_one_line)
 
 
-class DropClosedLoopTracebacks:
-    """stderr without the "RuntimeError: Event loop is closed" tracebacks that Orbax's
-    TensorStore callbacks print, long after a read or write failed and was reported, when
-    they find their asyncio loop gone. Everything else passes through as written."""
-
-    START = "Traceback (most recent call last):"
-    SPURIOUS = "RuntimeError: Event loop is closed"
-    MAX_LINES = 200  # a block this long is not one of them: pass it on
-
-    def __init__(self, stream):
-        self.stream, self.block = stream, None
-
-    def write(self, text: str) -> int:
-        if self.block is None and not text.startswith(self.START):
-            return self.stream.write(text)
-        self.block = (self.block or "") + text
-        lines = self.block.split("\n")
-        complete, last = lines[:-1], lines[-1]
-        ended = [line for line in complete[1:] if line and not line.startswith(" ")]
-        if ended or len(complete) > self.MAX_LINES:
-            block, self.block = self.block, None
-            if not (ended and ended[0] == self.SPURIOUS and not last):
-                self.stream.write(block)
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
+def drop_closed_loop_reports(unraisable, report=sys.unraisablehook) -> None:
+    """sys.unraisablehook without the "RuntimeError: Event loop is closed" reports that
+    TensorStore's callbacks raise, long after an Orbax read failed and was reported, when they
+    find Orbax's asyncio loop gone. A hook, not a stderr filter: several threads report at once,
+    and only the hook sees each report whole. Every other report goes to `report`."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    report(unraisable)
 
 
 # Library lines that are not about the run: TFDS recommends OpenCV on every image dataset it
