@@ -36,11 +36,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import lora
-from jaxmerge.models import cpu_kernels, registry
+from jaxmerge.models import registry
 from jaxmerge.models.layers import LORA_COMPUTES, LoraDense
-from jaxmerge.models.vit import Attention, LayerNorm
+from jaxmerge.models.vit import (
+    ACTIVATIONS,
+    LayerNorm,
+    embed_patches,
+    encoder_blocks,
+    mlp,
+)
 
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 POOLS = ("cls", "map")
 
 # width, depth, mlp_dim, num_heads, projection_dim (CLIP's shared image-text embedding size).
@@ -126,67 +131,6 @@ def siglip_variant(name: str, **overrides: Any) -> dict[str, Any]:
     return _variant(_SIGLIP_SIZES, "SigLIP", defaults, name, **overrides)
 
 
-def activation_fn(name: str, kernels: str = "auto"):
-    """The MLP nonlinearity by name: quick_gelu (OpenAI CLIP), gelu (erf) or gelu_tanh."""
-    if name == "quick_gelu":
-        return lambda h: h * jax.nn.sigmoid(jnp.asarray(1.702, h.dtype) * h)
-    if name == "gelu":
-        return cpu_kernels.norm_and_gelu(kernels)[1]
-    if name == "gelu_tanh":
-        return lambda h: nn.gelu(h, approximate=True)
-    raise ValueError(f"activation: got {name!r}; allowed: {ACTIVATIONS}")
-
-
-class Mlp(nn.Module):
-    mlp_dim: int
-    activation: str = "quick_gelu"
-    lora_dropout: float = 0.0
-    lora_compute: str = "branch"
-    dtype: Any = None
-    kernels: str = "auto"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        width = x.shape[-1]
-        dense = lambda n_in, n_out, name: LoraDense(  # noqa: E731
-            n_in, n_out, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=name
-        )
-        h = dense(width, self.mlp_dim, "fc1")(x, train)
-        h = activation_fn(self.activation, self.kernels)(h)
-        return dense(self.mlp_dim, width, "fc2")(h, train).astype(x.dtype)
-
-
-class Block(nn.Module):
-    """x + attention(norm1(x)), then + mlp(norm2(x)): the pre-norm block of CLIP and SigLIP."""
-
-    num_heads: int
-    mlp_dim: int
-    layer_norm_eps: float = 1e-5
-    activation: str = "quick_gelu"
-    lora_dropout: float = 0.0
-    lora_compute: str = "branch"
-    dtype: Any = None
-    kernels: str = "auto"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        norm = lambda name: LayerNorm(self.layer_norm_eps, self.kernels, name=name)  # noqa: E731
-        attention = Attention(
-            self.num_heads, self.lora_dropout, self.lora_compute, self.dtype, name="attention"
-        )
-        x = x + attention(norm("norm1")(x), train).astype(x.dtype)
-        mlp = Mlp(
-            self.mlp_dim,
-            self.activation,
-            self.lora_dropout,
-            self.lora_compute,
-            self.dtype,
-            self.kernels,
-            name="mlp",
-        )
-        return x + mlp(norm("norm2")(x), train)
-
-
 class ProbeAttention(nn.Module):
     """Multihead attention of `queries` (B, Q, D) over `tokens` (B, T, D)."""
 
@@ -235,16 +179,7 @@ class MapHead(nn.Module):
         )
         x = attention(queries, x, train).astype(tokens.dtype)
         norm = LayerNorm(self.layer_norm_eps, self.kernels, name="norm")
-        mlp = Mlp(
-            self.mlp_dim,
-            self.activation,
-            self.lora_dropout,
-            self.lora_compute,
-            self.dtype,
-            self.kernels,
-            name="mlp",
-        )
-        return (x + mlp(norm(x), train))[:, 0]
+        return (x + mlp(self, self.activation, "mlp")(norm(x), train))[:, 0]
 
 
 class VisionTower(nn.Module):
@@ -298,38 +233,15 @@ class VisionTower(nn.Module):
         self._check(images)
         if "lora" in self.variables and not self.is_initializing():
             lora.check_against_base(self.variables["lora"], self.variables["params"])
-        batch, height, width, channels = images.shape
-        p = self.patch_size
         dense = lambda n_in, n_out, name: LoraDense(  # noqa: E731
             n_in, n_out, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=name
         )
         norm = lambda name: LayerNorm(self.layer_norm_eps, self.kernels, name=name)  # noqa: E731
-        # Patchify as reshape + dense, as `vit.ViT`: a stride-p convolution's maths.
-        patches = images.reshape(batch, height // p, p, width // p, p, channels)
-        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p * p * channels)
-        x = dense(p * p * channels, self.width, "patch_embed")(patches, train)
-        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32 residual stream
-        if self.pool == "cls":
-            cls = self.param("cls", nn.initializers.normal(stddev=0.02), (1, 1, self.width))
-            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
-        pos = self.param(
-            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], self.width)
-        )
-        x = x + pos.astype(x.dtype)
+        class_token = nn.initializers.normal(stddev=0.02) if self.pool == "cls" else None
+        x = embed_patches(self, images, train, class_token)
         if self.pre_norm:
             x = norm("pre_norm")(x)
-        for i in range(self.depth):
-            x = Block(
-                self.num_heads,
-                self.mlp_dim,
-                self.layer_norm_eps,
-                self.activation,
-                self.lora_dropout,
-                self.lora_compute,
-                self.dtype,
-                self.kernels,
-                name=f"block_{i}",
-            )(x, train)
+        x = encoder_blocks(self, x, train, self.activation)
         if self.pool == "cls":
             tokens, pooled = x, norm("encoder_norm")(x[:, 0])
         else:

@@ -159,9 +159,24 @@ class Attention(nn.Module):
         return layers[3](context, train)
 
 
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation_fn(name: str, kernels: str = "auto"):
+    """The MLP nonlinearity by name: gelu (erf; HF ViT), gelu_tanh (big_vision, SigLIP) or
+    quick_gelu, x * sigmoid(1.702 x) (OpenAI CLIP)."""
+    if name == "gelu":
+        return cpu_kernels.norm_and_gelu(kernels)[1]
+    if name == "gelu_tanh":
+        return lambda h: nn.gelu(h, approximate=True)
+    if name == "quick_gelu":
+        return lambda h: h * jax.nn.sigmoid(jnp.asarray(1.702, h.dtype) * h)
+    raise ValueError(f"activation: got {name!r}; allowed: {ACTIVATIONS}")
+
+
 class Mlp(nn.Module):
     mlp_dim: int
-    gelu_approximate: bool = False
+    activation: str = "gelu"
     lora_dropout: float = 0.0
     lora_compute: str = "branch"
     dtype: Any = None
@@ -174,18 +189,31 @@ class Mlp(nn.Module):
             n_in, n_out, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=name
         )
         h = dense(width, self.mlp_dim, "fc1")(x, train)
-        if self.gelu_approximate:
-            h = nn.gelu(h, approximate=True)
-        else:
-            h = cpu_kernels.norm_and_gelu(self.kernels)[1](h)
+        h = activation_fn(self.activation, self.kernels)(h)
         return dense(self.mlp_dim, width, "fc2")(h, train)
 
 
+def mlp(module: nn.Module, activation: str, name: str) -> Mlp:
+    """An `Mlp` with `module`'s sizes and settings (a `Block`, a tower's MAP head)."""
+    return Mlp(
+        module.mlp_dim,
+        activation,
+        module.lora_dropout,
+        module.lora_compute,
+        module.dtype,
+        module.kernels,
+        name=name,
+    )
+
+
 class Block(nn.Module):
+    """x + attention(norm1(x)), then + mlp(norm2(x)): the pre-norm block of ViT, CLIP and
+    SigLIP. The residual stream keeps its dtype (float32) whatever the compute dtype."""
+
     num_heads: int
     mlp_dim: int
     layer_norm_eps: float = 1e-6
-    gelu_approximate: bool = False
+    activation: str = "gelu"
     lora_dropout: float = 0.0
     lora_compute: str = "branch"
     dtype: Any = None
@@ -197,17 +225,57 @@ class Block(nn.Module):
         attention = Attention(
             self.num_heads, self.lora_dropout, self.lora_compute, self.dtype, name="attention"
         )
-        x = x + attention(norm("norm1")(x), train)
-        mlp = Mlp(
-            self.mlp_dim,
-            self.gelu_approximate,
-            self.lora_dropout,
-            self.lora_compute,
-            self.dtype,
-            self.kernels,
-            name="mlp",
-        )
-        return x + mlp(norm("norm2")(x), train)
+        x = x + attention(norm("norm1")(x), train).astype(x.dtype)
+        return x + mlp(self, self.activation, "mlp")(norm("norm2")(x), train).astype(x.dtype)
+
+
+def embed_patches(
+    module: nn.Module, images: jax.Array, train: bool, class_token_init=None
+) -> jax.Array:
+    """The token sequence entering the first block, with its parameters in `module`'s own
+    scope (`patch_embed`, `cls`, `pos_embedding`): patch embeddings, a class token in front
+    when `class_token_init` is given, plus position embeddings. float32 whatever the compute
+    dtype (big_vision's `dtype_mm`): matmuls run in `module.dtype` and add to float32 sums,
+    so rounding does not pile up over the depth of the network."""
+    batch, height, width, channels = images.shape
+    p = module.patch_size
+    # Patchify as a reshape + dense: the same maths as a stride-p convolution with a
+    # (p, p, C, D) kernel flattened in (row, column, channel) order.
+    patches = images.reshape(batch, height // p, p, width // p, p, channels)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p * p * channels)
+    x = LoraDense(
+        p * p * channels,
+        module.width,
+        module.lora_dropout,
+        module.lora_compute,
+        dtype=module.dtype,
+        name="patch_embed",
+    )(patches, train)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if class_token_init is not None:
+        cls = module.param("cls", class_token_init, (1, 1, module.width))
+        x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+    pos = module.param(
+        "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], module.width)
+    )
+    return x + pos.astype(x.dtype)
+
+
+def encoder_blocks(module: nn.Module, x: jax.Array, train: bool, activation: str) -> jax.Array:
+    """`module.depth` blocks `block_0` ... with `module`'s sizes and settings."""
+    for i in range(module.depth):
+        x = Block(
+            module.num_heads,
+            module.mlp_dim,
+            module.layer_norm_eps,
+            activation,
+            module.lora_dropout,
+            module.lora_compute,
+            module.dtype,
+            module.kernels,
+            name=f"block_{i}",
+        )(x, train)
+    return x
 
 
 class ViT(nn.Module):
@@ -256,48 +324,16 @@ class ViT(nn.Module):
             raise ValueError(
                 f"ViT.lora_compute: got {self.lora_compute!r}; allowed: {LORA_COMPUTES}"
             )
-        batch, height, width, channels = images.shape
+        _, height, width, _ = images.shape
         p = self.patch_size
         if height % p or width % p or height != width or height != self.image_size:
             raise ValueError(
                 f"ViT: images of shape {images.shape} do not fit image_size={self.image_size} "
                 f"with patch_size={p}; resize the images or the position embeddings"
             )
-        # Patchify as a reshape + dense: the same maths as a stride-p convolution with a
-        # (p, p, C, D) kernel flattened in (row, column, channel) order.
-        patches = images.reshape(batch, height // p, p, width // p, p, channels)
-        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p * p * channels)
-        x = LoraDense(
-            p * p * channels,
-            self.width,
-            self.lora_dropout,
-            self.lora_compute,
-            dtype=self.dtype,
-            name="patch_embed",
-        )(patches, train)
-        # The residual stream stays float32 under a bfloat16 `dtype` (as big_vision's `dtype_mm`):
-        # matmuls run in `dtype`, their outputs are added to float32 sums, so rounding does not
-        # pile up over the depth of the network.
-        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if self.pool == "cls":
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
-            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
-        pos = self.param(
-            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], self.width)
-        )
-        x = x + pos.astype(x.dtype)
-        for i in range(self.depth):
-            x = Block(
-                self.num_heads,
-                self.mlp_dim,
-                self.layer_norm_eps,
-                self.gelu_approximate,
-                self.lora_dropout,
-                self.lora_compute,
-                self.dtype,
-                self.kernels,
-                name=f"block_{i}",
-            )(x, train)
+        class_token = nn.initializers.zeros if self.pool == "cls" else None
+        x = embed_patches(self, images, train, class_token)
+        x = encoder_blocks(self, x, train, "gelu_tanh" if self.gelu_approximate else "gelu")
         tokens = LayerNorm(self.layer_norm_eps, self.kernels, name="encoder_norm")(x)
         pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(axis=1)
         if self.pooler:
