@@ -12,10 +12,12 @@ tests/golden/b16/outputs.npz).
 import os
 
 import b16_weights
+import golden_files
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from golden_files import rel_err
 
 from jaxmerge import heads, lora
 from jaxmerge.interop import bigvision, hf, peft
@@ -39,12 +41,7 @@ RTOL = 1e-4
 
 
 def golden(key):
-    with np.load(os.path.join(GOLDEN, "outputs.npz")) as npz:
-        return npz[key]
-
-
-def rel_err(got, want):
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+    return golden_files.arrays("b16")[key]
 
 
 @pytest.fixture(scope="module")

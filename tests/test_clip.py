@@ -6,13 +6,14 @@ Tolerances are relative to the largest reference value; float32 on both sides gi
 
 from __future__ import annotations
 
-import functools
 import os
 
+import golden_files
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from golden_files import rel_err
 
 from jaxmerge import lora, merging, models
 from jaxmerge.interop import clip as clip_io
@@ -22,15 +23,8 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "clip")
 TOL = 1e-5
 
 
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
-@functools.cache
 def golden() -> dict[str, np.ndarray]:
-    with np.load(os.path.join(GOLDEN, "outputs.npz")) as npz:
-        return {k: npz[k] for k in npz.files}
+    return golden_files.arrays("clip")
 
 
 def run(kwargs, variables):

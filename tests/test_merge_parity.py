@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 
+import golden_files
 import numpy as np
 import pytest
 
@@ -41,8 +42,7 @@ def load_cases():
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(os.path.join(GOLDEN, "outputs.npz")) as arrays:
-        return dict(arrays)
+    return golden_files.arrays()
 
 
 @pytest.fixture(scope="module")

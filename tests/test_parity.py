@@ -9,9 +9,11 @@ from __future__ import annotations
 import functools
 import os
 
+import golden_files
 import jax
 import numpy as np
 import pytest
+from golden_files import rel_err
 
 from jaxmerge import lora, merging
 from jaxmerge.interop import hf
@@ -23,15 +25,8 @@ ADAPTERS = ("a", "b", "c", "rank8", "rslora", "patterns", "cls")
 TOL = 1e-4
 
 
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
-@functools.cache
 def golden() -> dict[str, np.ndarray]:
-    with np.load(os.path.join(GOLDEN, "outputs.npz")) as npz:
-        return {k: npz[k] for k in npz.files}
+    return golden_files.arrays()
 
 
 @functools.cache

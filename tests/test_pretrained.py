@@ -8,9 +8,11 @@ import math
 import os
 import shutil
 
+import golden_files
 import jax
 import numpy as np
 import pytest
+from golden_files import rel_err
 from safetensors.numpy import load_file, save_file
 
 from jaxmerge.interop import bigvision, hf
@@ -30,14 +32,8 @@ V5_NAMES = {
 }
 
 
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
 def golden(key: str) -> np.ndarray:
-    with np.load(os.path.join(GOLDEN, "outputs.npz")) as npz:
-        return npz[key]
+    return golden_files.arrays()[key]
 
 
 def write_hf(folder, state: dict, config_changes: dict | None = None) -> str:

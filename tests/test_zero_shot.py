@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import golden_files
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,8 +21,7 @@ FILE = os.path.join(GOLDEN, "zero_shot.npz")
 
 
 def golden():
-    with np.load(os.path.join(GOLDEN, "outputs.npz")) as npz:
-        return {k: npz[k] for k in npz.files}
+    return golden_files.arrays("clip")
 
 
 @pytest.mark.parametrize("task", ("shapes", "pets"))
