@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -43,6 +44,26 @@ def size_configs(*sizes: int) -> list[SizeConfig]:
 # The sizes offered by builders whose originals are photos of varying or large size:
 # 224 for the paper's ViT-B/16, 64 and 32 for quick runs and tests.
 PHOTO_SIZES = (224, 64, 32)
+
+
+def dataset_info(
+    builder: tfds.core.DatasetBuilder,
+    homepage: str | None,
+    supervised_keys: tuple[str, str] = ("image", "label"),
+    metadata: tfds.core.Metadata | None = None,
+    **features: tfds.features.FeatureConnector,
+) -> tfds.core.DatasetInfo:
+    """A builder's `DatasetInfo`: the builder module's docstring as the description, and the
+    features by name (`image=image_feature(...)`, `label=ClassLabel(...)`). `metadata`: what
+    the builder records while preparing (e.g. a `tfds.core.MetadataDict`)."""
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=sys.modules[type(builder).__module__].__doc__,
+        features=tfds.features.FeaturesDict(features),
+        supervised_keys=supervised_keys,
+        homepage=homepage,
+        metadata=metadata,
+    )
 
 
 def image_feature(size: int | None, channels: int, encoding: str = "png") -> tfds.features.Image:

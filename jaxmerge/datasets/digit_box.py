@@ -46,18 +46,13 @@ class DigitBox(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(CANVAS, 1),
-                    "landmarks": tfds.features.Tensor(shape=(2, 2), dtype=np.float32),
-                    "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
-                }
-            ),
+        return common.dataset_info(
+            self,
+            "https://scikit-learn.org/stable/datasets/toy_dataset.html",
             supervised_keys=("image", "landmarks"),
-            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
+            image=common.image_feature(CANVAS, 1),
+            landmarks=tfds.features.Tensor(shape=(2, 2), dtype=np.float32),
+            label=tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
         )
 
     def _split_generators(self, dl_manager):

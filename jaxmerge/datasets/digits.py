@@ -26,18 +26,12 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(8, 1),
-                    "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
-                    "value": tfds.features.Scalar(np.float32),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
+        return common.dataset_info(
+            self,
+            "https://scikit-learn.org/stable/datasets/toy_dataset.html",
+            image=common.image_feature(8, 1),
+            label=tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
+            value=tfds.features.Scalar(np.float32),
         )
 
     def _split_generators(self, dl_manager):

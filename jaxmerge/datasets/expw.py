@@ -98,18 +98,12 @@ class Expw(tfds.core.GeneratorBasedBuilder):
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(self.builder_config.image_size, 3, "jpeg"),
-                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                    "confidence": tfds.features.Scalar(np.float32),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://mmlab.ie.cuhk.edu.hk/projects/socialrelation/index.html",
+        return common.dataset_info(
+            self,
+            "https://mmlab.ie.cuhk.edu.hk/projects/socialrelation/index.html",
+            image=common.image_feature(self.builder_config.image_size, 3, "jpeg"),
+            label=tfds.features.ClassLabel(names=CLASS_NAMES),
+            confidence=tfds.features.Scalar(np.float32),
         )
 
     def _split_generators(self, dl_manager):

@@ -94,17 +94,11 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [IdxConfig(name="default", description="idx files found automatically")]
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(28, 1),
-                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://github.com/zalandoresearch/fashion-mnist",
+        return common.dataset_info(
+            self,
+            "https://github.com/zalandoresearch/fashion-mnist",
+            image=common.image_feature(28, 1),
+            label=tfds.features.ClassLabel(names=CLASS_NAMES),
         )
 
     def _split_generators(self, dl_manager):

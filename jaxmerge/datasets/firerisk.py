@@ -63,18 +63,12 @@ class Firerisk(tfds.core.GeneratorBasedBuilder):
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(self.builder_config.image_size, 3, "jpeg"),
-                    "label": tfds.features.ClassLabel(names=COARSE_NAMES),
-                    "fine_label": tfds.features.ClassLabel(names=FINE_NAMES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://github.com/CharmonyShen/FireRisk",
+        return common.dataset_info(
+            self,
+            "https://github.com/CharmonyShen/FireRisk",
+            image=common.image_feature(self.builder_config.image_size, 3, "jpeg"),
+            label=tfds.features.ClassLabel(names=COARSE_NAMES),
+            fine_label=tfds.features.ClassLabel(names=FINE_NAMES),
         )
 
     def _split_generators(self, dl_manager):

@@ -42,17 +42,11 @@ class Galaxy10Decals(tfds.core.GeneratorBasedBuilder):
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(self.builder_config.image_size, 3, "jpeg"),
-                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://astronn.readthedocs.io/en/latest/galaxy10.html",
+        return common.dataset_info(
+            self,
+            "https://astronn.readthedocs.io/en/latest/galaxy10.html",
+            image=common.image_feature(self.builder_config.image_size, 3, "jpeg"),
+            label=tfds.features.ClassLabel(names=CLASS_NAMES),
         )
 
     def _split_generators(self, dl_manager):

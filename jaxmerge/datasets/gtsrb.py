@@ -116,17 +116,11 @@ class Gtsrb(tfds.core.GeneratorBasedBuilder):
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(self.builder_config.image_size, 3, "jpeg"),
-                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://benchmark.ini.rub.de/gtsrb_dataset.html",
+        return common.dataset_info(
+            self,
+            "https://benchmark.ini.rub.de/gtsrb_dataset.html",
+            image=common.image_feature(self.builder_config.image_size, 3, "jpeg"),
+            label=tfds.features.ClassLabel(names=CLASS_NAMES),
         )
 
     def _split_generators(self, dl_manager):

@@ -273,17 +273,12 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         return None
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(self.builder_config.image_size, 3, "jpeg"),
-                    "label": tfds.features.ClassLabel(),
-                }
-            ),
-            supervised_keys=("image", "label"),
+        return common.dataset_info(
+            self,
+            None,
             metadata=tfds.core.MetadataDict(),
+            image=common.image_feature(self.builder_config.image_size, 3, "jpeg"),
+            label=tfds.features.ClassLabel(),
         )
 
     def _split_generators(self, dl_manager):

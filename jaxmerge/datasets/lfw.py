@@ -28,17 +28,11 @@ class LfwSubset(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(25, 1),
-                    "label": tfds.features.ClassLabel(names=["non_face", "face"]),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-image.org/docs/stable/api/skimage.data.html",
+        return common.dataset_info(
+            self,
+            "https://scikit-image.org/docs/stable/api/skimage.data.html",
+            image=common.image_feature(25, 1),
+            label=tfds.features.ClassLabel(names=["non_face", "face"]),
         )
 
     def _split_generators(self, dl_manager):

@@ -60,17 +60,11 @@ class PhotoScenes(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(SIZE, 3),
-                    "label": tfds.features.ClassLabel(names=PHOTOS),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-image.org/docs/stable/api/skimage.data.html",
+        return common.dataset_info(
+            self,
+            "https://scikit-image.org/docs/stable/api/skimage.data.html",
+            image=common.image_feature(SIZE, 3),
+            label=tfds.features.ClassLabel(names=PHOTOS),
         )
 
     def _split_generators(self, dl_manager):

@@ -70,17 +70,11 @@ class SkimageTextures(tfds.core.GeneratorBasedBuilder):
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(self.builder_config.image_size, 1),
-                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-image.org/docs/stable/api/skimage.data.html",
+        return common.dataset_info(
+            self,
+            "https://scikit-image.org/docs/stable/api/skimage.data.html",
+            image=common.image_feature(self.builder_config.image_size, 1),
+            label=tfds.features.ClassLabel(names=CLASS_NAMES),
         )
 
     def _split_generators(self, dl_manager):

@@ -71,20 +71,15 @@ class Utkface(tfds.core.GeneratorBasedBuilder):
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(self.builder_config.image_size, 3, "jpeg"),
-                    "age": tfds.features.Scalar(np.float32),
-                    "age_class": tfds.features.ClassLabel(names=AGE_CLASS_NAMES),
-                    "gender": tfds.features.ClassLabel(names=GENDER_NAMES),
-                    "race": tfds.features.ClassLabel(names=RACE_NAMES),
-                }
-            ),
+        return common.dataset_info(
+            self,
+            "https://susanqq.github.io/UTKFace/",
             supervised_keys=("image", "age"),
-            homepage="https://susanqq.github.io/UTKFace/",
+            image=common.image_feature(self.builder_config.image_size, 3, "jpeg"),
+            age=tfds.features.Scalar(np.float32),
+            age_class=tfds.features.ClassLabel(names=AGE_CLASS_NAMES),
+            gender=tfds.features.ClassLabel(names=GENDER_NAMES),
+            race=tfds.features.ClassLabel(names=RACE_NAMES),
         )
 
     def _split_generators(self, dl_manager):

@@ -151,20 +151,13 @@ class Wflw(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": common.image_feature(size, 3, "jpeg"),
-                    "landmarks": tfds.features.Tensor(shape=(NUM_LANDMARKS, 2), dtype=np.float32),
-                    "attributes": tfds.features.Tensor(
-                        shape=(len(ATTRIBUTE_NAMES),), dtype=np.int32
-                    ),
-                }
-            ),
+        return common.dataset_info(
+            self,
+            "https://wywu.github.io/projects/LAB/WFLW.html",
             supervised_keys=("image", "landmarks"),
-            homepage="https://wywu.github.io/projects/LAB/WFLW.html",
+            image=common.image_feature(size, 3, "jpeg"),
+            landmarks=tfds.features.Tensor(shape=(NUM_LANDMARKS, 2), dtype=np.float32),
+            attributes=tfds.features.Tensor(shape=(len(ATTRIBUTE_NAMES),), dtype=np.int32),
         )
 
     def _split_generators(self, dl_manager):
