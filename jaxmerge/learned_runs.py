@@ -81,7 +81,8 @@ def adaptation_inputs(run, model_def, count: int, seed: int) -> tuple[np.ndarray
     source = data.open_split(task, task.train_split, run.config)
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(len(source), size=min(count, len(source)), replace=False))
-    preprocess = data.preprocess(task, model_def.image_size, train=False)
+    normalization = data.normalization(run.config)
+    preprocess = data.preprocess(task, model_def.image_size, train=False, **normalization)
     examples = [preprocess(source[int(i)], np.random.default_rng(0)) for i in index]
     images = np.stack([e["image"] for e in examples]).astype(np.float32)
     return images, np.stack([np.asarray(e[task.target]) for e in examples])

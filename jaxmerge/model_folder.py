@@ -116,21 +116,28 @@ def task_info(run) -> dict[str, Any]:
     }
 
 
-def preprocessing_info(model_def) -> dict[str, Any]:
-    """`data.default_preprocess` at evaluation, as data: resize, then RGB, then [-1, 1]."""
+def preprocessing_info(model_def, config) -> dict[str, Any]:
+    """`data.default_preprocess` at evaluation, as data: resize, RGB, then the base family's
+    pixel normalisation `(x / 255 - mean) / std`."""
+    normalization = data.normalization(config)
+    minus_one_one = all(v == 0.5 for v in normalization["mean"] + normalization["std"])
     return {
         "image_size": model_def.image_size,
         "channels": model_def.channels,
         "steps": ["resize", "to_rgb", "normalize"],
         "resize": "bilinear, antialiased, to image_size x image_size (aspect ratio not kept)",
-        "normalisation": "[-1, 1]",
+        "normalisation": "[-1, 1]" if minus_one_one else "(x / 255 - mean) / std",
+        "mean": list(normalization["mean"]),
+        "std": list(normalization["std"]),
     }
 
 
 def preprocess_fn(preprocessing: Mapping[str, Any]) -> ops.Preprocess:
-    """`(example, rng) -> example` on {"image": uint8 (H, W, C)}, with the ops of training."""
+    """`(example, rng) -> example` on {"image": uint8 (H, W, C)}, with the ops of training.
+    Folders written before `mean` and `std` were recorded scale to [-1, 1]."""
+    mean, std = preprocessing.get("mean", [0.5]), preprocessing.get("std", [0.5])
     size = preprocessing["image_size"]
-    return ops.compose(ops.resize(size), ops.to_rgb(), ops.normalize_to_minus_one_one())
+    return ops.compose(ops.resize(size), ops.to_rgb(), ops.normalize(mean, std))
 
 
 def describe(runs, model_def, recipe: Mapping[str, Any], fold: bool) -> dict[str, Any]:
@@ -156,7 +163,7 @@ def describe(runs, model_def, recipe: Mapping[str, Any], fold: bool) -> dict[str
             "dtype": config.model.dtype,
         },
         "tasks": {run.task.name: task_info(run) for run in runs},
-        "preprocessing": preprocessing_info(model_def),
+        "preprocessing": preprocessing_info(model_def, config),
         "base": {"source": config.base.source, "path": config.base.path},
         "base_fingerprint": runs[0].base_fingerprint,
         "folded": bool(fold),

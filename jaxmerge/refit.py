@@ -33,7 +33,8 @@ def training_examples(run, model_def, max_examples: int = 0) -> tuple[np.ndarray
     once. They are held in memory as float32: 0.6 MB an image at 224 px."""
     task = run.task
     source = data.open_split(task, task.train_split, run.config)
-    preprocess = data.preprocess(task, model_def.image_size, train=False)
+    normalization = data.normalization(run.config)
+    preprocess = data.preprocess(task, model_def.image_size, train=False, **normalization)
     indices = np.arange(len(source))
     if 0 < max_examples < len(source):
         indices = np.sort(np.random.default_rng(0).choice(len(source), max_examples, False))

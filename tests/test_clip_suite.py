@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -25,6 +26,7 @@ from experiments import study
 from experiments.configs import clip as clip_config
 from jaxmerge import data, tasks
 from jaxmerge.datasets import BUILDERS, common, gtsrb
+from jaxmerge.models import clip
 from jaxmerge.tasks import clip_suite
 
 # Images per split of each fake dataset; EuroSAT and RESISC45 are split 80/20 from `train`.
@@ -90,12 +92,18 @@ def test_suite_tasks_and_their_datasets():
         task = tasks.get(name)
         builder = task.dataset.split("/")[0]
         assert builder in BUILDERS or builder in registered.list_imported_builders(), name
-        assert task.suite == "clip" and task.preprocess is clip_suite.clip_preprocess
+        assert task.suite == "clip" and task.preprocess is None and not task.flip
+    # The pixel normalisation is the base family's: CLIP's statistics on a CLIP base, [-1, 1]
+    # on SigLIP (its checkpoints' preprocessing) and ViT.
     example = {"image": np.full((10, 12, 1), 255, np.uint8), "label": 3}
-    out = data.preprocess(tasks.get("mnist"), 8, train=True)(example, np.random.default_rng(0))
-    np.testing.assert_allclose(
-        out["image"][0, 0], (1 - np.asarray(clip_suite.CLIP_MEAN)) / clip_suite.CLIP_STD, 1e-6
-    )
+    for family, mean, std in [
+        ("clip", clip.CLIP_MEAN, clip.CLIP_STD), ("siglip", (0.5,), (0.5,)), ("vit", (0.5,), (0.5,))
+    ]:  # fmt: skip
+        config = ml_collections.ConfigDict({"model": {"family": family}})
+        prepare = data.preprocess(tasks.get("mnist"), 8, True, **data.normalization(config))
+        out = prepare(dict(example), np.random.default_rng(0))
+        want = np.broadcast_to((1 - np.asarray(mean)) / np.asarray(std), (3,))
+        np.testing.assert_allclose(out["image"][0, 0], want, 1e-6)
 
 
 def test_gtsrb_builder_reads_the_official_layout(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 from jaxmerge import (
     checkpoint,
     config_lib,
+    data,
     evaluate,
     heads,
     lora,
@@ -28,6 +29,7 @@ from jaxmerge import (
     zero_shot,
 )
 from jaxmerge.datasets import demo_shapes, prepare
+from jaxmerge.models import clip
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,6 +119,15 @@ def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shape
     info = json.loads((output / model_folder.MODEL_FILE).read_text())
     assert info["tasks"]["shapes"]["head"]["type"] == "zero_shot"
     assert info["tasks"]["shapes"]["labels"] == ["circle", "square", "triangle"]
+    # The folder records CLIP's pixel normalisation, and prepares images as training did.
+    assert info["preprocessing"]["mean"] == list(clip.CLIP_MEAN)
+    assert info["preprocessing"]["std"] == list(clip.CLIP_STD)
+    image = {"image": np.random.default_rng(1).integers(0, 256, (20, 24, 3), np.uint8), "label": 0}
+    trained_on = data.preprocess(run.task, 16, False, **data.normalization(run.config))
+    np.testing.assert_array_equal(
+        model_folder.preprocess_fn(info["preprocessing"])(dict(image), None)["image"],
+        trained_on(dict(image), None)["image"],
+    )
     folder = model_folder.load(str(output))
     for name, value in zero_shot.head_params(FILE, "shapes").items():
         np.testing.assert_array_equal(folder.head_params["shapes"][name], value)

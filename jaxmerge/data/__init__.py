@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmerge import tasks
+from jaxmerge import models, tasks
 from jaxmerge.data import loader, ops, sources
 
 
@@ -52,20 +52,41 @@ def ensure_prepared(dataset: str, directory: str, manual_dir: str = "") -> None:
             prepare.prepare(dataset, directory, manual_dir or None)
 
 
-def default_preprocess(task: tasks.Task, image_size: int, train: bool, crop_padding: int = 0):
-    """Resize to the model's size, 3 channels, training augmentation, scale to [-1, 1]."""
+def normalization(config) -> dict[str, tuple[float, ...]]:
+    """`{"mean", "std"}`: the pixel normalisation of the run's base model family (CLIP's own
+    statistics, [-1, 1] for the others), as keyword arguments of `preprocess`."""
+    family = models.get(config.model.get("family", "vit"))
+    return {"mean": family.pixel_mean, "std": family.pixel_std}
+
+
+def default_preprocess(
+    task: tasks.Task,
+    image_size: int,
+    train: bool,
+    crop_padding: int = 0,
+    mean: tuple[float, ...] = (0.5,),
+    std: tuple[float, ...] = (0.5,),
+):
+    """Resize to the model's size (squashed, no crop), 3 channels, training augmentation
+    (random crop with `crop_padding`, flips where the task allows them), then
+    `(x / 255 - mean) / std`: by default [-1, 1]."""
     steps = [ops.resize(image_size), ops.to_rgb()]
     if train and crop_padding:
         steps.append(ops.random_crop(crop_padding))
     if train and task.flip:
         steps.append(ops.random_flip(task.flip_permutation))
-    steps += [ops.normalize_to_minus_one_one(), ops.keep("image", task.target)]
+    steps += [ops.normalize(mean, std), ops.keep("image", task.target)]
     return ops.compose(*steps)
 
 
-def preprocess(task: tasks.Task, image_size: int, train: bool, crop_padding: int = 0):
-    """The task's own preprocessing (`Task.preprocess`), or `default_preprocess`."""
-    return (task.preprocess or default_preprocess)(task, image_size, train, crop_padding)
+def preprocess(
+    task: tasks.Task, image_size: int, train: bool, crop_padding: int = 0, **normalization
+):
+    """The task's own preprocessing (`Task.preprocess`, which brings its own normalisation),
+    or `default_preprocess` with `normalization` (see `normalization`)."""
+    if task.preprocess is not None:
+        return task.preprocess(task, image_size, train, crop_padding)
+    return default_preprocess(task, image_size, train, crop_padding, **normalization)
 
 
 def train_batches(task: tasks.Task, config, model_def, start_step: int = 0) -> Iterator[dict]:
@@ -73,7 +94,7 @@ def train_batches(task: tasks.Task, config, model_def, start_step: int = 0) -> I
     source = open_split(task, task.train_split, config)
     return loader.train_batches(
         source,
-        preprocess(task, model_def.image_size, True, config.crop_padding),
+        preprocess(task, model_def.image_size, True, config.crop_padding, **normalization(config)),
         config.batch_size,
         seed=config.seed,
         start_step=start_step,
@@ -94,7 +115,7 @@ def eval_batches(task: tasks.Task, config, model_def, split: str | None = None) 
     source = open_split(task, split or task.eval_split, config)
     return loader.eval_batches(
         source,
-        preprocess(task, model_def.image_size, False),
+        preprocess(task, model_def.image_size, False, **normalization(config)),
         config.eval_batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

@@ -47,6 +47,9 @@ from jaxmerge.models.vit import (
 )
 
 POOLS = ("cls", "map")
+# OpenAI CLIP's pixel normalisation (its preprocessor_config.json); SigLIP scales to [-1, 1].
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # width, depth, mlp_dim, num_heads, projection_dim (CLIP's shared image-text embedding size).
 _CLIP_SIZES = {
@@ -272,7 +275,14 @@ def init_params(model: VisionTower, key: jax.Array) -> dict:
 
 registry.register(
     registry.Family(
-        "clip", VisionTower, clip_variant, ARCHITECTURE_KEYS, TARGET_PRESETS, init_params
+        "clip",
+        VisionTower,
+        clip_variant,
+        ARCHITECTURE_KEYS,
+        TARGET_PRESETS,
+        init_params,
+        pixel_mean=CLIP_MEAN,
+        pixel_std=CLIP_STD,
     )
 )
 registry.register(

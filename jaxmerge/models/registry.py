@@ -20,6 +20,9 @@ class Family:
       architecture_keys: the kwargs a base checkpoint fixes (stored with every run).
       target_presets: {preset name: regex over target paths} for `LoraConfig.targets`.
       init_params: `init_params(model, key) -> params`, random base parameters.
+      pixel_mean, pixel_std: the normalisation the family's checkpoints were pretrained with;
+        images enter the model as `(x / 255 - mean) / std` per channel. The default, 0.5 and
+        0.5, scales to [-1, 1] (HF ViT, big_vision, SigLIP).
 
     The module's adapted layers are `layers.LoraDense`; it has `width` (the pooled feature's
     size) and `image_size` attributes, takes `dtype`, `lora_dropout`, `lora_compute` and
@@ -33,6 +36,8 @@ class Family:
     architecture_keys: tuple[str, ...]
     target_presets: Mapping[str, str]
     init_params: Callable[[nn.Module, Any], Any]
+    pixel_mean: tuple[float, ...] = (0.5,)
+    pixel_std: tuple[float, ...] = (0.5,)
 
 
 FAMILIES: dict[str, Family] = {}

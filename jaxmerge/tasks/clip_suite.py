@@ -10,30 +10,16 @@ their own test split (SUN397: the `tfds` config's test split; DTD: split 1's tes
 These splits follow TFDS, not FusionBench's own files, so per-task accuracies are comparable
 in kind with the published tables, not example for example.
 
-Preprocessing is CLIP's: resize to the model's size (squashed, no crop), RGB, then
-`(x / 255 - mean) / std` with CLIP's mean and std; no augmentation in training, as the
-literature's fine-tuning runs.
+Preprocessing is the default one with the base family's pixel normalisation: resize to the
+model's size (squashed, no crop), RGB, then `(x / 255 - mean) / std` with CLIP's mean and std on
+a CLIP base (`models.clip.CLIP_MEAN`, `CLIP_STD`), [-1, 1] on SigLIP and ViT bases. No flips;
+the suite's config sets no crop either (`crop_padding=0`), as the literature's fine-tuning runs.
+Being data, not code, it is recorded in a merged model folder like any other task's.
 """
 
 from __future__ import annotations
 
-from jaxmerge.data import ops
 from jaxmerge.tasks.registry import Task, register
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_preprocess(task: Task, image_size: int, train: bool, crop_padding: int = 0):
-    """Resize, RGB, CLIP normalisation; the same in training and evaluation."""
-    del train, crop_padding
-    return ops.compose(
-        ops.resize(image_size),
-        ops.to_rgb(),
-        ops.normalize(CLIP_MEAN, CLIP_STD),
-        ops.keep("image", task.target),
-    )
-
 
 # name -> (dataset, classes, train split, eval split, about), in the literature's order.
 TASKS = {
@@ -71,6 +57,5 @@ for _name, (_dataset, _classes, _train, _eval, _about) in TASKS.items():
             flip=False,
             suite="clip",
             about=_about,
-            preprocess=clip_preprocess,
         )
     )
