@@ -32,12 +32,15 @@ def base_config() -> ml_collections.ConfigDict:
     # (jaxmerge.tasks.from_dataset): config.task is then the new task's own name.
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = ""  # e.g. "image_folder/shapes-size64" or a TFDS name ("mnist")
-    c.dataset.kind = ""  # "" = from the target feature; "classification" or "regression"
+    c.dataset.kind = ""  # "" = from the target feature: "classification", "regression" or
+    # "landmarks" (a float feature of shape (K, 2): K points, (x, y) relative to the image)
     c.dataset.target = ""  # "" = "label"
     c.dataset.outputs = 0  # classes, for kind=classification on integer targets
     c.dataset.train_split = ""  # "" = "train"
     c.dataset.eval_split = ""  # "" = "test", else "validation"
-    c.dataset.flip = True  # random horizontal flips in training
+    c.dataset.flip = True  # random horizontal flips in training (landmarks: with a permutation)
+    c.dataset.norm_points = ""  # landmarks: "i,j", whose distance normalises NME ("" = none)
+    c.dataset.flip_permutation = ""  # landmarks: "p0,p1,...", the point a flip moves each to
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "vit"  # a name in jaxmerge.models.FAMILIES
@@ -286,6 +289,8 @@ def task_of(c: ml_collections.ConfigDict) -> tasks.Task:
 
     d = c.dataset
     _check(isinstance(d.outputs, int) and d.outputs >= 0, "dataset.outputs", d.outputs, ">= 0")
+    norm_points = _int_list("dataset.norm_points", d.get("norm_points", ""), "'i,j'")
+    permutation = _int_list("dataset.flip_permutation", d.get("flip_permutation", ""), "'0,2,1'")
     return from_dataset.define(
         c.task,
         d.name,
@@ -297,7 +302,21 @@ def task_of(c: ml_collections.ConfigDict) -> tasks.Task:
         d.train_split,
         d.eval_split,
         bool(d.flip),
+        norm_points,
+        permutation,
     )
+
+
+def _int_list(field: str, text: str, example: str) -> tuple[int, ...] | None:
+    """ "1,0,2" -> (1, 0, 2); "" -> None."""
+    if not str(text).strip():
+        return None
+    try:
+        return tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        raise ValueError(
+            f"config.{field}: got {text!r}; allowed: comma-separated integers, e.g. {example}"
+        ) from None
 
 
 def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig:

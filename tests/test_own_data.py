@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs import adapter
 from jaxmerge import config_lib, data, evaluate, train
-from jaxmerge.data import sources
+from jaxmerge.data import ops, sources
 from jaxmerge.datasets import demo_shapes, prepare
 from jaxmerge.tasks import from_dataset, registry
 from tests.test_train import tiny_config
@@ -57,11 +57,21 @@ def test_kind_override_reads_class_indices_as_values(tmp_path):
     [
         ({"task": "digits"}, "config.task: 'digits' is a registered task"),
         ({"dataset.target": "pixels"}, "config.dataset.target: got 'pixels'; allowed: a feature"),
-        ({"dataset.kind": "landmarks"}, "config.dataset.kind: got 'landmarks'"),
+        ({"dataset.kind": "landmarks"}, "config.dataset.target: got 'label'; allowed: a Class"),
+        ({"dataset.norm_points": "0,1"}, "config.dataset.norm_points: got '0,1'; allowed: ''"),
+        ({"dataset.flip_permutation": "a"}, "config.dataset.flip_permutation: got 'a'; allowed"),
         ({"dataset.eval_split": "val"}, "config.dataset.eval_split: got 'val'; allowed: a split"),
         ({"dataset.name": "no_such_set"}, "dataset='no_such_set' is not a registered TFDS builder"),
     ],
-    ids=["registered name", "unknown feature", "landmarks kind", "unknown split", "unknown set"],
+    ids=[
+        "registered name",
+        "unknown feature",
+        "landmarks kind",
+        "norm points",
+        "permutation",
+        "unknown split",
+        "unknown set",
+    ],
 )
 def test_bad_dataset_fields_name_field_value_and_allowed(tmp_path, overrides, message):
     config = digits_config(tmp_path)
@@ -72,11 +82,61 @@ def test_bad_dataset_fields_name_field_value_and_allowed(tmp_path, overrides, me
         config_lib.validate(config)
 
 
-def test_landmark_features_point_to_a_registered_task(tmp_path):
-    config = tiny_config(tmp_path, task="boxes", **{"dataset.name": "digit_box"})
-    config.dataset.target = "landmarks"
-    with pytest.raises(ValueError, match="Landmarks need a registered Task"):
+def box_config(data_dir, **dataset):
+    """The registered `digit_box` task's dataset, defined by name (corners of a digit's box)."""
+    overrides = {"dataset.name": "digit_box", "model.image_size": 32, "steps": 6}
+    overrides.update({f"dataset.{k}": v for k, v in dataset.items()})
+    return tiny_config(data_dir, task="corners", **overrides)
+
+
+def test_landmarks_are_read_from_a_point_feature(tmp_path):
+    task = config_lib.task_of(box_config(tmp_path, target="landmarks"))
+    assert (task.kind, task.outputs, task.spec, task.flip) == ("landmarks", 4, {}, False)
+    named = config_lib.task_of(box_config(tmp_path, target="landmarks", norm_points="0,1"))
+    assert named.spec == {"norm_points": (0, 1)}
+    flips = config_lib.task_of(box_config(tmp_path, target="landmarks", flip_permutation="1,0"))
+    assert flips.flip and flips.flip_permutation == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("norm_points", "0,2", "two different point indices in 0..1"),
+        ("norm_points", "1,1", "two different point indices in 0..1"),
+        ("flip_permutation", "0,0", "a permutation of 0..1"),
+        ("flip_permutation", "0,1,2", "a permutation of 0..1"),
+    ],
+)
+def test_bad_landmark_fields_name_field_value_and_allowed(tmp_path, field, value, allowed):
+    config = box_config(tmp_path, target="landmarks", **{field: value})
+    with pytest.raises(ValueError) as error:
         config_lib.validate(config)
+    assert str(error.value).startswith(f"config.dataset.{field}: got {value!r}; allowed: {allowed}")
+
+
+def test_a_landmark_task_by_name_trains_as_the_registered_one(tmp_path):
+    """Defined by name with the registered task's settings, it is the same task: the same
+    training gives the same adapter and NME as the registered `digit_box`."""
+    by_name = box_config(tmp_path, target="landmarks", norm_points="0,1")
+    registered = tiny_config(tmp_path, task="digit_box", **{"model.image_size": 32, "steps": 6})
+    results = [
+        train.train_and_evaluate(config, str(tmp_path / name))
+        for name, config in (("by_name", by_name), ("registered", registered))
+    ]
+    assert np.isfinite(results[0]["nme"]) and results[0]["nme"] == results[1]["nme"]
+
+
+@pytest.mark.parametrize("key", ["landmarks", "keypoints"])
+def test_crops_and_flips_move_the_target_points_under_any_name(key):
+    """Whatever the feature is called, the points move with the image: closed forms."""
+    image = np.zeros((10, 20, 1), np.uint8)
+    points = np.array([[0.25, 0.5], [0.75, 0.1]], np.float32)
+    rng = np.random.default_rng(0)
+    cropped = ops.random_crop(2, key)({"image": image, key: points}, rng)
+    dy, dx = np.random.default_rng(0).integers(0, 5, size=2)
+    np.testing.assert_allclose(cropped[key], points + [(2 - dx) / 20, (2 - dy) / 10])
+    flipped = ops.flip_horizontally({"image": image, key: points}, np.array([1, 0]), key)
+    np.testing.assert_allclose(flipped[key], [[0.25, 0.1], [0.75, 0.5]])
 
 
 def test_task_record_round_trip_keeps_every_field():

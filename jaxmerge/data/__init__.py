@@ -71,10 +71,11 @@ def default_preprocess(
     (random crop with `crop_padding`, flips where the task allows them), then
     `(x / 255 - mean) / std`: by default [-1, 1]."""
     steps = [ops.resize(image_size), ops.to_rgb()]
+    points = task.target if task.kind == "landmarks" else None  # moved with the image
     if train and crop_padding:
-        steps.append(ops.random_crop(crop_padding))
+        steps.append(ops.random_crop(crop_padding, points))
     if train and task.flip:
-        steps.append(ops.random_flip(task.flip_permutation))
+        steps.append(ops.random_flip(task.flip_permutation, points))
     steps += [ops.normalize(mean, std), ops.keep("image", task.target)]
     return ops.compose(*steps)
 

@@ -125,11 +125,12 @@ def normalize_to_minus_one_one() -> Preprocess:
     return normalize(mean=(0.5,), std=(0.5,))
 
 
-def random_crop(padding: int) -> Preprocess:
+def random_crop(padding: int, points: str | None = "landmarks") -> Preprocess:
     """Pads `padding` zero pixels on every side, then crops the original size at a random spot.
 
     A crop offset (dy, dx) in [0, 2 * padding] moves content by (padding - dy, padding - dx)
-    pixels, so landmarks move by `x += (padding - dx) / W`, `y += (padding - dy) / H`.
+    pixels, so the (K, 2) relative (x, y) points under key `points` (None: none) move by
+    `x += (padding - dx) / W`, `y += (padding - dy) / H`.
     """
     if padding < 0:
         raise ValueError(f"random_crop: padding must be >= 0, got {padding}")
@@ -140,38 +141,42 @@ def random_crop(padding: int) -> Preprocess:
         dy, dx = rng.integers(0, 2 * padding + 1, size=2)
         padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
         out = _with_image(example, padded[dy : dy + height, dx : dx + width])
-        if "landmarks" in example:
+        if points in example:
             shift = np.array([(padding - dx) / width, (padding - dy) / height], np.float32)
-            out["landmarks"] = np.asarray(example["landmarks"], np.float32) + shift
+            out[points] = np.asarray(example[points], np.float32) + shift
         return out
 
     return fn
 
 
-def flip_horizontally(example: Example, landmark_permutation: np.ndarray | None) -> Example:
-    """Mirrors the image left-right; landmarks become `1 - x` then reorder by the permutation.
-
-    `flipped_landmarks[i] = mirror(landmarks[landmark_permutation[i]])`.
+def flip_horizontally(
+    example: Example, landmark_permutation: np.ndarray | None, points: str | None = "landmarks"
+) -> Example:
+    """Mirrors the image left-right; the (K, 2) relative (x, y) points under key `points`
+    (None: none) become `1 - x`, then reorder by the permutation:
+    `flipped[i] = mirror(points[landmark_permutation[i]])`.
     """
     out = _with_image(example, np.asarray(example["image"])[:, ::-1])
-    if "landmarks" in example:
+    if points in example:
         if landmark_permutation is None:
             raise ValueError(
                 "random_flip: example has landmarks but landmark_permutation is None; pass the "
                 "dataset's flip permutation (e.g. wflw.FLIP_PERMUTATION) or do not flip"
             )
-        points = np.asarray(example["landmarks"], np.float32)[landmark_permutation]
-        out["landmarks"] = np.stack([1.0 - points[:, 0], points[:, 1]], axis=1)
+        moved = np.asarray(example[points], np.float32)[landmark_permutation]
+        out[points] = np.stack([1.0 - moved[:, 0], moved[:, 1]], axis=1)
     return out
 
 
-def random_flip(landmark_permutation: Sequence[int] | None = None) -> Preprocess:
-    """Horizontal flip with probability 1/2 (see `flip_horizontally` for landmarks)."""
+def random_flip(
+    landmark_permutation: Sequence[int] | None = None, points: str | None = "landmarks"
+) -> Preprocess:
+    """Horizontal flip with probability 1/2 (see `flip_horizontally` for the points)."""
     perm = None if landmark_permutation is None else np.asarray(landmark_permutation)
     if perm is not None and not np.array_equal(np.sort(perm), np.arange(len(perm))):
         raise ValueError("random_flip: landmark_permutation must be a permutation of 0..K-1")
 
     def fn(example, rng):
-        return flip_horizontally(example, perm) if rng.random() < 0.5 else example
+        return flip_horizontally(example, perm, points) if rng.random() < 0.5 else example
 
     return fn

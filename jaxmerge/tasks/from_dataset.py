@@ -5,9 +5,12 @@
 The head kind comes from the target feature: a `ClassLabel` is classification with its number
 of classes, a scalar float `Tensor` is regression (standardised with the mean and standard
 deviation of up to `STATS_EXAMPLES` training targets, L1 loss, error in the target's units).
+A float `Tensor` of shape (K, 2) is landmarks: K points, (x, y) relative to the image size, L1
+loss, scored by NME, normalised by the distance between the points `norm_points` (e.g. the
+outer eye corners) or, without them, by the image size. Flipping landmarks must also swap left
+and right points, so a landmark task flips only when it is given `flip_permutation`.
 `kind` overrides it: "regression" on class indices (an ordinal label), or "classification" on
-integer targets with `outputs` classes. Landmark tasks need their normalising points and flip
-permutation, so they stay registered tasks (`jaxmerge/tasks/`).
+integer targets with `outputs` classes.
 
 A run records the task it trained (`registry.to_record`), so evaluate, merge and predict load
 it in any process.
@@ -21,7 +24,7 @@ import numpy as np
 
 from jaxmerge.tasks.registry import TASKS, Task
 
-INFERRED_KINDS = ("classification", "regression")
+INFERRED_KINDS = ("classification", "regression", "landmarks")
 STATS_EXAMPLES = 2000
 
 
@@ -49,6 +52,8 @@ def define(
     train_split: str = "",
     eval_split: str = "",
     flip: bool = True,
+    norm_points: tuple[int, ...] | None = None,
+    flip_permutation: tuple[int, ...] | None = None,
 ) -> Task:
     """The Task `name` on the prepared TFDS dataset `dataset` (prepared first when it is one of
     jaxmerge's builders given its `manual_dir`); empty arguments are inferred.
@@ -81,9 +86,17 @@ def define(
 
     feature = features[target]
     classes = getattr(feature, "num_classes", None)
-    scalar = tuple(getattr(feature, "shape", (None,))) == ()
-    kind = kind or ("classification" if classes else "regression" if scalar else "")
+    shape = tuple(getattr(feature, "shape", (None,)))
+    scalar = shape == ()
+    points = len(shape) == 2 and shape[1] == 2 and np.issubdtype(feature.np_dtype, np.floating)
+    inferred = "classification" if classes else "regression" if scalar else ""
+    kind = kind or inferred or ("landmarks" if points else "")
     spec = {}
+    if kind != "landmarks":
+        for field, value in (("norm_points", norm_points), ("flip_permutation", flip_permutation)):
+            if value is not None:
+                typed = ",".join(map(str, value))
+                raise _field_error(field, typed, f"'' for a {kind or 'non-landmark'} task")
     if kind == "classification":
         outputs = outputs or classes or 0
         if outputs < 2:
@@ -94,12 +107,17 @@ def define(
         values = _targets(data.sources.open_source(dataset, train_split, data_dir), target)
         spec = {"mean": float(values.mean()), "std": float(values.std() or 1.0), "loss": "l1"}
         outputs = 1
+    elif kind == "landmarks" and points:
+        count = shape[0]
+        spec = _landmark_spec(count, norm_points, flip_permutation)
+        flip = flip and flip_permutation is not None  # a flip without the swap mislabels
+        outputs = 2 * count
     else:
         raise _field_error(
             "target",
             target,
-            f"a ClassLabel (classification) or a scalar Tensor (regression); {target!r} is "
-            f"{feature}. Landmarks need a registered Task (jaxmerge/tasks/)",
+            f"a ClassLabel (classification), a scalar Tensor (regression) or a float Tensor of "
+            f"shape (K, 2) (landmarks); {target!r} is {feature}",
         )
     return Task(
         name,
@@ -111,9 +129,26 @@ def define(
         eval_split=eval_split,
         spec=spec,
         flip=flip,
+        flip_permutation=flip_permutation if flip else None,
         suite="user",
         about=f"{dataset} ({kind}, defined by its dataset)",
     )
+
+
+def _landmark_spec(count: int, norm_points, permutation) -> dict:
+    """The landmark head's spec, with `norm_points` and `permutation` checked against the
+    dataset's `count` points."""
+    if norm_points is not None and (
+        len(norm_points) != 2
+        or norm_points[0] == norm_points[1]
+        or not all(0 <= i < count for i in norm_points)
+    ):
+        allowed = f"two different point indices in 0..{count - 1}, e.g. '0,1'"
+        raise _field_error("norm_points", ",".join(map(str, norm_points)), allowed)
+    if permutation is not None and sorted(permutation) != list(range(count)):
+        allowed = f"a permutation of 0..{count - 1}: point i moves to point permutation[i]"
+        raise _field_error("flip_permutation", ",".join(map(str, permutation)), allowed)
+    return {} if norm_points is None else {"norm_points": tuple(norm_points)}
 
 
 def _targets(source, target: str) -> np.ndarray:
