@@ -28,6 +28,18 @@ Everything is seeded. It writes, under tests/golden/clip/:
                         pooler_output}; clip_proj/{last_hidden_state, image_embeds};
                         peft/{last_hidden_state, pooler_output}; siglip/{last_hidden_state,
                         pooler_output}; zero_shot/<task>/logits (CLIPModel.logits_per_image).
+
+    cd /work/main && /work/torch_venv/bin/python scripts/make_golden_clip.py text
+
+writes only the text tower's golden file from the existing `clip_model` folder (nothing else
+is regenerated):
+
+  text_outputs.npz      prompts (`TEXT_PROMPTS`) through `clip_model`'s tokenizer
+                        (padding=True): input_ids, attention_mask (int32); float32
+                        last_hidden_state,
+                        pooler_output, text_embeds (`get_text_features`) and
+                        legacy_eos/pooler_output (the same model with eos_token_id 2, pooled at
+                        the largest token id as transformers does for such configs).
 """
 
 from __future__ import annotations
@@ -54,6 +66,13 @@ PROJECTION = 24
 # Two made-up tasks for the zero-shot file; the tokenizer knows printable ASCII characters.
 ZERO_SHOT = {"shapes": ["circle", "square", "triangle"], "pets": ["cat", "dog"]}
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
+# Prompts of different lengths, with capitals, runs of spaces, digits and quotes.
+TEXT_PROMPTS = (
+    "a photo of a circle.",
+    "A  Photo of the   DOG!",
+    'the number: "7".',
+    "x",
+)
 
 
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
@@ -253,5 +272,36 @@ def main():
         print(f"{key}: {value.shape}")
 
 
+def write_text_golden() -> None:
+    """tests/golden/clip/text_outputs.npz from the committed `clip_model` folder (read only)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    os.chdir(ROOT)
+    folder = os.path.join(GOLDEN, "clip_model")
+    model = CLIPModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokens = tokenizer(list(TEXT_PROMPTS), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.text_model(**tokens)
+        embeds = model.get_text_features(**tokens)
+        model.text_model.eos_token_id = 2  # what CLIPTextModel reads from a legacy config
+        legacy = model.text_model(**tokens)
+    arrays = {
+        "prompts": np.asarray(TEXT_PROMPTS),
+        "input_ids": tokens["input_ids"].numpy().astype(np.int32),
+        "attention_mask": tokens["attention_mask"].numpy().astype(np.int32),
+        "last_hidden_state": out.last_hidden_state.numpy(),
+        "pooler_output": out.pooler_output.numpy(),
+        "text_embeds": getattr(embeds, "pooler_output", embeds).numpy(),
+        "legacy_eos/pooler_output": legacy.pooler_output.numpy(),
+    }
+    np.savez(os.path.join(GOLDEN, "text_outputs.npz"), **arrays)
+    for key, value in sorted(arrays.items()):
+        print(f"{key}: {value.shape} {value.dtype}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["text"]:
+        write_text_golden()
+    else:
+        main()

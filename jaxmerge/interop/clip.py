@@ -4,12 +4,15 @@
     out = clip.VisionTower(**kwargs).apply({"params": params}, images)
     kwargs, params, _ = load_siglip_npz("webli_en_b16_224.npz")  # big_vision SigLIP, MAP head
     adapter, _, _ = load_peft_clip_adapter("adapters/eurosat")    # PEFT LoRA on CLIPVisionModel
+    kwargs, params, extras = load_hf_clip_text("clip-vit-base-patch32")  # CLIPModel's text tower
 
 Hugging Face folders: `CLIPVisionModel`, `CLIPVisionModelWithProjection` (its
 `visual_projection` becomes the tower's `projection`), a full `CLIPModel` (its image tower and
 projection; the text tower is skipped) or `SiglipVisionModel` / `SiglipModel`. Each returns
 `(tower kwargs, params, None)` like `interop.hf.load_hf_vit`; every tensor is checked against
-the shapes `clip.VisionTower(**kwargs)` expects, naming the tensor.
+the shapes `clip.VisionTower(**kwargs)` expects, naming the tensor. `load_hf_clip_text` reads
+a `CLIPModel`'s text tower instead (`clip_text.TextTower`), with its `logit_scale` and
+`visual_projection`: what `jaxmerge.zero_shot_heads` needs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 from jaxmerge import lora
 from jaxmerge.interop import bigvision, hf
 from jaxmerge.interop import peft as peft_io
-from jaxmerge.models import clip
+from jaxmerge.models import clip, clip_text
 
 Tree = Any
 CLIP_ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
@@ -178,11 +181,14 @@ def hf_tower_kwargs(config: Mapping, *, source: str = "config.json") -> tuple[di
 
 def check_params(kwargs: Mapping, params: Tree, source: str, names: Mapping | None = None) -> None:
     """Raises a ValueError naming the first tensor missing, extra or of the wrong shape."""
-    names = names or {}
-    quote = lambda path: f"{path!r}" + (f" ({names[path]!r})" if path in names else "")  # noqa: E731
     model = clip.VisionTower(**kwargs)
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels), "f4")
     expected = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    _compare_shapes(expected, params, source, names or {}, "this tower")
+
+
+def _compare_shapes(expected: Tree, params: Tree, source: str, names: Mapping, what: str) -> None:
+    quote = lambda path: f"{path!r}" + (f" ({names[path]!r})" if path in names else "")  # noqa: E731
     flat = lambda tree: {  # noqa: E731
         jax.tree_util.keystr(k, simple=True, separator="/"): tuple(np.shape(v))
         for k, v in jax.tree_util.tree_leaves_with_path(tree)
@@ -192,7 +198,7 @@ def check_params(kwargs: Mapping, params: Tree, source: str, names: Mapping | No
         if path not in got:
             raise ValueError(f"{source}: parameter {path!r} is missing")
         if path not in want:
-            raise ValueError(f"{source}: parameter {quote(path)} is not part of this tower")
+            raise ValueError(f"{source}: parameter {quote(path)} is not part of {what}")
         if got[path] != want[path]:
             raise ValueError(
                 f"{source}: parameter {quote(path)} has shape {got[path]}; the config implies "
@@ -339,3 +345,124 @@ def load_peft_clip_adapter(folder: str) -> tuple[Tree, Tree | None, dict]:
     """A PEFT LoRA adapter of a Hugging Face CLIP / SigLIP image tower, as `load_peft_adapter`
     reads ViT adapters (module names `[vision_model.]encoder.layers.N.self_attn.q_proj`...)."""
     return peft_io.load_peft_adapter(folder, module_path=hf_module_path)
+
+
+# ----------------------------------------------------------------------------- CLIP text tower
+
+_TEXT_PREFIX = "text_model."
+
+
+def hf_text_kwargs(config: Mapping, *, source: str = "config.json") -> dict:
+    """`clip_text.TextTower` kwargs of a Hugging Face `CLIPModel` config dict (its
+    `text_config` and `projection_dim`; missing fields take `CLIPTextConfig`'s defaults)."""
+    kind = config.get("model_type")
+    if kind != "clip":
+        raise ValueError(
+            f"{source}: model_type={kind!r} has no text tower; allowed: clip (a CLIPModel)"
+        )
+    text = dict(config.get("text_config") or {})
+    act = text.get("hidden_act", "quick_gelu")
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"{source}: text hidden_act={act!r}; allowed: {sorted(HF_ACTIVATIONS)}")
+    defaults = clip_text.TextTower()
+    return dict(
+        vocab_size=text.get("vocab_size", defaults.vocab_size),
+        max_length=text.get("max_position_embeddings", defaults.max_length),
+        width=text.get("hidden_size", defaults.width),
+        depth=text.get("num_hidden_layers", defaults.depth),
+        mlp_dim=text.get("intermediate_size", defaults.mlp_dim),
+        num_heads=text.get("num_attention_heads", defaults.num_heads),
+        layer_norm_eps=float(text.get("layer_norm_eps", defaults.layer_norm_eps)),
+        activation=HF_ACTIVATIONS[act],
+        projection_dim=config.get("projection_dim", defaults.projection_dim),
+        eos_token_id=text.get("eos_token_id", defaults.eos_token_id),
+    )
+
+
+def hf_to_text_params(
+    state: Mapping[str, np.ndarray], source: str
+) -> tuple[dict, dict, dict[str, str]]:
+    """(text tower params, {"logit_scale", "visual_projection"}, {path: tensor name}) of a
+    CLIPModel state dict; vision tensors are skipped. `visual_projection` is (in, out)."""
+    params: dict = {}
+    extras: dict = {}
+    names = {}
+
+    def put(path, value, name):
+        nonlocal params
+        params = lora.set_at(params, path, np.asarray(value, np.float32))
+        names[path] = name
+
+    for name, value in state.items():
+        value = np.asarray(value)
+        key = name.removeprefix(_TEXT_PREFIX)
+        if name == "logit_scale":
+            extras["logit_scale"] = np.float32(value.reshape(()))
+        elif name == "visual_projection.weight":
+            extras["visual_projection"] = value.T.astype(np.float32)
+        elif name == "text_projection.weight":
+            put("projection/kernel", value.T, name)
+        elif not name.startswith(_TEXT_PREFIX) or key.endswith("position_ids"):
+            continue  # the image tower, and the index buffer older transformers saved
+        elif key == "embeddings.token_embedding.weight":
+            put("token_embedding", value, name)
+        elif key == "embeddings.position_embedding.weight":
+            put("pos_embedding", value[None], name)
+        else:
+            module, _, leaf = key.rpartition(".")
+            match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", module)
+            if module == "final_layer_norm":
+                path = "encoder_norm"
+            elif match and match.group(2) in HF_BLOCK_NAMES:
+                path = f"block_{match.group(1)}/{HF_BLOCK_NAMES[match.group(2)]}"
+            else:
+                path = None
+            if path is None or leaf not in ("weight", "bias"):
+                raise ValueError(f"{source}: parameter {name!r} is not part of a CLIP text tower")
+            if leaf == "bias":
+                put(f"{path}/bias", value, name)
+            elif "norm" in path.rsplit("/", 1)[-1]:
+                put(f"{path}/scale", value, name)
+            else:
+                put(f"{path}/kernel", value.T, name)
+    return params, extras, names
+
+
+def check_text_params(
+    kwargs: Mapping, params: Tree, source: str, names: Mapping | None = None
+) -> None:
+    """Raises a ValueError naming the first text tensor missing, extra or of the wrong shape."""
+    model = clip_text.TextTower(**kwargs)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    expected = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    _compare_shapes(expected, params, source, names or {}, "this text tower")
+
+
+def load_hf_clip_text(folder: str, *, dtype=jnp.float32) -> tuple[dict, Tree, dict]:
+    """Loads the text tower of a Hugging Face `CLIPModel` folder (config.json, safetensors).
+
+    Returns:
+      (kwargs, params, extras): `clip_text.TextTower(**kwargs)` is the tower, `params` its tree
+      in `dtype`, `extras` the rest of what zero-shot classification needs, as float32 numpy:
+      `logit_scale` (a scalar; CLIP's temperature is its exp) and `visual_projection`
+      (width of the image tower, projection_dim), as (in, out).
+
+    Raises:
+      ValueError: a missing file, a config without a text tower, an unknown activation or
+        tensor, a missing one, or a tensor whose shape does not match the config (naming it).
+    """
+    source = f"Hugging Face checkpoint {folder!r}"
+    config = hf._read_json(os.path.join(folder, "config.json"))
+    kwargs = hf_text_kwargs(config, source=source)
+    params, extras, names = hf_to_text_params(hf._read_safetensors(folder), source)
+    check_text_params(kwargs, params, source, names)
+    for key, name in (("logit_scale", "logit_scale"), ("visual_projection", "visual_projection")):
+        if key not in extras:
+            raise ValueError(f"{source}: tensor {name!r} is missing")
+    if extras["visual_projection"].shape[1] != kwargs["projection_dim"]:
+        raise ValueError(
+            f"{source}: tensor 'visual_projection.weight' projects to "
+            f"{extras['visual_projection'].shape[1]}; the config implies "
+            f"projection_dim={kwargs['projection_dim']}"
+        )
+    return kwargs, hf.as_jax(params, dtype), extras

@@ -133,7 +133,11 @@ class Attention(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Multihead self-attention of x (B, T, D); `mask`, boolean and broadcastable to
+        (B, heads, T, T), is True where a query may attend to a key (None: everywhere)."""
         batch, tokens, width = x.shape
         head_dim = width // self.num_heads
         x = x.astype(self.dtype or x.dtype)
@@ -154,7 +158,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         logits = (q @ k) * jnp.asarray(head_dim**-0.5, q.dtype)
         # Softmax in float32 whatever the compute dtype: bf16 logits lose the small weights.
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        logits = logits.astype(jnp.float32)
+        if mask is not None:  # the most negative float, as transformers: a row never all -inf
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         context = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, width)
         return layers[3](context, train)
 
@@ -208,7 +215,8 @@ def mlp(module: nn.Module, activation: str, name: str) -> Mlp:
 
 class Block(nn.Module):
     """x + attention(norm1(x)), then + mlp(norm2(x)): the pre-norm block of ViT, CLIP and
-    SigLIP. The residual stream keeps its dtype (float32) whatever the compute dtype."""
+    SigLIP (and CLIP's text tower, with a causal `mask`; see `Attention`). The residual stream
+    keeps its dtype (float32) whatever the compute dtype."""
 
     num_heads: int
     mlp_dim: int
@@ -220,12 +228,14 @@ class Block(nn.Module):
     kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array:
         norm = lambda name: LayerNorm(self.layer_norm_eps, self.kernels, name=name)  # noqa: E731
         attention = Attention(
             self.num_heads, self.lora_dropout, self.lora_compute, self.dtype, name="attention"
         )
-        x = x + attention(norm("norm1")(x), train).astype(x.dtype)
+        x = x + attention(norm("norm1")(x), train, mask).astype(x.dtype)
         return x + mlp(self, self.activation, "mlp")(norm("norm2")(x), train).astype(x.dtype)
 
 
@@ -261,8 +271,11 @@ def embed_patches(
     return x + pos.astype(x.dtype)
 
 
-def encoder_blocks(module: nn.Module, x: jax.Array, train: bool, activation: str) -> jax.Array:
-    """`module.depth` blocks `block_0` ... with `module`'s sizes and settings."""
+def encoder_blocks(
+    module: nn.Module, x: jax.Array, train: bool, activation: str, mask: jax.Array | None = None
+) -> jax.Array:
+    """`module.depth` blocks `block_0` ... with `module`'s sizes and settings; `mask` as in
+    `Attention`."""
     for i in range(module.depth):
         x = Block(
             module.num_heads,
@@ -274,7 +287,7 @@ def encoder_blocks(module: nn.Module, x: jax.Array, train: bool, activation: str
             module.dtype,
             module.kernels,
             name=f"block_{i}",
-        )(x, train)
+        )(x, train, mask)
     return x
 
 
