@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.head = ml_collections.ConfigDict()
     c.head.hidden = 256
     # "mlp": a trained MlpHead (hidden 0: linear); "zero_shot": CLIP's frozen classifier of
-    # the task from `zero_shot_file` (scripts/make_zero_shot_heads.py; `jaxmerge.zero_shot`).
+    # the task from `zero_shot_file` (`jaxmerge.zero_shot_heads` makes it; `jaxmerge.zero_shot`).
     c.head.type = "mlp"
     c.head.zero_shot_file = ""
 
@@ -262,7 +262,7 @@ def _check_head(head: ml_collections.ConfigDict, task: tasks.Task) -> None:
         bool(path) and os.path.isfile(os.path.expanduser(path)),
         field,
         path,
-        "an existing file of scripts/make_zero_shot_heads.py",
+        "an existing file of `python -m jaxmerge.zero_shot_heads`",
     )
     classes = zero_shot.load_heads(os.path.abspath(os.path.expanduser(path)))["classes"]
     _check(

@@ -1,8 +1,12 @@
-r"""Writes the zero-shot heads of a task set: CLIP text embeddings of class-name prompts.
+r"""The reference for the zero-shot heads file, in torch and transformers.
 
-Run once, in a virtualenv with torch and transformers, on a CLIP checkpoint saved with
-`save_pretrained` (model and tokenizer, e.g. openai/clip-vit-base-patch32), after preparing the
-datasets (the class names are read from each task's TFDS builder):
+Users make the file with `python -m jaxmerge.zero_shot_heads` (JAX, no torch; same flags, same
+arrays). This script computes it with transformers' `CLIPModel` and tokenizer: it wrote
+tests/golden/clip/zero_shot.npz (`scripts/make_golden_clip.py`), which the JAX command is
+checked against (`tests/test_clip_text.py`). It takes the class names and templates from
+`jaxmerge.zero_shot_heads`. In a virtualenv with torch, transformers and jaxmerge, on a CLIP
+checkpoint saved with `save_pretrained` (model and tokenizer, e.g.
+openai/clip-vit-base-patch32), after preparing the datasets:
 
     python scripts/make_zero_shot_heads.py --model ~/models/clip-vit-base-patch32 \
         --data_dir ~/tensorflow_datasets --output ~/models/clip-vit-base-patch32/zero_shot.npz
@@ -29,42 +33,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TEMPLATES = {
-    "default": ("a photo of a {}.",),
-    "sun397": ("a photo of a {}.", "a photo of the {}."),
-    "cars": ("a photo of a {}.", "a photo of the {}, a type of car.", "a photo of my {}."),
-    "resisc45": ("satellite imagery of {}.", "aerial imagery of {}.", "a satellite photo of {}."),
-    "eurosat": ("a centered satellite photo of {}.", "a satellite photo of {}."),
-    "svhn": ('a photo of the number: "{}".',),
-    "gtsrb": (
-        'a zoomed in photo of a "{}" traffic sign.',
-        'a centered photo of a "{}" traffic sign.',
-    ),
-    "mnist": ('a photo of the number: "{}".',),
-    "dtd": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} object."),
-}
-# TFDS label names that are not words.
-CLASS_NAMES = {
-    "eurosat": (
-        "annual crop land", "forest", "brushland or shrubland", "highway or road",
-        "industrial buildings or commercial buildings", "pasture land",
-        "permanent crop land", "residential buildings or homes or apartments", "river",
-        "lake or sea",
-    ),
-}  # fmt: skip
+sys.path.insert(0, ROOT)
+# The tables live in the library, which computes the same file in JAX.
+from jaxmerge.zero_shot_heads import CLASS_NAMES, TEMPLATES, readable, suite_classes  # noqa: E402
 
-
-def readable(name: str) -> str:
-    """'/a/abbey' -> 'abbey', 'AM_General_Hummer_SUV_2000' -> 'AM General Hummer SUV 2000'."""
-    name = re.sub(r"^/?[a-z]/", "", name)  # SUN397's '/a/abbey'
-    return name.replace("_", " ").replace("/", " ").strip()
+__all__ = [
+    "CLASS_NAMES",
+    "TEMPLATES",
+    "class_embeddings",
+    "main",
+    "readable",
+    "suite_classes",
+    "zero_shot_arrays",
+]
 
 
 def class_embeddings(model, tokenizer, class_names, templates) -> np.ndarray:
@@ -99,29 +86,6 @@ def zero_shot_arrays(model, tokenizer, task_classes: dict, task_templates: dict)
     return arrays
 
 
-def suite_classes(task_names, data_dir: str) -> tuple[dict, dict]:
-    """({task: class names}, {task: templates}) of registered tasks, names from TFDS."""
-    import tensorflow_datasets as tfds
-
-    sys.path.insert(0, ROOT)
-    from jaxmerge import tasks
-
-    classes, templates = {}, {}
-    for name in task_names:
-        task = tasks.get(name)
-        key = task.dataset.split("/")[0].split(":")[0].replace("cars196", "cars")
-        key = {"svhn_cropped": "svhn", "gtsrb": "gtsrb"}.get(key, key)
-        if key in CLASS_NAMES:
-            names = list(CLASS_NAMES[key])
-        else:
-            builder = tfds.builder(task.dataset, data_dir=data_dir)
-            names = [readable(n) for n in builder.info.features[task.target].names]
-        if len(names) != task.outputs:
-            raise ValueError(f"{name}: {len(names)} class names for {task.outputs} outputs")
-        classes[name], templates[name] = names, TEMPLATES.get(key, TEMPLATES["default"])
-    return classes, templates
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a CLIPModel folder with its tokenizer")
@@ -131,7 +95,6 @@ def main():
     args = parser.parse_args()
     from transformers import AutoTokenizer, CLIPModel
 
-    sys.path.insert(0, ROOT)
     from jaxmerge.tasks import clip_suite
 
     model = CLIPModel.from_pretrained(args.model).eval()

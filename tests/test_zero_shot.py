@@ -71,7 +71,7 @@ def test_head_is_frozen_under_the_trainer_optimizer():
 
 
 def test_missing_file_and_task_are_named(tmp_path):
-    with pytest.raises(ValueError, match="make_zero_shot_heads.py"):
+    with pytest.raises(ValueError, match=r"make it with `python -m jaxmerge.zero_shot_heads "):
         zero_shot.load_heads(str(tmp_path / "none.npz"))
     with pytest.raises(ValueError, match=r"no task 'cars'; it holds \['pets', 'shapes'\]"):
         zero_shot.head_def(FILE, "cars")

@@ -154,7 +154,7 @@ def test_zero_shot_file_errors_name_the_field_value_and_what_is_allowed(tmp_path
     missing = str(tmp_path / "none.npz")
     assert error(**{"head.zero_shot_file": missing}) == (
         f"config.head.zero_shot_file: got {missing!r}; allowed: an existing file of "
-        f"scripts/make_zero_shot_heads.py"
+        f"`python -m jaxmerge.zero_shot_heads`"
     )
     assert error(**{"head.zero_shot_file": FILE}) == (
         f"config.head.zero_shot_file: got {FILE!r}; allowed: a file holding task 'digits' "

@@ -1,0 +1,352 @@
+r"""Writes the zero-shot heads of a task set: CLIP text embeddings of class-name prompts, in JAX.
+
+Once per CLIP checkpoint, a Hugging Face `CLIPModel` folder with its tokenizer (e.g.
+openai/clip-vit-base-patch32 saved with `save_pretrained`), after preparing the datasets (class
+names are read from each task's TFDS builder):
+
+    python -m jaxmerge.zero_shot_heads --model ~/models/clip-vit-base-patch32 \
+        --data_dir ~/tensorflow_datasets --output ~/models/clip-vit-base-patch32/zero_shot.npz
+
+The file (`jaxmerge.zero_shot.load_heads` reads it) holds, as float32:
+  scale                     exp(logit_scale) of the checkpoint.
+  visual_projection         (width, E) the image projection, as (in, out).
+  <task>/classes            (C, E) per class: the mean over templates of the unit-normalised
+                            text embeddings of "template.format(class name)", normalised again
+                            (the classifier of Radford et al. 2021 and of task arithmetic).
+  <task>/class_names        (C,) the class names used.
+  templates/<task>          the prompt templates used.
+  model                     the --model path, for the record.
+
+so that `logits = scale * normalize(pooled @ visual_projection) @ classes.T`.
+
+The text tower is `models.clip_text.TextTower`, loaded by `interop.clip.load_hf_clip_text`;
+prompts are tokenized with the folder's `tokenizer.json` (the `tokenizers` package), each
+class's prompts padded to the longest, as `tokenizer(prompts, padding=True)` does. The
+reference is `scripts/make_zero_shot_heads.py` (torch and transformers), which wrote
+tests/golden/clip/zero_shot.npz: this module's file matches it (`tests/test_clip_text.py`).
+
+Class names are the TFDS label names made readable (`CLASS_NAMES` replaces them where TFDS has
+codes or numbers); templates are `TEMPLATES`. Both differ from the lists of the task-arithmetic
+code base (more templates per dataset), so zero-shot accuracy can differ from published
+zero-shot numbers by a point or two; merged-model comparisons within jaxmerge are unaffected.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from jaxmerge import cli as cli_lib
+from jaxmerge import logs, tasks
+from jaxmerge.interop import clip as clip_io
+from jaxmerge.models import clip_text
+
+TEMPLATES = {
+    "default": ("a photo of a {}.",),
+    "sun397": ("a photo of a {}.", "a photo of the {}."),
+    "cars": ("a photo of a {}.", "a photo of the {}, a type of car.", "a photo of my {}."),
+    "resisc45": ("satellite imagery of {}.", "aerial imagery of {}.", "a satellite photo of {}."),
+    "eurosat": ("a centered satellite photo of {}.", "a satellite photo of {}."),
+    "svhn": ('a photo of the number: "{}".',),
+    "gtsrb": (
+        'a zoomed in photo of a "{}" traffic sign.',
+        'a centered photo of a "{}" traffic sign.',
+    ),
+    "mnist": ('a photo of the number: "{}".',),
+    "dtd": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} object."),
+}
+# TFDS label names that are not words.
+CLASS_NAMES = {
+    "eurosat": (
+        "annual crop land", "forest", "brushland or shrubland", "highway or road",
+        "industrial buildings or commercial buildings", "pasture land",
+        "permanent crop land", "residential buildings or homes or apartments", "river",
+        "lake or sea",
+    ),
+}  # fmt: skip
+# Compiled prompt lengths are rounded up to a multiple of this, so that a task's classes share
+# a few compiled shapes instead of one per token count.
+LENGTH_MULTIPLE = 8
+
+
+def readable(name: str) -> str:
+    """'/a/abbey' -> 'abbey', 'AM_General_Hummer_SUV_2000' -> 'AM General Hummer SUV 2000'."""
+    name = re.sub(r"^/?[a-z]/", "", name)  # SUN397's '/a/abbey'
+    return name.replace("_", " ").replace("/", " ").strip()
+
+
+def _table_key(task: tasks.Task) -> str:
+    """The `TEMPLATES` / `CLASS_NAMES` key of a task: its dataset's name, shortened."""
+    key = task.dataset.split("/")[0].split(":")[0].replace("cars196", "cars")
+    return {"svhn_cropped": "svhn", "gtsrb": "gtsrb"}.get(key, key)
+
+
+def suite_classes(task_names: Sequence[str], data_dir: str) -> tuple[dict, dict]:
+    """({task: class names}, {task: templates}) of registered tasks, names from TFDS."""
+    classes, templates = {}, {}
+    for name in task_names:
+        task = tasks.get(name)
+        key = _table_key(task)
+        if key in CLASS_NAMES:
+            names = list(CLASS_NAMES[key])
+        else:
+            import tensorflow_datasets as tfds
+
+            builder = tfds.builder(task.dataset, data_dir=data_dir)
+            names = [readable(n) for n in builder.info.features[task.target].names]
+        if len(names) != task.outputs:
+            raise ValueError(f"{name}: {len(names)} class names for {task.outputs} outputs")
+        classes[name], templates[name] = names, TEMPLATES.get(key, TEMPLATES["default"])
+    return classes, templates
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def load_tokenizer(folder: str):
+    """The folder's `tokenizer.json` as a `tokenizers.Tokenizer` that pads as transformers'
+    `tokenizer(prompts, padding=True)`: to the longest prompt, with `tokenizer_config.json`'s
+    pad token and padding side (CLIP's: "<|endoftext|>", right), and never truncates."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    settings = {}
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            settings = json.load(f)
+    pad_token = settings.get("pad_token") or "<|endoftext|>"
+    pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
+    pad_id = tokenizer.token_to_id(pad_token)
+    if pad_id is None:
+        raise ValueError(
+            f"{folder!r}: pad token {pad_token!r} (tokenizer_config.json) is not in "
+            f"tokenizer.json's vocabulary"
+        )
+    tokenizer.no_truncation()
+    side = settings.get("padding_side", "right")
+    tokenizer.enable_padding(direction=side, pad_id=pad_id, pad_token=pad_token)
+    return tokenizer
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), both (N, T) int32, T the longest prompt's token count."""
+    encodings = tokenizer.encode_batch(list(prompts))
+    ids = np.asarray([e.ids for e in encodings], np.int32)
+    mask = np.asarray([e.attention_mask for e in encodings], np.int32)
+    return ids, mask
+
+
+def pad_length(ids: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`ids` and `mask` padded on the right to `length` tokens, the new tokens masked.
+
+    Leaves every prompt's text embedding as it was: causal attention keeps the new tokens out
+    of every earlier one, and they repeat each prompt's first token, so the first position of
+    any token (where `clip_text.end_of_text` pools) does not move.
+    """
+    extra = length - ids.shape[1]
+    ids = np.concatenate([ids, np.repeat(ids[:, :1], extra, axis=1)], axis=1)
+    return ids, np.pad(mask, ((0, 0), (0, extra)))
+
+
+# ----------------------------------------------------------------------------- maths
+
+
+def class_embedding(text_embeds: jax.Array) -> jax.Array:
+    """(E,) the classifier row of one class from its (templates, E) text embeddings:
+    `normalize(mean(normalize(text_embeds)))`."""
+    unit = text_embeds / jnp.linalg.norm(text_embeds, axis=-1, keepdims=True)
+    mean = unit.mean(axis=0)
+    return mean / jnp.linalg.norm(mean)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _class_embedding(model: clip_text.TextTower, params, ids, mask) -> jax.Array:
+    return class_embedding(model.apply({"params": params}, ids, mask)["text_embeds"])
+
+
+def class_tokens(
+    tokenizer, class_names: Sequence[str], templates: Sequence[str], max_length: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class, (input_ids, attention_mask) of its prompts `template.format(name)`: padded to
+    the longest as transformers pads them, then to a multiple of `LENGTH_MULTIPLE` (at most
+    `max_length`; see `pad_length`).
+
+    Raises:
+      ValueError: a prompt longer than `max_length` tokens, naming it.
+    """
+    batches = []
+    for name in class_names:
+        prompts = [t.format(name) for t in templates]
+        ids, mask = tokenize(tokenizer, prompts)
+        if ids.shape[1] > max_length:
+            longest = prompts[int(np.argmax(mask.sum(axis=1)))]
+            raise ValueError(
+                f"prompt {longest!r}: {ids.shape[1]} tokens; allowed: at most {max_length}, the "
+                f"text tower's max_position_embeddings"
+            )
+        length = min(-(-ids.shape[1] // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_length)
+        batches.append(pad_length(ids, mask, length))
+    return batches
+
+
+def class_embeddings(
+    model: clip_text.TextTower,
+    params,
+    batches: Sequence[tuple[np.ndarray, np.ndarray]],
+    on_class: Callable[[], None] = lambda: None,
+) -> np.ndarray:
+    """(C, E) float32: `class_embedding` of each class's tokens (`class_tokens`); `on_class`
+    is called after each class."""
+    rows = []
+    for ids, mask in batches:
+        rows.append(np.asarray(_class_embedding(model, params, ids, mask)))
+        on_class()
+    return np.stack(rows).astype(np.float32)
+
+
+def zero_shot_arrays(folder: str, task_classes: Mapping, task_templates: Mapping) -> dict:
+    """The file's arrays (see the module doc; all but `model`) for {task: class names} with
+    {task: templates}, from the CLIPModel folder `folder`, with a progress bar over classes.
+    Every prompt is tokenized (and checked) before the text tower runs."""
+    kwargs, params, extras = clip_io.load_hf_clip_text(folder)
+    model, tokenizer = clip_text.TextTower(**kwargs), load_tokenizer(folder)
+    tokens = {}
+    for task, names in task_classes.items():
+        try:
+            tokens[task] = class_tokens(tokenizer, names, task_templates[task], model.max_length)
+        except ValueError as error:
+            raise ValueError(f"{folder!r}, task {task!r}: {error}") from None
+    arrays = {
+        "scale": np.exp(np.float32(extras["logit_scale"])).astype(np.float32),
+        "visual_projection": extras["visual_projection"].astype(np.float32),
+    }
+    bar = logs.progress(total=sum(map(len, tokens.values())), desc="zero-shot heads", unit="class")
+    try:
+        for task, names in task_classes.items():
+            bar.set_postfix_str(task)
+            arrays[f"{task}/classes"] = class_embeddings(model, params, tokens[task], bar.update)
+            arrays[f"{task}/class_names"] = np.asarray(names)
+            arrays[f"templates/{task}"] = np.asarray(task_templates[task])
+    finally:
+        bar.close()
+    return arrays
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _tensor_names(folder: str) -> list[str]:
+    """The tensor names of a folder's model.safetensors (or its shards' index), from the
+    headers; [] without either file."""
+    from safetensors import safe_open
+
+    single, index = (os.path.join(folder, f"model.safetensors{s}") for s in ("", ".index.json"))
+    if os.path.isfile(single):
+        with safe_open(single, "np") as f:
+            return list(f.keys())
+    if os.path.isfile(index):
+        with open(index) as f:
+            return list(json.load(f).get("weight_map", {}))
+    return []
+
+
+def check_inputs(model: str, task_names: Sequence[str], output: str, data_dir: str) -> None:
+    """Raises a ValueError naming the flag, the value and what is allowed for the first bad
+    input; reads only file headers, so it runs before anything is computed."""
+    allowed_model = (
+        "a Hugging Face CLIPModel folder with its tokenizer (config.json, model.safetensors, "
+        "tokenizer.json), saved with save_pretrained"
+    )
+    if not output.endswith(".npz"):
+        raise ValueError(f"--output: {output!r}; allowed: a path ending in .npz")
+    if os.path.exists(output):
+        raise ValueError(
+            f"--output: {output!r} exists; refusing to overwrite it: remove it or choose another "
+            f"path"
+        )
+    if not os.path.isdir(model):
+        raise ValueError(f"--model: {model!r} is not a folder; allowed: {allowed_model}")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"--model: {model!r} has no config.json; allowed: {allowed_model}")
+    with open(os.path.join(model, "config.json")) as f:
+        kind = json.load(f).get("model_type")
+    if kind != "clip":
+        raise ValueError(
+            f"--model: {model!r} is a {kind!r} model, without a text tower; allowed: "
+            f"{allowed_model}"
+        )
+    if not os.path.isfile(os.path.join(model, "tokenizer.json")):
+        raise ValueError(f"--model: {model!r} has no tokenizer.json; allowed: {allowed_model}")
+    names = _tensor_names(model)
+    if not names:
+        raise ValueError(f"--model: {model!r} has no model.safetensors; allowed: {allowed_model}")
+    if not any(n.startswith("text_model.") for n in names):
+        raise ValueError(
+            f"--model: {model!r} has no text tower weights (no 'text_model.*' tensors in "
+            f"model.safetensors); allowed: {allowed_model}"
+        )
+    known = sorted(n for n, t in tasks.TASKS.items() if t.kind == "classification")
+    for name in task_names:
+        if name not in known:
+            raise ValueError(f"--tasks: unknown task {name!r}; allowed: {known}")
+    needs_tfds = [n for n in task_names if _table_key(tasks.get(n)) not in CLASS_NAMES]
+    if needs_tfds and not os.path.isdir(data_dir):
+        raise ValueError(
+            f"--data_dir: {data_dir!r} is not a folder; allowed: the TFDS data folder where "
+            f"{', '.join(needs_tfds)} were prepared (their class names are read from it)"
+        )
+
+
+def write_heads(
+    model: str, output: str, task_names: Sequence[str] | None = None, data_dir: str = ""
+) -> dict[str, list[str]]:
+    """Writes the heads file of `task_names` (default: the CLIP suite) to `output`, a new
+    `.npz`, from the CLIPModel folder `model`. Returns {task: class names}.
+
+    Raises:
+      ValueError: a bad input (see `check_inputs`), before anything is computed.
+    """
+    data_dir = data_dir or os.path.expanduser("~/tensorflow_datasets")
+    task_names = list(task_names or tasks.clip_suite.TASKS)
+    check_inputs(model, task_names, output, data_dir)
+    classes, templates = suite_classes(task_names, data_dir)
+    arrays = zero_shot_arrays(model, classes, templates)
+    arrays["model"] = np.asarray(os.path.abspath(model))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "xb") as f:  # "x": a file that appeared meanwhile is not overwritten
+        np.savez(f, **arrays)
+    return classes
+
+
+def define_flags():
+    flags.DEFINE_string("model", None, "A Hugging Face CLIPModel folder with its tokenizer.")
+    flags.DEFINE_string(
+        "data_dir", os.path.expanduser("~/tensorflow_datasets"), "The TFDS data folder."
+    )
+    flags.DEFINE_list("tasks", None, "Comma-separated task names; default: the CLIP suite.")
+    flags.DEFINE_string("output", None, "The .npz file to write (new).")
+
+
+def main(argv):
+    del argv
+    args = flags.FLAGS
+    classes = write_heads(args.model, args.output, args.tasks, args.data_dir)
+    written = ", ".join(f"{t} ({len(c)})" for t, c in classes.items())
+    print(f"wrote {args.output}: {written}")
+
+
+def cli():
+    cli_lib.run(main, define_flags, required=["model", "output"])
+
+
+if __name__ == "__main__":
+    cli()
