@@ -10,8 +10,8 @@ r"""The 8-task CLIP ViT-B/32 suite of the merging literature, with LoRA adapters
         --workdir ./workdir_clip
 
 With CLIP's frozen zero-shot heads, the setting of the published tables (the heads file made
-once by `scripts/make_zero_shot_heads.py --model ~/models/clip-vit-base-patch32 --output
-~/models/clip-vit-base-patch32/zero_shot.npz`, torch and transformers needed there only):
+once by `python -m jaxmerge.zero_shot_heads --model ~/models/clip-vit-base-patch32 --output
+~/models/clip-vit-base-patch32/zero_shot.npz`, from the CLIPModel folder's text tower, in JAX):
 
     python -m experiments.study --config \
         experiments/configs/clip.py:path=~/models/clip-vit-base-patch32,heads=zero_shot \
