@@ -34,13 +34,7 @@ PAPER_ARGS = ("base", "path", "data_dir", "manual_dir", "steps", "dtype")
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg)
-    known = {"task", "mode", *PAPER_ARGS}
-    if args.keys() - known:
-        raise ValueError(
-            f"configs/paper_adapter.py: unknown arguments {sorted(args.keys() - known)}; "
-            f"known: {sorted(known)}"
-        )
+    args = config_lib.parse_arg(arg, {"task", "mode", *PAPER_ARGS}, "configs/paper_adapter.py")
     study = paper.get_config(",".join(f"{k}={args[k]}" for k in PAPER_ARGS if k in args))
     config = study.train
     config.task = args.get("task", "wflw")

@@ -345,12 +345,18 @@ def model_kwargs(c: ml_collections.ConfigDict) -> dict:
     )
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """'task=digits,mode=head' -> {'task': 'digits', 'mode': 'head'} (the `get_config(arg)`)."""
-    if not arg:
-        return {}
-    pairs = [p for p in arg.split(",") if p]
+def parse_arg(
+    arg: str | None, known: set[str] | None = None, where: str = "config"
+) -> dict[str, str]:
+    """'task=digits,mode=head' -> {'task': 'digits', 'mode': 'head'} (the `get_config(arg)`);
+    with `known`, a key outside it is an error naming the config file `where`."""
+    pairs = [p for p in (arg or "").split(",") if p]
     bad = [p for p in pairs if not re.fullmatch(r"\w+=[^=]*", p)]
     if bad:
         raise ValueError(f"config argument: {bad[0]!r} is not key=value")
-    return dict(p.split("=", 1) for p in pairs)
+    args = dict(p.split("=", 1) for p in pairs)
+    if known is not None and args.keys() - known:
+        raise ValueError(
+            f"{where}: unknown arguments {sorted(args.keys() - known)}; known: {sorted(known)}"
+        )
+    return args

@@ -1,6 +1,7 @@
 """The study end to end on a tiny ViT: files written, caches reused, numbers consistent; and the
 paper suite's config through the same validation."""
 
+import importlib
 import json
 import os
 
@@ -183,3 +184,20 @@ def test_a_cached_rerun_reports_the_time_the_study_took(finished):
     meta = json.loads(open(again["raw"]).readline())
     assert meta["study_seconds"] > first > meta["invocation_seconds"]
     assert f"The study took {meta['study_seconds'] / 60:.1f} min" in open(again["tables"]).read()
+
+
+@pytest.mark.parametrize(
+    "module, where",
+    [
+        ("experiments.configs.offline", "offline.py"),
+        ("experiments.configs.paper", "paper.py"),
+        ("experiments.configs.clip", "clip.py"),
+        ("configs.paper_adapter", "configs/paper_adapter.py"),
+    ],
+)
+def test_config_files_name_an_unknown_argument_and_the_known_ones(module, where):
+    get_config = importlib.import_module(module).get_config
+    with pytest.raises(ValueError) as error:
+        get_config("steps=1,colour=red")
+    assert str(error.value).startswith(f"{where}: unknown arguments ['colour']; known: [")
+    assert "'steps'" in str(error.value)

@@ -62,11 +62,7 @@ HEADS = ("linear", "zero_shot")
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg)
-    if args.keys() - KNOWN:
-        raise ValueError(
-            f"clip.py: unknown arguments {sorted(args.keys() - KNOWN)}; known: {sorted(KNOWN)}"
-        )
+    args = config_lib.parse_arg(arg, KNOWN, "clip.py")
     c = offline.get_config(f"seeds={args.get('seeds', 1)}")
     c.suite = "clip"
     names = tuple(t for t in args.get("tasks", "+".join(clip_suite.TASKS)).split("+") if t)

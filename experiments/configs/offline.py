@@ -40,12 +40,7 @@ BASE_PATH = os.path.join(os.path.dirname(jaxmerge.__file__), "assets", "fashion_
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg)
-    known = {"seeds", "steps", "base", "learned"}
-    if args.keys() - known:
-        raise ValueError(
-            f"offline.py: unknown arguments {sorted(args.keys() - known)}; known: {sorted(known)}"
-        )
+    args = config_lib.parse_arg(arg, {"seeds", "steps", "base", "learned"}, "offline.py")
     c = ml_collections.ConfigDict()
     c.suite = "offline"
     c.tasks = ("digits", "digits_value", "digit_box", "textures", "lfw_faces", "photo_scenes")

@@ -67,11 +67,7 @@ KNOWN = {"seeds", "steps", "base", "path", "data_dir", "manual_dir", "dry_run", 
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg)
-    if args.keys() - KNOWN:
-        raise ValueError(
-            f"paper.py: unknown arguments {sorted(args.keys() - KNOWN)}; known: {sorted(KNOWN)}"
-        )
+    args = config_lib.parse_arg(arg, KNOWN, "paper.py")
     c = offline.get_config(f"seeds={args.get('seeds', 3)}")
     c.suite = "paper"
     c.tasks = ("utkface_age_class", "utkface_age", "expw", "wflw", "firerisk", "galaxy10")
