@@ -7,6 +7,7 @@ Tolerances are relative to the largest reference value; float32 on both sides gi
 from __future__ import annotations
 
 import os
+import shutil
 
 import golden_files
 import jax
@@ -45,6 +46,21 @@ def test_hf_clip_matches_transformers(folder):
         assert rel_err(out["pooled"], golden()["clip/pooler_output"]) < TOL
     else:
         assert rel_err(out["image_embeds"], golden()["clip_proj/image_embeds"]) < TOL
+
+
+def test_position_id_buffers_of_older_checkpoints_are_not_parameters(tmp_path):
+    """transformers < 4.31 saved `embeddings.position_ids` (an index buffer) in both towers;
+    openai's CLIP folders on the Hub hold them. They load as if absent."""
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(os.path.join(GOLDEN, "clip_model", "model.safetensors"))
+    for tower, length in (("vision_model", 17), ("text_model", 32)):
+        state[f"{tower}.embeddings.position_ids"] = np.arange(length, dtype=np.int64)[None]
+    shutil.copytree(os.path.join(GOLDEN, "clip_model"), tmp_path / "old")
+    save_file(state, str(tmp_path / "old" / "model.safetensors"))
+    _, params, _ = clip_io.load_hf_clip(str(tmp_path / "old"))
+    _, want, _ = clip_io.load_hf_clip(os.path.join(GOLDEN, "clip_model"))
+    jax.tree.map(np.testing.assert_array_equal, params, want)
 
 
 def test_siglip_npz_matches_transformers():

@@ -61,7 +61,9 @@ HF_TOP_NAMES = {
     "head.mlp.fc1": "map_head/mlp/fc1",
     "head.mlp.fc2": "map_head/mlp/fc2",
 }
-_SKIPPED = re.compile(r"(text_model\.|text_projection\.|logit_scale|logit_bias).*")
+# Text tensors, and the `position_ids` index buffers that checkpoints saved by transformers
+# before 4.31 hold (openai's CLIP folders on the Hub among them): not parameters.
+_SKIPPED = re.compile(r"(text_model\.|text_projection\.|logit_scale|logit_bias).*|.*position_ids")
 
 
 def hf_module_path(module: str) -> str | None:
