@@ -11,22 +11,7 @@ openai/clip-vit-base-patch32), after preparing the datasets:
     python scripts/make_zero_shot_heads.py --model ~/models/clip-vit-base-patch32 \
         --data_dir ~/tensorflow_datasets --output ~/models/clip-vit-base-patch32/zero_shot.npz
 
-The file (`jaxmerge.zero_shot.load_heads` reads it; no torch needed there) holds, as float32:
-  scale                     exp(logit_scale) of the checkpoint.
-  visual_projection         (width, E) the image projection, as (in, out).
-  <task>/classes            (C, E) per class: the mean over templates of the unit-normalised
-                            text embeddings of "template.format(class name)", normalised again
-                            (the classifier of Radford et al. 2021 and of task arithmetic).
-  <task>/class_names        (C,) the class names used.
-  templates/<task>          the prompt templates used.
-  model                     the --model path, for the record.
-
-so that `logits = scale * normalize(pooled @ visual_projection) @ classes.T`.
-
-Class names are the TFDS label names made readable (`CLASS_NAMES` replaces them where TFDS has
-codes or numbers); templates are `TEMPLATES`. Both differ from the lists of the task-arithmetic
-code base (more templates per dataset), so zero-shot accuracy can differ from published
-zero-shot numbers by a point or two; merged-model comparisons within jaxmerge are unaffected.
+The file's arrays, class names and templates are described in `jaxmerge/zero_shot_heads.py`.
 """
 
 from __future__ import annotations
