@@ -24,7 +24,7 @@ from tensorflow_datasets.core import registered
 
 from experiments import study
 from experiments.configs import clip as clip_config
-from jaxmerge import data, tasks
+from jaxmerge import data, evaluate, tasks, zero_shot
 from jaxmerge.datasets import BUILDERS, common, gtsrb
 from jaxmerge.models import clip
 from jaxmerge.tasks import clip_suite
@@ -129,13 +129,37 @@ DRY_RUN_TASKS = os.environ.get("JAXMERGE_CLIP_DRY_RUN_TASKS", "mnist+gtsrb").rep
 )
 
 
+def random_zero_shot_file(path, task_names, width: int = 768, embed: int = 512) -> str:
+    """A heads file of `jaxmerge.zero_shot_heads`'s format for a random CLIP B/32: unit class
+    embeddings, a random image projection (a random base has no text tower to embed with)."""
+    rng = np.random.default_rng(1)
+    arrays = {
+        "scale": np.float32(100.0),
+        "visual_projection": rng.normal(0, width**-0.5, (width, embed)).astype(np.float32),
+        "model": np.asarray("random"),
+    }
+    for name in task_names:
+        classes = rng.normal(size=(tasks.get(name).outputs, embed)).astype(np.float32)
+        arrays[f"{name}/classes"] = classes / np.linalg.norm(classes, axis=1, keepdims=True)
+        arrays[f"{name}/class_names"] = np.asarray([f"class {i}" for i in range(len(classes))])
+        arrays[f"templates/{name}"] = np.asarray(["a photo of a {}."])
+    np.savez(path, **arrays)
+    return str(path)
+
+
 @pytest.mark.full_size
-def test_clip_suite_dry_run_at_full_size(tmp_path):
-    """The suite's config at ViT-B/32, 224 px: 2 training steps per run, every merge method
-    of the config on all the tasks at once, scoring and the report."""
+@pytest.mark.parametrize("heads", ["linear", "zero_shot"])
+def test_clip_suite_dry_run_at_full_size(tmp_path, heads):
+    """The suite's config at ViT-B/32, 224 px, with trained linear heads and with frozen
+    zero-shot heads (the published tables' setting): 2 training steps per run, every merge
+    method of the config on all the tasks at once, scoring and the report."""
     rng = np.random.default_rng(0)
     data_dir, manual_dir = tmp_path / "tfds", tmp_path / "manual"
-    config = clip_config.get_config(f"base=random,steps=2,tasks={DRY_RUN_TASKS}")
+    arg = f"base=random,steps=2,tasks={DRY_RUN_TASKS}"
+    if heads == "zero_shot":
+        heads_file = random_zero_shot_file(tmp_path / "zs.npz", DRY_RUN_TASKS.split("+"))
+        arg += f",heads=zero_shot,zero_shot_file={heads_file}"
+    config = clip_config.get_config(arg)
     for name in config.tasks:
         dataset = tasks.get(name).dataset
         if dataset.split("/")[0] == "gtsrb":
@@ -159,3 +183,9 @@ def test_clip_suite_dry_run_at_full_size(tmp_path):
         assert set(record["scores"]) == set(config.tasks)
         assert all(0 <= s["accuracy"] <= 1 for s in record["scores"].values())
     assert os.path.exists(paths["main_table"])
+    if heads == "zero_shot":  # every adapter trained under the file's frozen head
+        for name in config.tasks:
+            run = evaluate.load_run(str(tmp_path / "workdir" / "seed_0" / "adapters" / name))
+            file_head = zero_shot.head_params(config.train.head.zero_shot_file, name)
+            for key, value in file_head.items():
+                np.testing.assert_array_equal(run.head[key], value)
