@@ -6,6 +6,7 @@ has every field and `validate` can check each one before anything compiles.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -51,6 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-6
     c.model.gelu_approximate = False
     c.model.dtype = "float32"
+    # Images enter the model as (x / 255 - pixel_mean) / pixel_std per channel. () = the
+    # family's (models.Family: CLIP's statistics on clip, [-1, 1] otherwise); a base
+    # pretrained otherwise (e.g. DeiT's ImageNet statistics) sets them. A run records them.
+    c.model.pixel_mean = ()
+    c.model.pixel_std = ()
     # How LoRA factors are applied: "branch" (x @ a @ b beside the kernel, the default: measured
     # faster for training in benchmarks/RESULTS.md) or "fold" (x @ (kernel + s a @ b)).
     c.model.lora_compute = "branch"
@@ -147,6 +153,23 @@ def _check(ok: bool, field: str, value, allowed: str):
         raise ValueError(f"config.{field}: got {value!r}; allowed: {allowed}")
 
 
+def _check_normalization(model: ml_collections.ConfigDict) -> None:
+    """pixel_mean and pixel_std: both () (the family's), or finite numbers, one or one per
+    channel, std > 0."""
+    mean, std = tuple(model.get("pixel_mean", ())), tuple(model.get("pixel_std", ()))
+    _check(bool(mean) == bool(std), "model.pixel_std", std, f"set with pixel_mean={mean}")
+    for field, values in (("pixel_mean", mean), ("pixel_std", std)):
+        _check(
+            len(values) in (0, 1, 3)
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            and (field == "pixel_mean" or all(v > 0 for v in values)),
+            f"model.{field}",
+            values,
+            "() for the model family's, or 1 or 3 finite numbers"
+            + (", > 0" if field == "pixel_std" else ""),
+        )
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field, its value and what is allowed."""
     import jax
@@ -170,6 +193,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.model.kernels,
         str(cpu_kernels.KERNELS),
     )
+    _check_normalization(c.model)
     patch = family.variant(c.model.variant)["patch_size"]
     _check(
         isinstance(c.model.image_size, int)

@@ -170,6 +170,7 @@ def merge_to_folder(
     if twice:
         raise ValueError(f"--run: task(s) {twice} given twice; allowed: one run per task")
     model_def, base = evaluate.load_base_of(runs)
+    model_folder.check_one_normalization(runs)
     if export_hf is not None:  # refused before anything is written
         model_folder.check_hf_exportable(model_def)
     merged, recipe = merge_adapters(runs, model_def, base, method, weights, params, seed)

@@ -140,9 +140,22 @@ def preprocess_fn(preprocessing: Mapping[str, Any]) -> ops.Preprocess:
     return ops.compose(ops.resize(size), ops.to_rgb(), ops.normalize(mean, std))
 
 
+def check_one_normalization(runs) -> None:
+    """A model folder prepares images once for every head: its runs must have trained on
+    images normalised alike (`data.normalization`)."""
+    normalizations = {run.directory: data.normalization(run.config) for run in runs}
+    if len({json.dumps(n) for n in normalizations.values()}) > 1:
+        listing = "; ".join(f"{d}: {n}" for d, n in normalizations.items())
+        raise ValueError(
+            f"--run: runs trained on differently normalised images cannot share one model "
+            f"folder's preprocessing: {listing}"
+        )
+
+
 def describe(runs, model_def, recipe: Mapping[str, Any], fold: bool) -> dict[str, Any]:
     """model.json's content for runs merged by `recipe` (method, weights, params, learned)."""
     config = runs[0].config
+    check_one_normalization(runs)
     family = config.model.get("family", "vit")
     keys = models.get(family).architecture_keys
     sources = [

@@ -115,6 +115,10 @@ def _config_record(config: ml_collections.ConfigDict) -> dict:
     head file) made absolute: `evaluate`, merges and predict load the run from any working
     directory."""
     record = json.loads(config.to_json_best_effort())
+    # The normalisation the run trained with, even where it came from the family's default.
+    normalization = data.normalization(config)
+    record["model"]["pixel_mean"] = list(normalization["mean"])
+    record["model"]["pixel_std"] = list(normalization["std"])
     record["base"]["path"] = _absolute(record["base"]["path"])
     record["data_dir"] = _absolute(record["data_dir"])
     record["manual_dir"] = _absolute(record["manual_dir"])

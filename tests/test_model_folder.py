@@ -392,3 +392,19 @@ def test_merge_then_predict_commands(run_dirs, odd_images, tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
     lines = csv_file.read_text().splitlines()
     assert lines[0] == "path,digits.label,digits.probability,error" and len(lines) == 2
+
+
+def test_runs_normalised_differently_cannot_share_a_folder():
+    from types import SimpleNamespace
+
+    import ml_collections
+
+    def run(directory, **model):
+        config = ml_collections.ConfigDict({"model": {"family": "vit", **model}})
+        return SimpleNamespace(directory=directory, config=config)
+
+    same = [run("a"), run("b", pixel_mean=[0.5], pixel_std=[0.5])]
+    model_folder.check_one_normalization(same)  # the family's default, recorded or not
+    imagenet = run("c", pixel_mean=[0.485, 0.456, 0.406], pixel_std=[0.229, 0.224, 0.225])
+    with pytest.raises(ValueError, match=r"^--run: runs trained on differently normalised"):
+        model_folder.check_one_normalization([*same, imagenet])

@@ -263,16 +263,49 @@ def test_nan_loss_stops_with_last_good_checkpoint(data_dir, tmp_path):
         ("--config.mode=partial", "config.mode: got 'partial'"),
         ("--config.batch_size=12", "config.batch_size: got 12"),
         ("--config.model.variant=Q/16", "unknown ViT variant 'Q/16'"),
+        ("--config.model.pixel_mean=(0.4,0.5)", "config.model.pixel_std: got ()"),
+        (
+            "--config.model.pixel_mean=(0.4,0.5) --config.model.pixel_std=(0.2,0.2)",
+            "config.model.pixel_mean: got (0.4, 0.5); allowed: () for the model family's, or 1 "
+            "or 3 finite numbers",
+        ),
+        (
+            "--config.model.pixel_mean=(0.5,) --config.model.pixel_std=(0.0,)",
+            "config.model.pixel_std: got (0.0,); allowed: () for the model family's, or 1 or 3 "
+            "finite numbers, > 0",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path, flag, message):
-    command = _train_command(tmp_path, tmp_path, 5) + [flag]
+    command = _train_command(tmp_path, tmp_path, 5) + flag.split()
     env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in run.stderr
     assert not os.path.exists(tmp_path / "adapters")  # nothing ran, nothing written
+
+
+def test_a_run_records_its_pixel_normalisation_and_is_scored_with_it(data_dir, tmp_path):
+    """The family's default is written into the run; a base pretrained with other statistics
+    trains and is scored with its own (here ImageNet's), also where the config is gone."""
+    from jaxmerge import evaluate
+
+    default = train.run_dir(str(tmp_path / "a"), "lora", "digits")
+    train.train_and_evaluate(tiny_config(data_dir, steps=4), str(tmp_path / "a"))
+    recorded = checkpoint.load(os.path.join(default, "checkpoints"))[1]["config"]["model"]
+    assert (recorded["pixel_mean"], recorded["pixel_std"]) == ([0.5], [0.5])
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    config = tiny_config(data_dir, steps=4, **{"model.pixel_mean": mean, "model.pixel_std": std})
+    result = train.train_and_evaluate(config, str(tmp_path / "b"))
+    run = evaluate.load_run(train.run_dir(str(tmp_path / "b"), "lora", "digits"))
+    assert data.normalization(run.config) == {"mean": mean, "std": std}
+    example = {"image": np.full((8, 8, 1), 255, np.uint8), "label": 0}
+    image = data.preprocess(run.task, 8, False, **data.normalization(run.config))(example, None)
+    np.testing.assert_allclose(image["image"][0, 0], (1 - np.array(mean)) / std, rtol=1e-6)
+    again = evaluate.evaluate_runs([run.directory])["digits"]
+    assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
 
 
 def test_unknown_task_lists_known_ones():

@@ -53,8 +53,12 @@ def ensure_prepared(dataset: str, directory: str, manual_dir: str = "") -> None:
 
 
 def normalization(config) -> dict[str, tuple[float, ...]]:
-    """`{"mean", "std"}`: the pixel normalisation of the run's base model family (CLIP's own
-    statistics, [-1, 1] for the others), as keyword arguments of `preprocess`."""
+    """`{"mean", "std"}`, as keyword arguments of `preprocess`: `config.model.pixel_mean` and
+    `pixel_std` where set (a run records them), else the base model family's (CLIP's own
+    statistics, [-1, 1] for the others)."""
+    mean, std = config.model.get("pixel_mean") or (), config.model.get("pixel_std") or ()
+    if mean and std:
+        return {"mean": tuple(mean), "std": tuple(std)}
     family = models.get(config.model.get("family", "vit"))
     return {"mean": family.pixel_mean, "std": family.pixel_std}
 
