@@ -47,6 +47,7 @@ from absl import flags
 from jaxmerge import cli as cli_lib
 from jaxmerge import logs, tasks
 from jaxmerge.interop import clip as clip_io
+from jaxmerge.interop import hf
 from jaxmerge.models import clip_text
 
 TEMPLATES = {
@@ -277,8 +278,10 @@ def check_inputs(model: str, task_names: Sequence[str], output: str, data_dir: s
         raise ValueError(f"--model: {model!r} is not a folder; allowed: {allowed_model}")
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"--model: {model!r} has no config.json; allowed: {allowed_model}")
-    with open(os.path.join(model, "config.json")) as f:
-        kind = json.load(f).get("model_type")
+    try:
+        kind = hf._read_json(os.path.join(model, "config.json")).get("model_type")
+    except ValueError as error:
+        raise ValueError(f"--model: {error}; allowed: {allowed_model}") from None
     if kind != "clip":
         raise ValueError(
             f"--model: {model!r} is a {kind!r} model, without a text tower; allowed: "

@@ -175,6 +175,14 @@ def _folder_without_text_weights(tmp_path):
     return str(folder)
 
 
+def _folder_with_broken_config(tmp) -> str:
+    folder = tmp / "broken"
+    shutil.copytree(MODEL, folder)
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(text[: len(text) // 2])  # a half-written file
+    return str(folder)
+
+
 BAD_INPUTS = {
     "missing folder": (
         lambda tmp: dict(model=str(tmp / "nowhere")),
@@ -195,6 +203,10 @@ BAD_INPUTS = {
     "no text weights": (
         lambda tmp: dict(model=_folder_without_text_weights(tmp)),
         r"--model: '.*vision_only' has no text tower weights \(no 'text_model\.\*' tensors",
+    ),
+    "broken config.json": (
+        lambda tmp: dict(model=_folder_with_broken_config(tmp)),
+        r"--model: '.*broken/config.json' is not valid JSON \(.* line \d+ .*\); allowed: a Hugg",
     ),
     "unknown task": (
         lambda tmp: dict(task_names=["eurosat", "imagenet"]),

@@ -101,7 +101,10 @@ def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"missing file: {path!r} does not exist")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path!r} is not valid JSON ({error})") from None
 
 
 def _read_safetensors(folder: str) -> dict[str, np.ndarray]:
