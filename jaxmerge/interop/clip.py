@@ -81,16 +81,33 @@ def hf_module_path(module: str) -> str | None:
     return f"block_{match.group(1)}/{HF_BLOCK_NAMES[match.group(2)]}"
 
 
+class _Collected:
+    """Parameters gathered from a torch state dict, with the tensor name of each path (for
+    the errors of `check_params`)."""
+
+    def __init__(self):
+        self.params: dict = {}
+        self.names: dict[str, str] = {}
+
+    def put(self, path: str, value, name: str) -> None:
+        self.params = lora.set_at(self.params, path, np.asarray(value, np.float32))
+        self.names[path] = name
+
+    def put_layer(self, path: str, leaf: str, value, name: str) -> None:
+        """A torch Linear or LayerNorm tensor: a Linear's weight (out, in) becomes the kernel
+        (in, out), a LayerNorm's weight its scale, a bias stays a bias."""
+        if leaf == "bias":
+            self.put(f"{path}/bias", value, name)
+        elif "norm" in path.rsplit("/", 1)[-1]:
+            self.put(f"{path}/scale", value, name)
+        else:
+            self.put(f"{path}/kernel", value.T, name)
+
+
 def hf_to_params(state: Mapping[str, np.ndarray], source: str) -> tuple[dict, dict[str, str]]:
     """(params, {path: tensor name}) of a CLIP / SigLIP state dict; text tensors are skipped."""
-    params: dict = {}
-    names = {}
-
-    def put(path, value, name):
-        nonlocal params
-        params = lora.set_at(params, path, np.asarray(value, np.float32))
-        names[path] = name
-
+    collected = _Collected()
+    put = collected.put
     for name, value in state.items():
         if _SKIPPED.fullmatch(name):
             continue
@@ -119,21 +136,14 @@ def hf_to_params(state: Mapping[str, np.ndarray], source: str) -> tuple[dict, di
                 raise ValueError(
                     f"{source}: parameter {name!r} is not part of a CLIP or SigLIP image tower"
                 )
-            is_norm = "norm" in path.rsplit("/", 1)[-1]
-            if leaf == "weight":
-                put(
-                    f"{path}/{'scale' if is_norm else 'kernel'}",
-                    value if is_norm else value.T,
-                    name,
-                )
-            else:
-                put(f"{path}/bias", value, name)
+            collected.put_layer(path, leaf, value, name)
     # Layers Hugging Face builds without a bias (CLIP's patch embedding and projection).
+    params = collected.params
     for path in ("patch_embed", "projection"):
         node = params.get(path)
         if node is not None and "bias" not in node:
             node["bias"] = np.zeros(node["kernel"].shape[1], np.float32)
-    return params, names
+    return params, collected.names
 
 
 def _vision_config(config: Mapping, source: str) -> tuple[dict, int, str]:
@@ -386,15 +396,8 @@ def hf_to_text_params(
 ) -> tuple[dict, dict, dict[str, str]]:
     """(text tower params, {"logit_scale", "visual_projection"}, {path: tensor name}) of a
     CLIPModel state dict; vision tensors are skipped. `visual_projection` is (in, out)."""
-    params: dict = {}
-    extras: dict = {}
-    names = {}
-
-    def put(path, value, name):
-        nonlocal params
-        params = lora.set_at(params, path, np.asarray(value, np.float32))
-        names[path] = name
-
+    collected, extras = _Collected(), {}
+    put = collected.put
     for name, value in state.items():
         value = np.asarray(value)
         key = name.removeprefix(_TEXT_PREFIX)
@@ -421,13 +424,8 @@ def hf_to_text_params(
                 path = None
             if path is None or leaf not in ("weight", "bias"):
                 raise ValueError(f"{source}: parameter {name!r} is not part of a CLIP text tower")
-            if leaf == "bias":
-                put(f"{path}/bias", value, name)
-            elif "norm" in path.rsplit("/", 1)[-1]:
-                put(f"{path}/scale", value, name)
-            else:
-                put(f"{path}/kernel", value.T, name)
-    return params, extras, names
+            collected.put_layer(path, leaf, value, name)
+    return collected.params, extras, collected.names
 
 
 def check_text_params(
