@@ -255,8 +255,7 @@ def _tensor_names(folder: str) -> list[str]:
         with safe_open(single, "np") as f:
             return list(f.keys())
     if os.path.isfile(index):
-        with open(index) as f:
-            return list(json.load(f).get("weight_map", {}))
+        return list(hf._read_json(index).get("weight_map", {}))
     return []
 
 
