@@ -27,26 +27,14 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
 from experiments import report
 from jaxmerge import cli as cli_lib
-from jaxmerge import (
-    config_lib,
-    evaluate,
-    learned_runs,
-    logs,
-    lora,
-    merging,
-    scoring,
-    similarity,
-    tasks,
-    train,
-)
+from jaxmerge import config_lib, logs, lora, recipes, scoring, similarity, tasks, train
 from jaxmerge import refit as refit_lib
+from jaxmerge import runs as runs_lib
 
 MODES = ("lora", "head")
 
@@ -68,13 +56,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.merge_sizes: got {sizes!r}; allowed: sizes in 2..{len(config.tasks)}"
         )
     for method in config.methods:
-        if method in learned_runs.PRESETS:
-            learned_runs.check_method(method, report.method_params(config, method))
-        elif method not in merging.METHODS:
+        if method not in recipes.names():
             raise ValueError(
-                f"config.methods: unknown method {method!r}; known: {sorted(merging.METHODS)} "
-                f"and the learned {sorted(learned_runs.PRESETS)}"
+                f"config.methods: unknown method {method!r}; known: {sorted(recipes.names())}"
             )
+        recipes.check(method, report.method_params(config, method))
     for method, sizes in config.get("method_sizes", {}).items():
         if method not in config.methods or not set(sizes) <= set(config.merge_sizes):
             raise ValueError(
@@ -175,29 +161,27 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 # ----------------------------------------------------------------------------- scoring
 
 
-def merge_adapters(config, adapters: Sequence, method: str, seed: int):
-    """The merged update of `adapters` with a fixed `method` and the config's weight and
-    parameters."""
-    weights = jnp.full((len(adapters),), config.merge_weight, jnp.float32)
-    params = report.method_params(config, method)
-    return merging.merge(adapters, method, weights, key=jax.random.key(seed), **params)
-
-
 def merge_combo(config, runs: dict, combo, method: str, model_def, base, seed: int, cache: dict):
-    """(merged tree, extra record fields) of one combination: a fixed method, or a learned one
-    (`learned_runs`: its seconds and images go in the record, its coefficients in `cache`)."""
-    if method not in learned_runs.PRESETS:
-        return merge_adapters(config, [runs[t].adapter for t in combo], method, seed), {}
+    """(merged tree, extra record fields) of one combination with recipe `method`: fixed
+    methods take the config's weight; a recipe that reads images records its seconds and
+    images, and its coefficients go to `cache["coefficients"]`."""
+    recipe = recipes.get(method)
     combo_runs = [runs[t] for t in combo]
+    weights = [config.merge_weight] * len(combo) if recipe.takes_weights else None
     params = report.method_params(config, method)
-    merged, record = learned_runs.merge_runs(
-        combo_runs, model_def, base, method, params, seed, cache
+    merged, record = recipes.merge_runs(
+        combo_runs, model_def, base, method, weights, params, seed, cache
     )
-    cache.setdefault("coefficients", []).append(
-        {"seed": seed, "method": method, "tasks": list(combo), **record}
-    )
-    keep = ("seconds", "images_per_task", "labeled_per_task", "split", "objective")
-    return merged, {"learned": {k: record[k] for k in keep}}
+    if recipe.reads == "none":
+        return merged, {}
+    own = record["learned"]
+    if "coefficients" in own:
+        cache.setdefault("coefficients", []).append(
+            {"seed": seed, "method": method, "tasks": list(combo), **own}
+        )
+    keep = ("images_per_task", "labeled_per_task", "split", "objective")
+    cost = {"seconds": record["seconds"], **{k: own[k] for k in keep if k in own}}
+    return merged, {"learned": cost}
 
 
 def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, list[dict]]:
@@ -207,10 +191,9 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
     task's eval step compiles once per study.
     """
     runs = {
-        t: evaluate.load_run(train.run_dir(seed_dir(workdir, seed), "lora", t))
-        for t in config.tasks
+        t: runs_lib.load(train.run_dir(seed_dir(workdir, seed), "lora", t)) for t in config.tasks
     }
-    model_def, base = evaluate.load_base_of(list(runs.values()))
+    model_def, base = runs_lib.base_of(list(runs.values()))
     for name, run in runs.items():
         if name not in scorers:
             scorers[name] = scoring.Scorer(run.task, run.head_def, model_def, run.config)
@@ -255,7 +238,7 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
             start = time.perf_counter()
             for t in combo:
                 if ("examples", t) not in cache:
-                    cache["examples", t] = refit_lib.training_examples(
+                    cache["examples", t] = runs_lib.examples(
                         runs[t], model_def, config.get("refit_examples", 0)
                     )
             refit = {

@@ -17,6 +17,7 @@ import ctypes
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -106,6 +107,17 @@ def run(
             main(argv)
 
     app.run(quiet_main, flags_parser=_parse_in_one_line)
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """`name=value` of a `--merge_param` flag: an int, a float, none/true/false, or a string."""
+    name, _, value = text.partition("=")
+    for cast in (int, float):
+        try:
+            return name, cast(value)
+        except ValueError:
+            pass
+    return name, {"none": None, "true": True, "false": False}.get(value.lower(), value)
 
 
 def drop_closed_loop_reports(unraisable, report=sys.unraisablehook) -> None:

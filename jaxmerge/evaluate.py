@@ -6,8 +6,8 @@
         --merge learned_output_match --output learned.json
 
 Each task is scored with its own head (heads are never merged). With `--merge`, the adapters
-are merged with a method of `jaxmerge.merging.METHODS`, or learned with a preset of
-`jaxmerge.learned_runs.PRESETS` (on images of each task's training split), and folded into the
+are merged with a recipe of `jaxmerge.recipes` (a fixed method, or one that reads images of
+each task's training split, as learned merges do), and folded into the
 base once, so every task runs on the same backbone; each task's result then holds its single
 adapter's score beside it, and the output's "merge" entry the method, its settings and (learned)
 the coefficients, seconds and images used; `--no_adapter` scores each head on the bare base
@@ -16,71 +16,21 @@ the coefficients, seconds and images used; `--no_adapter` scores each head on th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import ml_collections
 from absl import flags
 
-from jaxmerge import checkpoint, heads, learned_runs, lora, merging, scoring, tasks
 from jaxmerge import cli as cli_lib
-from jaxmerge.models import load
+from jaxmerge import lora, recipes, scoring
+from jaxmerge import runs as runs_lib
 
 Tree = Any
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """A finished training run loaded for inference: its config, head and adapter (if any)."""
-
-    directory: str
-    config: ml_collections.ConfigDict
-    task: tasks.Task
-    head_def: Any  # `heads.MlpHead` or `zero_shot.ZeroShotHead` (`heads.from_record`)
-    head: Tree
-    adapter: Tree | None
-    base_fingerprint: str
-    trained_base: Tree | None = None  # a full-finetuning run's own backbone
-
-
-def load_run(directory: str) -> Run:
-    """Loads the latest verified checkpoint of a run folder (`workdir/<mode>/<task>`)."""
-    params, metadata = checkpoint.load(os.path.join(directory, "checkpoints"))
-    config = ml_collections.ConfigDict(metadata["config"])
-    task = tasks.registry.of_run(metadata["task"], metadata.get("task_definition"))
-    head_def = heads.from_record(metadata["head"])  # an MLP head for runs without a "type"
-    return Run(
-        directory,
-        config,
-        task,
-        head_def,
-        params["head"],
-        params.get("lora"),
-        metadata["base_fingerprint"],
-        params.get("base"),
-    )
-
-
-def load_base_of(runs: Sequence[Run]):
-    """(model, base) the runs were trained on; all runs must share one base."""
-    prints = {run.base_fingerprint for run in runs}
-    if len(prints) != 1:
-        listing = ", ".join(f"{r.directory} ({r.base_fingerprint})" for r in runs)
-        raise ValueError(f"runs were trained on different bases and cannot be merged: {listing}")
-    model_def, base, _ = load.load_base(runs[0].config)
-    if checkpoint.fingerprint(base) != runs[0].base_fingerprint:
-        raise checkpoint.CheckpointError(
-            f"the base named in {runs[0].directory}'s config ({runs[0].config.base.source}: "
-            f"{runs[0].config.base.path!r}) no longer has fingerprint {runs[0].base_fingerprint}"
-        )
-    return model_def, base
-
-
-def score(run: Run, model_def, backbone: Tree, split: str | None = None):
+def score(run: runs_lib.Run, model_def, backbone: Tree, split: str | None = None):
     """Metrics of `run.task` with the run's head on `backbone` (base params, adapter folded)."""
     scorer = scoring.Scorer(run.task, run.head_def, model_def, run.config, split)
     return scorer(backbone, run.head)
@@ -99,31 +49,19 @@ def evaluate_runs(
 
     A task given twice (e.g. its adapter and its head-finetuning run) is keyed "task:mode".
     """
-    runs = [load_run(d) for d in directories]
-    if method is not None and method not in merging.METHODS and method not in learned_runs.PRESETS:
-        raise ValueError(
-            f"--merge: got {method!r}; allowed: a fixed method {sorted(merging.METHODS)} or a "
-            f"learned one {sorted(learned_runs.PRESETS)}"
-        )
+    if method is not None:
+        recipes.check(method, merge_params, weights)
+    runs = [runs_lib.load(d) for d in directories]
     if method is not None and any(run.adapter is None for run in runs):
         raise ValueError(
             "--merge needs LoRA runs (workdir/adapters/<task>); a head run has no adapter"
         )
-    model_def, base = load_base_of(runs)
+    model_def, base = runs_lib.base_of(runs)
     about_merge = None
-    if method in learned_runs.PRESETS:
-        merged, about_merge = learned_runs.merge_runs(
-            runs, model_def, base, method, merge_params, seed
+    if method is not None:
+        merged, about_merge = recipes.merge_runs(
+            runs, model_def, base, method, weights, merge_params, seed
         )
-    elif method is not None:
-        merged = merging.merge(
-            [run.adapter for run in runs],
-            method,
-            weights,
-            key=jax.random.key(seed),
-            **(merge_params or {}),
-        )
-        about_merge = {"method": method, "weights": weights, "params": merge_params or {}}
     if method is not None:
         backbones = [lora.fold_into_base(base, merged)] * len(runs)
     elif no_adapter:
@@ -141,7 +79,7 @@ def evaluate_runs(
     return results
 
 
-def _own_backbone(run: Run, base: Tree) -> Tree:
+def _own_backbone(run: runs_lib.Run, base: Tree) -> Tree:
     """The backbone a run was trained to use: base + its adapter, its own trained copy (mode
     "full"), or the base (head finetuning)."""
     if run.trained_base is not None:
@@ -149,7 +87,7 @@ def _own_backbone(run: Run, base: Tree) -> Tree:
     return base if run.adapter is None else lora.fold_into_base(base, run.adapter)
 
 
-def _own_result(run: Run) -> dict[str, float] | None:
+def _own_result(run: runs_lib.Run) -> dict[str, float] | None:
     """The run's own final evaluation (its result.json), or None if it has none."""
     path = os.path.join(run.directory, "result.json")
     if not os.path.exists(path):
@@ -157,16 +95,6 @@ def _own_result(run: Run) -> dict[str, float] | None:
     with open(path) as f:
         result = json.load(f)
     return {k: v for k, v in result.items() if isinstance(v, float)}
-
-
-def _parse_param(text: str) -> tuple[str, Any]:
-    name, _, value = text.partition("=")
-    for cast in (int, float):
-        try:
-            return name, cast(value)
-        except ValueError:
-            pass
-    return name, {"none": None, "true": True, "false": False}.get(value.lower(), value)
 
 
 def define_flags():
@@ -191,7 +119,7 @@ def main(argv):
         args.run,
         args.merge,
         weights,
-        dict(_parse_param(p) for p in args.merge_param),
+        dict(cli_lib.parse_param(p) for p in args.merge_param),
         args.no_adapter,
         args.split,
     )

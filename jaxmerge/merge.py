@@ -10,8 +10,8 @@
 
 `--peft` takes PEFT LoRA folders of Hugging Face ViT classifiers saved with their classifier
 (`modules_to_save`), each a task named after its folder, beside or instead of `--run` folders
-(all on one base). `--method` is a fixed method of `jaxmerge.merging.METHODS` or a learned preset of
-`jaxmerge.learned_runs.PRESETS` (fitted on images of each task's training split). The folder
+(all on one base). `--method` is a recipe of `jaxmerge.recipes`: a fixed method, or one that
+reads images of each task's training split (learned merges, RegMean). The folder
 holds the base and the merged adapter (or, with `--fold`, the backbone with the adapter folded
 in), every task's own head (heads are never merged) and model.json; `python -m
 jaxmerge.predict --model FOLDER IMAGES...` runs it. `--export_peft DIR` also writes the merged
@@ -30,21 +30,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from absl import flags
 
-from jaxmerge import (
-    checkpoint,
-    config_lib,
-    evaluate,
-    heads,
-    learned_runs,
-    merging,
-    model_folder,
-    tasks,
-)
+from jaxmerge import checkpoint, config_lib, heads, model_folder, recipes, tasks
 from jaxmerge import cli as cli_lib
+from jaxmerge import runs as runs_lib
 from jaxmerge.models import load
 
 Tree = Any
@@ -58,6 +49,7 @@ def check_request(
     output: str,
     export_peft: str | None,
     export_hf: str | None = None,
+    params: dict[str, Any] | None = None,
 ) -> None:
     """Every flag checked before anything loads: ValueError naming the flag otherwise."""
     if not directories:
@@ -66,13 +58,7 @@ def check_request(
             "adapter folder"
         )
     model_folder.check_output_folder(output)
-    if method not in merging.METHODS and method not in learned_runs.PRESETS:
-        raise ValueError(
-            f"--method: got {method!r}; allowed: a fixed method {sorted(merging.METHODS)} or a "
-            f"learned one {sorted(learned_runs.PRESETS)}"
-        )
-    if method in learned_runs.PRESETS and weights is not None:
-        raise ValueError(f"--weights: learned method {method!r} fits its own weights; drop them")
+    recipes.check(method, params, weights)
     if export_peft is not None:
         if fold:
             model_folder.check_peft_exportable(None, True, method)
@@ -81,7 +67,7 @@ def check_request(
         model_folder.check_output_folder(export_hf, "--export_hf")
 
 
-def load_peft_run(folder: str, base: str | None) -> evaluate.Run:
+def load_peft_run(folder: str, base: str | None) -> runs_lib.Run:
     """A PEFT LoRA adapter folder of a Hugging Face ViT classifier as a run: its task is named
     after the folder, its head is the adapter's saved classifier (`modules_to_save`) reading
     the class token, and its base is `base` (a Hugging Face ViT folder) or else the folder the
@@ -112,7 +98,7 @@ def load_peft_run(folder: str, base: str | None) -> evaluate.Run:
     outputs = int(np.shape(head["out"]["bias"])[0])
     task = tasks.Task(name, "", "classification", outputs, suite="user", about=f"PEFT {folder}")
     model_def, base_params, _ = load.load_base(config)
-    return evaluate.Run(
+    return runs_lib.Run(
         os.path.abspath(folder),
         config,
         task,
@@ -121,20 +107,6 @@ def load_peft_run(folder: str, base: str | None) -> evaluate.Run:
         adapter,
         checkpoint.fingerprint(base_params),
     )
-
-
-def merge_adapters(runs, model_def, base, method, weights, params, seed=0) -> tuple[Tree, dict]:
-    """(merged adapter tree, recipe) of the runs' adapters: a fixed method, or a learned preset
-    (the recipe then holds its record: settings, coefficients, seconds, images used)."""
-    params = dict(params or {})
-    if method in learned_runs.PRESETS:
-        merged, record = learned_runs.merge_runs(runs, model_def, base, method, params, seed)
-        recipe = {"method": method, "weights": None, "params": params, "learned": record}
-    else:
-        adapters = [run.adapter for run in runs]
-        merged = merging.merge(adapters, method, weights, key=jax.random.key(seed), **params)
-        recipe = {"method": method, "weights": weights, "params": params, "learned": None}
-    return merged, {**recipe, "seed": seed}
 
 
 def merge_to_folder(
@@ -156,8 +128,8 @@ def merge_to_folder(
     start = time.perf_counter()
     weights = None if weights is None else [float(w) for w in weights]
     sources = [*directories, *peft_folders]
-    check_request(sources, method, weights, fold, output, export_peft, export_hf)
-    runs = [evaluate.load_run(d) for d in directories]
+    check_request(sources, method, weights, fold, output, export_peft, export_hf, params)
+    runs = [runs_lib.load(d) for d in directories]
     runs += [load_peft_run(folder, base) for folder in peft_folders]
     headless = [r.directory for r in runs if r.adapter is None]
     if headless:
@@ -169,11 +141,11 @@ def merge_to_folder(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"--run: task(s) {twice} given twice; allowed: one run per task")
-    model_def, base = evaluate.load_base_of(runs)
+    model_def, base = runs_lib.base_of(runs)
     model_folder.check_one_normalization(runs)
     if export_hf is not None:  # refused before anything is written
         model_folder.check_hf_exportable(model_def)
-    merged, recipe = merge_adapters(runs, model_def, base, method, weights, params, seed)
+    merged, recipe = recipes.merge_runs(runs, model_def, base, method, weights, params, seed)
     if export_peft is not None:  # refused before anything is written
         model_folder.check_peft_exportable(merged, fold, method)
     info = model_folder.describe(runs, model_def, recipe, fold)
@@ -234,7 +206,7 @@ def main(argv):
         args.method,
         args.output,
         _weights(args.weights),
-        dict(evaluate._parse_param(p) for p in args.merge_param),
+        dict(cli_lib.parse_param(p) for p in args.merge_param),
         args.fold,
         args.export_peft,
         args.seed,

@@ -35,6 +35,7 @@ import numpy as np
 
 import jaxmerge
 from jaxmerge import checkpoint, data, heads, lora, models, multitask
+from jaxmerge import runs as runs_lib
 from jaxmerge.data import ops
 
 Tree = Any
@@ -287,15 +288,13 @@ def load(folder: str) -> MultiTaskModel:
 
 def from_run(directory: str) -> MultiTaskModel:
     """A single training run (WORKDIR/<mode>/<task>) as a one-task model, its adapter folded."""
-    from jaxmerge import evaluate
-
-    run = evaluate.load_run(directory)
+    run = runs_lib.load(directory)
     if run.config.mode == "full":
         raise ValueError(
             f"--model: {directory!r} is a full-finetuning run; allowed: a LoRA or head run "
             f"(WORKDIR/adapters/<task>, WORKDIR/heads/<task>) or a model folder"
         )
-    model_def, base = evaluate.load_base_of([run])
+    model_def, base = runs_lib.base_of([run])
     backbone = base if run.adapter is None else lora.fold_into_base(base, run.adapter)
     recipe = {"method": None, "weights": None, "params": {}, "learned": None}
     info = describe([run], model_def, recipe, fold=True)

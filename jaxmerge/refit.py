@@ -13,10 +13,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxmerge import data, heads
+from jaxmerge import heads
+from jaxmerge import runs as runs_lib
 
 Tree = Any
 
@@ -26,26 +26,11 @@ def _pooled(model_def, backbone, images):
     return model_def.apply({"params": backbone}, images)["pooled"]
 
 
-def training_examples(run, model_def, max_examples: int = 0) -> tuple[np.ndarray, dict]:
-    """(images, {target: values}) of every example of the run's training split (or of a seeded
-    subset of `max_examples` of them, when > 0), preprocessed as for evaluation; independent of
-    the backbone, so a caller refitting one task on many backbones reads and preprocesses them
-    once. They are held in memory as float32: 0.6 MB an image at 224 px."""
-    task = run.task
-    source = data.open_split(task, task.train_split, run.config)
-    normalization = data.normalization(run.config)
-    preprocess = data.preprocess(task, model_def.image_size, train=False, **normalization)
-    indices = np.arange(len(source))
-    if 0 < max_examples < len(source):
-        indices = np.sort(np.random.default_rng(0).choice(len(source), max_examples, False))
-    examples = [preprocess(source[int(i)], np.random.default_rng(0)) for i in indices]
-    images = np.stack([e["image"] for e in examples]).astype(np.float32)
-    return images, {task.target: np.stack([np.asarray(e[task.target]) for e in examples])}
-
-
 def train_features(run, model_def, backbone: Tree, examples=None, batch_size: int = 512):
-    """(pooled features (N, D), {target: values}) of the training split on `backbone`."""
-    images, targets = training_examples(run, model_def) if examples is None else examples
+    """(pooled features (N, D), {target: values}) of the training split on `backbone`;
+    `examples`: `runs.examples(run, model_def)`, if already read."""
+    images, labels = runs_lib.examples(run, model_def) if examples is None else examples
+    targets = {run.task.target: labels}
     starts = range(0, len(images), batch_size)
     features = [_pooled(model_def, backbone, images[i : i + batch_size]) for i in starts]
     return jnp.concatenate(features), jax.tree.map(jnp.asarray, targets)
@@ -86,7 +71,7 @@ def refit_head(
 ) -> Tree:
     """The run's head retrained for `steps` Adam steps on `backbone`'s pooled features of the
     task's training split (minibatches drawn with `jax.random.key(seed)`); the backbone and the
-    adapters are untouched. `examples`: `training_examples(run, model_def)`, if already read."""
+    adapters are untouched. `examples`: `runs.examples(run, model_def)`, if already read."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: got {steps!r}; allowed: an integer >= 1")
     features, targets = train_features(run, model_def, backbone, examples)

@@ -24,7 +24,8 @@ from tensorflow_datasets.core import registered
 
 from experiments import study
 from experiments.configs import clip as clip_config
-from jaxmerge import data, evaluate, tasks, zero_shot
+from jaxmerge import data, tasks, zero_shot
+from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import BUILDERS, common, gtsrb
 from jaxmerge.models import clip
 from jaxmerge.tasks import clip_suite
@@ -185,7 +186,7 @@ def test_clip_suite_dry_run_at_full_size(tmp_path, heads):
     assert os.path.exists(paths["main_table"])
     if heads == "zero_shot":  # every adapter trained under the file's frozen head
         for name in config.tasks:
-            run = evaluate.load_run(str(tmp_path / "workdir" / "seed_0" / "adapters" / name))
+            run = runs_lib.load(str(tmp_path / "workdir" / "seed_0" / "adapters" / name))
             file_head = zero_shot.head_params(config.train.head.zero_shot_file, name)
             for key, value in file_head.items():
                 np.testing.assert_array_equal(run.head[key], value)

@@ -10,6 +10,7 @@ import pytest
 
 from experiments import report, study
 from experiments.configs import offline, paper
+from jaxmerge import runs as runs_lib
 from jaxmerge import tasks
 
 TASKS = ("digits", "digits_value", "digit_box")
@@ -81,7 +82,7 @@ def test_rerun_skips_every_cached_stage(finished, monkeypatch):
         raise AssertionError("a cached stage ran again")
 
     monkeypatch.setattr(study.train, "train_and_evaluate", fail)
-    monkeypatch.setattr(study, "merge_adapters", fail)
+    monkeypatch.setattr(study, "merge_combo", fail)
     study.run_study(config, workdir)
     with open(os.path.join(workdir, "merges.jsonl")) as f:
         assert f.read() == before
@@ -112,10 +113,10 @@ def test_normalised_scores_are_merged_over_single(finished):
 def test_scorer_reproduces_the_training_evaluation(finished):
     """The study's cached scorer on the folded adapter gives the run's own final evaluation."""
     config, workdir, _ = finished
-    from jaxmerge import evaluate, lora, scoring, train
+    from jaxmerge import lora, scoring, train
 
-    run = evaluate.load_run(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
-    model_def, base = evaluate.load_base_of([run])
+    run = runs_lib.load(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
+    model_def, base = runs_lib.base_of([run])
     scorer = scoring.Scorer(run.task, run.head_def, model_def, run.config)
     scores = scorer(lora.fold_into_base(base, run.adapter), run.head)
     with open(os.path.join(run.directory, "result.json")) as f:
@@ -126,13 +127,12 @@ def test_scorer_reproduces_the_training_evaluation(finished):
 def test_a_cat_merge_of_one_adapter_pair_equals_the_sum_of_updates(finished):
     """cat merges are exact: the merged backbone is base + dW_a + dW_b."""
     config, workdir, _ = finished
-    from jaxmerge import evaluate, lora, train
+    from jaxmerge import lora, train
 
-    runs = [
-        evaluate.load_run(train.run_dir(study.seed_dir(workdir, 0), "lora", t)) for t in TASKS[:2]
-    ]
-    merged = study.merge_adapters(config, [r.adapter for r in runs], "cat", 0)
-    _, base = evaluate.load_base_of(runs)
+    runs = [runs_lib.load(train.run_dir(study.seed_dir(workdir, 0), "lora", t)) for t in TASKS[:2]]
+    model_def, base = runs_lib.base_of(runs)
+    by_task = dict(zip(TASKS[:2], runs))
+    merged, _ = study.merge_combo(config, by_task, TASKS[:2], "cat", model_def, base, 0, {})
     folded = lora.fold_into_base(base, merged)
     expected = lora.fold_into_base(lora.fold_into_base(base, runs[0].adapter), runs[1].adapter)
     kernel = lambda tree: np.asarray(tree["block_0"]["attention"]["query"]["kernel"])
@@ -160,11 +160,11 @@ def test_head_refit_lowers_the_training_loss_on_a_changed_backbone(finished):
     below the original head's, and the backbone is left as it was."""
     import jax
 
-    from jaxmerge import evaluate, refit, train
+    from jaxmerge import refit, train
 
     config, workdir, _ = finished
-    run = evaluate.load_run(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
-    model_def, base = evaluate.load_base_of([run])
+    run = runs_lib.load(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
+    model_def, base = runs_lib.base_of([run])
     before = jax.tree.map(np.array, base)
     new_head = refit.refit_head(run, model_def, base, steps=200, learning_rate=3e-3)
     features, targets = refit.train_features(run, model_def, base)

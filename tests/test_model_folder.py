@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmerge import checkpoint, evaluate, lora, merging, model_folder, multitask, predict, train
+from jaxmerge import checkpoint, lora, merging, model_folder, multitask, predict, train
+from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import common, prepare
 from jaxmerge.interop import hf, peft
 from jaxmerge.merging import learned
@@ -55,8 +56,8 @@ def images(count=5, size=8, seed=0):
 
 def in_memory_outputs(run_dirs, method, weights, params, batch):
     """fold_into_base(base, merging.merge(...)) then one multitask_forward: the reference."""
-    runs = [evaluate.load_run(d) for d in run_dirs]
-    model_def, base = evaluate.load_base_of(runs)
+    runs = [runs_lib.load(d) for d in run_dirs]
+    model_def, base = runs_lib.base_of(runs)
     merged = merging.merge(
         [r.adapter for r in runs], method, weights, key=jax.random.key(0), **params
     )
@@ -103,7 +104,7 @@ def test_learned_merge_stores_a_record_that_rebuilds_it(run_dirs, tmp_path):
     model = model_folder.load(folder)
     record = model.info["merge"]["learned"]
     assert record["settings"]["granularity"] == "core" and record["images_per_task"] == 16
-    adapters = [evaluate.load_run(d).adapter for d in run_dirs]
+    adapters = [runs_lib.load(d).adapter for d in run_dirs]
     coefficients = learned.coefficients_from_json(record["coefficients"], "core")
     rebuilt = learned.rebuild(adapters, coefficients, "core")
     for got, want in zip(jax.tree.leaves(model.merged), jax.tree.leaves(rebuilt)):
@@ -324,8 +325,8 @@ def test_predict_refuses_paths_that_match_nothing(tmp_path):
 
 def test_a_run_folder_predicts_with_its_adapter_folded(run_dirs):
     model = predict.open_model(run_dirs[0])
-    run = evaluate.load_run(run_dirs[0])
-    model_def, base = evaluate.load_base_of([run])
+    run = runs_lib.load(run_dirs[0])
+    model_def, base = runs_lib.base_of([run])
     single = multitask.make_single_task_predictor(model_def, run.head_def)
     batch = images()
     expected = single(lora.fold_into_base(base, run.adapter), run.head, batch)

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from configs import adapter
-from jaxmerge import config_lib, data, evaluate, train
+from jaxmerge import config_lib, data, train
+from jaxmerge import runs as runs_lib
 from jaxmerge.data import ops, sources
 from jaxmerge.datasets import demo_shapes, prepare
 from jaxmerge.tasks import from_dataset, registry
@@ -194,5 +195,5 @@ def test_readme_walkthrough_reaches_its_accuracy_and_loads_without_the_task(shap
     assert out.returncode == 0, out.stderr[-2000:]
     scores = json.loads(out.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(scores["shapes"]["accuracy"], result["accuracy"], atol=1e-6)
-    assert evaluate.load_run(run).task == config_lib.task_of(config)
-    assert data.open_split(evaluate.load_run(run).task, "test", config).__len__() == 120
+    assert runs_lib.load(run).task == config_lib.task_of(config)
+    assert data.open_split(runs_lib.load(run).task, "test", config).__len__() == 120

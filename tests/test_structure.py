@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 import experiments
 import jaxmerge
 from jaxmerge import lora, merging, models, tasks, train
+from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import common
 from jaxmerge.models.layers import LoraDense
 
@@ -250,7 +251,7 @@ def test_a_new_model_family_is_one_module(tmp_path):
         from jaxmerge import evaluate
 
         run = train.run_dir(str(tmp_path), "lora", "digits")
-        assert set(lora.ranks(evaluate.load_run(run).adapter)) == {"mix_0", "mix_1"}
+        assert set(lora.ranks(runs_lib.load(run).adapter)) == {"mix_0", "mix_1"}
         again = evaluate.evaluate_runs([run])["digits"]
         assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
     finally:

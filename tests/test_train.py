@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmerge import checkpoint, config_lib, data, heads, tasks, train
+from jaxmerge import runs as runs_lib
 from jaxmerge.models import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,7 +300,7 @@ def test_a_run_records_its_pixel_normalisation_and_is_scored_with_it(data_dir, t
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     config = tiny_config(data_dir, steps=4, **{"model.pixel_mean": mean, "model.pixel_std": std})
     result = train.train_and_evaluate(config, str(tmp_path / "b"))
-    run = evaluate.load_run(train.run_dir(str(tmp_path / "b"), "lora", "digits"))
+    run = runs_lib.load(train.run_dir(str(tmp_path / "b"), "lora", "digits"))
     assert data.normalization(run.config) == {"mean": mean, "std": std}
     example = {"image": np.full((8, 8, 1), 255, np.uint8), "label": 0}
     image = data.preprocess(run.task, 8, False, **data.normalization(run.config))(example, None)

@@ -28,6 +28,7 @@ from jaxmerge import (
     train,
     zero_shot,
 )
+from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import demo_shapes, prepare
 from jaxmerge.models import clip
 from tests.test_train import tiny_config
@@ -83,14 +84,14 @@ def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shape
     root, data_dir = shapes
     result = train.train_and_evaluate(zero_shot_config(data_dir), str(tmp_path / "w"))
     run_dir = str(tmp_path / "w" / "adapters" / "shapes")
-    run = evaluate.load_run(run_dir)
+    run = runs_lib.load(run_dir)
 
     # The checkpoint's head is the file's, bit for bit; the adapter trained.
     assert isinstance(run.head_def, zero_shot.ZeroShotHead)
     for name, value in zero_shot.head_params(FILE, "shapes").items():
         np.testing.assert_array_equal(run.head[name], value)
     assert np.any(np.asarray(run.adapter["block_0"]["attention"]["query"]["lora_b"]) != 0)
-    model_def, base = evaluate.load_base_of([run])
+    model_def, base = runs_lib.base_of([run])
     backbone = lora.fold_into_base(base, run.adapter)
     refitted = refit.refit_head(run, model_def, backbone, steps=2, batch_size=8)
     for name, value in run.head.items():  # a head refit leaves a frozen head as it is

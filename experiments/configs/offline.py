@@ -26,7 +26,7 @@ steps (training steps per run, default 300), base ("random" to use a random back
 of the pretrained one, for the ablation in the README), learned ("all", the default: the
 label-free learned merge of pairs and triples, and head refits; "quick": the learned merge of
 pairs only, no head refit, to keep the quickstart short). The supervised and entropy presets
-of `jaxmerge.learned_runs` can be added to `methods` by flag or in a copy of this file.
+of `jaxmerge.recipes` can be added to `methods` by flag or in a copy of this file.
 """
 
 import os
@@ -63,7 +63,7 @@ def get_config(arg: str | None = None):
         "dare_ties": {"density": 0.5},
         "task_arithmetic": {},
         "knots": {"density": 0.5},
-        # Learned (jaxmerge.learned_runs): coefficients fitted on each task's training images.
+        # Learned (jaxmerge.recipes.learned): coefficients fitted on each task's training images.
         "learned_output_match": {},  # label-free; 256 unlabeled images per task
     }
     # Head refit after merging (jaxmerge.refit), reported on rows of its own ("<method>+refit"):

@@ -14,7 +14,7 @@ import itertools
 
 import numpy as np
 
-from jaxmerge import merging, similarity, tasks
+from jaxmerge import recipes, similarity, tasks
 
 RELATIONS = ("same images", "similar images", "dissimilar images")
 
@@ -141,7 +141,7 @@ def beats_head(s: Scores, seed, method, size) -> float:
 def similarity_rows(s: Scores) -> list[dict]:
     """Per pair: its measures and merge quality, each a list over seeds."""
     rows = []
-    methods = [m for m in s.config.methods if m in merging.METHODS]  # merges without learning
+    methods = [m for m in s.config.methods if recipes.get(m).reads == "none"]  # data-free
     for pair in s.combos(2):
         row = {"pair": pair, "relation": relation(s.config, *pair)}
         for measure in similarity.MEASURES:

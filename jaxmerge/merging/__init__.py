@@ -20,7 +20,7 @@ Modules: `registry` (`register`, `merge`, the checks), `peft` and `delta` (the m
 function registered in a module of its own or beside its family; `METHODS` lists PEFT's methods
 first, then the delta-space ones, whichever module is imported first. Learned merges
 (`learned.learn_merge`) need a model, heads and images, so they are not in `METHODS`: their
-named presets are `jaxmerge.learned_runs.PRESETS`.
+named presets are recipes of `jaxmerge.recipes`, the one name list of every way of merging.
 
 Inputs are factored adapters (`{"lora_a", "lora_b", "scale"}` nodes) over the same targets and
 base shapes. Maths runs in float32; factors and deltas come back in the inputs' dtype. SVD

@@ -7,7 +7,7 @@
     again = rebuild(adapters, coefficients, "core", "task_arithmetic")  # no relearning
 
 Named presets (`PRESETS`, the names `jaxmerge.evaluate --merge` and the study take) live in
-`jaxmerge.learned_runs`, which also gathers the images from trained runs.
+`jaxmerge.recipes.learned`, which also gathers the images from trained runs.
 
 Fixed merges give every adapter one hand-picked weight. Here the weights are parameters
 `lambda` of the merged update and are fitted by gradient descent (Yang et al. 2024,

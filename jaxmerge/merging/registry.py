@@ -35,6 +35,7 @@ class MergeMethod:
     needs_key: bool
     peft: bool
     jitted: Callable[..., Tree]
+    doc: str = ""  # the method's docstring: its paper and formula
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -102,7 +103,7 @@ def register(
             )
         jitted = jax.jit(_with_finite_flags(fn), static_argnames=tuple(params))
         METHODS[name] = MergeMethod(
-            name, params, checks, check_together, equal_ranks, needs_key, peft, jitted
+            name, params, checks, check_together, equal_ranks, needs_key, peft, jitted, fn.__doc__
         )
         return fn
 
@@ -256,12 +257,11 @@ def _check_output_rank(adapters, params) -> None:
             )
 
 
-def validate(adapters, method, weights, key, params):
-    """Checks a `merge` call; returns (method spec, float32 weights, params with defaults)."""
+def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The method's parameters with defaults filled in, each checked (no adapter needed)."""
     if method not in METHODS:
         raise ValueError(f"method: got {method!r}; allowed: one of {sorted(METHODS)}")
     spec = METHODS[method]
-    _check_adapters(adapters, spec.equal_ranks, method)
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         raise ValueError(
@@ -275,6 +275,16 @@ def validate(adapters, method, weights, key, params):
         spec.checks[name](name, value)
     if spec.check_together is not None:
         spec.check_together(full)
+    return full
+
+
+def validate(adapters, method, weights, key, params):
+    """Checks a `merge` call; returns (method spec, float32 weights, params with defaults)."""
+    if method not in METHODS:
+        raise ValueError(f"method: got {method!r}; allowed: one of {sorted(METHODS)}")
+    spec = METHODS[method]
+    _check_adapters(adapters, spec.equal_ranks, method)
+    full = check_params(method, params)
     _check_output_rank(adapters, full)
     if spec.needs_key and key is None:
         raise ValueError(f"key: method {method!r} draws random masks; pass key=jax.random.key(0)")

@@ -1,0 +1,90 @@
+"""Run folders (`WORKDIR/<mode>/<task>`): load one, check that runs share a base, and read the
+examples of its task that merges and refits adapt on.
+
+    run = runs.load("W/adapters/digits")
+    model_def, base = runs.base_of([run])
+    images, labels = runs.examples(run, model_def, count=256, seed=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from jaxmerge import checkpoint, data, heads, tasks
+from jaxmerge.models import load as load_models
+
+Tree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A finished training run loaded for inference: its config, head and adapter (if any)."""
+
+    directory: str
+    config: ml_collections.ConfigDict
+    task: tasks.Task
+    head_def: Any  # `heads.MlpHead` or `zero_shot.ZeroShotHead` (`heads.from_record`)
+    head: Tree
+    adapter: Tree | None
+    base_fingerprint: str
+    trained_base: Tree | None = None  # a full-finetuning run's own backbone
+
+
+def load(directory: str) -> Run:
+    """Loads the latest verified checkpoint of a run folder (`workdir/<mode>/<task>`)."""
+    params, metadata = checkpoint.load(os.path.join(directory, "checkpoints"))
+    config = ml_collections.ConfigDict(metadata["config"])
+    task = tasks.registry.of_run(metadata["task"], metadata.get("task_definition"))
+    head_def = heads.from_record(metadata["head"])  # an MLP head for runs without a "type"
+    return Run(
+        directory,
+        config,
+        task,
+        head_def,
+        params["head"],
+        params.get("lora"),
+        metadata["base_fingerprint"],
+        params.get("base"),
+    )
+
+
+def base_of(runs: Sequence[Run]):
+    """(model, base) the runs were trained on; all runs must share one base."""
+    prints = {run.base_fingerprint for run in runs}
+    if len(prints) != 1:
+        listing = ", ".join(f"{r.directory} ({r.base_fingerprint})" for r in runs)
+        raise ValueError(f"runs were trained on different bases and cannot be merged: {listing}")
+    model_def, base, _ = load_models.load_base(runs[0].config)
+    if checkpoint.fingerprint(base) != runs[0].base_fingerprint:
+        raise checkpoint.CheckpointError(
+            f"the base named in {runs[0].directory}'s config ({runs[0].config.base.source}: "
+            f"{runs[0].config.base.path!r}) no longer has fingerprint {runs[0].base_fingerprint}"
+        )
+    return model_def, base
+
+
+def examples(run: Run, model_def, count: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, H, W, C) float32, targets (N, ...)) of the run's *training* split, never the
+    split that is scored, preprocessed as for evaluation (no augmentation).
+
+    Every example when `count` is 0 or at least the split's size, else a seeded sample of
+    `count` of them; either way in file order. Independent of any backbone, so a caller that
+    adapts many merges on one task reads and preprocesses them once. Held in memory as
+    float32: 0.6 MB an image at 224 px.
+    """
+    task = run.task
+    source = data.open_split(task, task.train_split, run.config)
+    index = np.arange(len(source))
+    if 0 < count < len(source):
+        index = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
+    normalization = data.normalization(run.config)
+    preprocess = data.preprocess(task, model_def.image_size, train=False, **normalization)
+    rows = [preprocess(source[int(i)], np.random.default_rng(0)) for i in index]
+    images = np.stack([r["image"] for r in rows]).astype(np.float32)
+    return images, np.stack([np.asarray(r[task.target]) for r in rows])
