@@ -1,4 +1,4 @@
-"""Seconds per learned merge (`jaxmerge.merging.learned.learn_merge`) on this machine.
+"""Seconds per learned merge (`jaxmerge.learned.learn_merge`) on this machine.
 
     python benchmarks/learned_merge_speed.py [--steps 150] [--repeats 3] [--json]
 
@@ -33,8 +33,7 @@ def main() -> None:
     import numpy as np
 
     from experiments.configs import offline
-    from jaxmerge import heads, lora
-    from jaxmerge.merging import learned
+    from jaxmerge import heads, learned, lora
     from jaxmerge.models import load
 
     model, base, _ = load.load_base(offline.get_config().train)

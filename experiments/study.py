@@ -32,8 +32,7 @@ from absl import flags
 
 from experiments import report
 from jaxmerge import cli as cli_lib
-from jaxmerge import config_lib, logs, lora, recipes, scoring, similarity, tasks, train
-from jaxmerge import refit as refit_lib
+from jaxmerge import config_lib, learned, logs, lora, recipes, scoring, similarity, tasks, train
 from jaxmerge import runs as runs_lib
 
 MODES = ("lora", "head")
@@ -242,7 +241,7 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
                         runs[t], model_def, config.get("refit_examples", 0)
                     )
             refit = {
-                t: refit_lib.refit_head(
+                t: learned.refit_head(
                     runs[t],
                     model_def,
                     backbone,

@@ -124,7 +124,7 @@ def test_apply_refuses_an_update_of_the_wrong_shape():
 def trained_run(tmp_path_factory):
     """A finished 20-step run with checkpoints at steps 10 and 20."""
     from jaxmerge.datasets import prepare
-    from tests.test_train import tiny_config  # noqa: PLC0415
+    from tests.tiny import tiny_config  # noqa: PLC0415
 
     data_dir = tmp_path_factory.mktemp("tfds")
     prepare.prepare("sklearn_digits", str(data_dir))

@@ -160,7 +160,8 @@ def test_head_refit_lowers_the_training_loss_on_a_changed_backbone(finished):
     below the original head's, and the backbone is left as it was."""
     import jax
 
-    from jaxmerge import refit, train
+    from jaxmerge import train
+    from jaxmerge.learned import refit
 
     config, workdir, _ = finished
     run = runs_lib.load(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmerge import heads, lora, merging
-from jaxmerge.merging import learned
+from jaxmerge import heads, learned, lora, merging
 from jaxmerge.models import vit
 
 MODEL = vit.ViT(**vit.variant("mu/4", image_size=8, depth=2))
@@ -94,7 +93,7 @@ def test_gradient_of_each_objective_matches_finite_differences(
 
 @pytest.mark.parametrize("granularity", ["task", "layer", "rank", "core"])
 def test_one_adapter_with_coefficient_one_is_the_single_adapter(granularity):
-    paths, parts = learned._parts(ADAPTERS[:1], "task_arithmetic", 0.2)
+    paths, parts = learned.coefficients.parts_of(ADAPTERS[:1], "task_arithmetic", 0.2)
     ones = learned.init_coefficients(ADAPTERS[:1], granularity, 1.0)
     tree = learned.merged_tree(ones, parts, paths, granularity, "task_arithmetic")
     single, merged = _dense(ADAPTERS[0]), _dense(tree)
@@ -104,7 +103,7 @@ def test_one_adapter_with_coefficient_one_is_the_single_adapter(granularity):
 
 @pytest.mark.parametrize("base_merge", ["task_arithmetic", "ties"])
 def test_layer_wise_with_equal_coefficients_is_task_wise(base_merge):
-    paths, parts = learned._parts(ADAPTERS, base_merge, 0.5)
+    paths, parts = learned.coefficients.parts_of(ADAPTERS, base_merge, 0.5)
     task = jnp.asarray([0.3, 0.9, -0.4])
     layer = {path: task for path in paths}
     a = _dense(learned.merged_tree(task, parts, paths, "task", base_merge))
@@ -114,7 +113,7 @@ def test_layer_wise_with_equal_coefficients_is_task_wise(base_merge):
 
 
 def test_task_wise_coefficients_are_task_arithmetic_weights():
-    paths, parts = learned._parts(ADAPTERS, "task_arithmetic", 0.2)
+    paths, parts = learned.coefficients.parts_of(ADAPTERS, "task_arithmetic", 0.2)
     weights = [0.3, 0.9, -0.4]
     got = _dense(learned.merged_tree(jnp.asarray(weights), parts, paths, "task", "task_arithmetic"))
     want = _dense(merging.merge(ADAPTERS, "task_arithmetic", weights))

@@ -15,22 +15,12 @@ import numpy as np
 import pytest
 
 from jaxmerge import config_lib, logs, train
+from tests import tiny
 
 
 def tiny_config(data_dir, **overrides):
     """tests/test_train.py's tiny run (digits, a mu/4 ViT on 8-pixel images), 10 steps."""
-    from tests.test_train import tiny_config as train_tiny_config
-
-    return train_tiny_config(data_dir, **{"steps": 10, **overrides})
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from jaxmerge.datasets import prepare
-
-    directory = tmp_path_factory.mktemp("tfds")
-    prepare.prepare("sklearn_digits", str(directory))
-    return directory
+    return tiny.tiny_config(data_dir, **{"steps": 10, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmerge import checkpoint, lora, merging, model_folder, multitask, predict, train
+from jaxmerge import checkpoint, learned, lora, merging, model_folder, multitask, predict, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import common, prepare
 from jaxmerge.interop import hf, peft
-from jaxmerge.merging import learned
 from jaxmerge.models import vit
-from tests.test_train import tiny_config
+from tests.tiny import tiny_config
 
 # `jaxmerge.merge` the attribute is the public merge function; the command is its submodule.
 merge_cli = importlib.import_module("jaxmerge.merge")

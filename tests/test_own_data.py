@@ -20,7 +20,7 @@ from jaxmerge import runs as runs_lib
 from jaxmerge.data import ops, sources
 from jaxmerge.datasets import demo_shapes, prepare
 from jaxmerge.tasks import from_dataset, registry
-from tests.test_train import tiny_config
+from tests.tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_ACCURACY = 0.8  # the README states 0.88 for these settings; the floor leaves noise room

@@ -140,7 +140,7 @@ def test_a_new_merge_method_is_one_registered_function_with_its_checks():
 
 def _tiny_config(tmp_path, **fields):
     """tests/test_train.py's tiny run, 5 steps, with `fields` ("model.family"-style keys)."""
-    from tests.test_train import tiny_config
+    from tests.tiny import tiny_config
 
     short = dict(steps=5, warmup_steps=1, log_every=5, checkpoint_every=5, eval_batch_size=32)
     return tiny_config(tmp_path / "data", **{**short, "head.hidden": 8, **fields})

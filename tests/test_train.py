@@ -19,40 +19,9 @@ from jax.sharding import PartitionSpec as P
 from jaxmerge import checkpoint, config_lib, data, heads, tasks, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.models import vit
+from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(data_dir, **overrides):
-    config = config_lib.base_config()
-    config.task = "digits"
-    config.data_dir = str(data_dir)
-    config.model.variant = "mu/4"
-    config.model.image_size = 8
-    config.batch_size = 16
-    config.eval_batch_size = 64
-    config.steps = 30
-    config.warmup_steps = 3
-    config.log_every = 5
-    config.checkpoint_every = 10
-    config.head.hidden = 16
-    config.crop_padding = 0  # 2-pixel shifts of an 8-pixel digit erase it
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from jaxmerge.datasets import prepare
-
-    directory = tmp_path_factory.mktemp("tfds")
-    prepare.prepare("sklearn_digits", str(directory))
-    return directory
 
 
 def flat(tree):

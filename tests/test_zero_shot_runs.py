@@ -24,14 +24,14 @@ from jaxmerge import (
     lora,
     model_folder,
     predict,
-    refit,
     train,
     zero_shot,
 )
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import demo_shapes, prepare
+from jaxmerge.learned import refit
 from jaxmerge.models import clip
-from tests.test_train import tiny_config
+from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden", "clip")

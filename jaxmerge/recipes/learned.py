@@ -1,4 +1,4 @@
-"""Learned merges as recipes: named settings of `merging.learned.learn_merge`, fitted on a few
+"""Learned merges as recipes: named `learned.Settings` of `learned.learn_merge`, fitted on a few
 images of each task's training split (`runs.examples`, preprocessed as for evaluation, never the
 split that is scored). Label-free recipes read no labels; "learned_supervised" reads `labeled`
 labeled examples per task and is reported as supervised.
@@ -14,49 +14,51 @@ from typing import Any
 
 import jax
 
+from jaxmerge import learned
 from jaxmerge import runs as runs_lib
-from jaxmerge.merging import learned
 from jaxmerge.recipes import registry
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A named learned merge: `learn_merge` keywords, and whether it reads labels."""
+    """A named learned merge: its settings, and whether it reads labels."""
 
-    settings: Mapping[str, Any]
+    settings: learned.Settings
     supervised: bool
     about: str
 
 
 PRESETS: dict[str, Preset] = {
     "learned_output_match": Preset(
-        dict(objective="output_match", granularity="core"),
+        learned.Settings(objective="output_match", granularity="core"),
         False,
         "label-free: each head's outputs on the merged backbone matched to its single "
         "adapter's; a full mixing matrix of the stacked factors per layer",
     ),
     "learned_output_match_layer": Preset(
-        dict(objective="output_match", granularity="layer"),
+        learned.Settings(objective="output_match", granularity="layer"),
         False,
         "label-free output matching with AdaMerging's layer-wise coefficients",
     ),
     "adamerging": Preset(
-        dict(objective="entropy", granularity="layer", init=1.0, bounds=(0.0, 1.0)),
+        learned.Settings(objective="entropy", granularity="layer", init=1.0, bounds=(0.0, 1.0)),
         False,
         "AdaMerging, layer-wise: prediction entropy (classification heads only)",
     ),
     "adamerging_task": Preset(
-        dict(objective="entropy", granularity="task", init=0.3, bounds=(0.0, 1.0)),
+        learned.Settings(objective="entropy", granularity="task", init=0.3, bounds=(0.0, 1.0)),
         False,
         "AdaMerging, task-wise, its published initialisation 0.3 and range [0, 1]",
     ),
     "adamerging_ties": Preset(
-        dict(objective="entropy", granularity="layer", base_merge="ties", init=1.0, bounds=(0, 1)),
+        learned.Settings(
+            objective="entropy", granularity="layer", base_merge="ties", init=1.0, bounds=(0, 1)
+        ),
         False,
         "AdaMerging++, layer-wise on TIES-processed task vectors (classification heads only)",
     ),
     "learned_supervised": Preset(
-        dict(objective="supervised", granularity="core"),
+        learned.Settings(objective="supervised", granularity="core"),
         True,
         "supervised: each task's own loss on `labeled` labeled training examples",
     ),
@@ -66,20 +68,21 @@ DATA_SETTINGS = {"images": 256, "labeled": 64}
 
 
 def check_settings(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The full settings of preset `name` with `params` overriding them, checked."""
-    allowed = set(DATA_SETTINGS) | set(learned.SETTINGS)
+    """Preset `name` with `params` overriding it, checked: the data settings and every
+    `learned.Settings` field (JSON values)."""
+    allowed = set(DATA_SETTINGS) | set(learned.FIELDS)
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ValueError(
             f"params: learned method {name!r} got unknown parameter(s) {unknown}; allowed: "
             f"{sorted(allowed)}"
         )
-    settings = {**DATA_SETTINGS, **PRESETS[name].settings, **params}
-    for field in DATA_SETTINGS:
-        value = settings[field]
+    data_settings = {k: params.get(k, v) for k, v in DATA_SETTINGS.items()}
+    for field, value in data_settings.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{field}: got {value!r}; allowed: an integer >= 1")
-    return settings
+    fit = PRESETS[name].settings.replace(**{k: v for k, v in params.items() if k in learned.FIELDS})
+    return {**data_settings, **fit.to_json()}
 
 
 def task_examples(runs, model_def, count: int, seed: int, cache: dict):
@@ -98,12 +101,13 @@ def learn(name: str, runs, model_def, base, weights, settings, seed, cache):
     del weights
     settings = dict(settings)
     images, labeled = settings.pop("images"), settings.pop("labeled")
+    fit = learned.Settings(**settings)
     supervised = PRESETS[name].supervised
     count = labeled if supervised else images
     examples = task_examples(runs, model_def, count, seed, cache)
     heads = [learned.Head(r.head_def, r.head, r.task.kind, r.task.loss_spec) for r in runs]
     targets = []
-    if settings["objective"] == "output_match":
+    if fit.objective == "output_match":
         for run, head, (task_images, _) in zip(runs, heads, examples):
             key = ("targets", run.directory, count, seed)
             if key not in cache:
@@ -115,14 +119,14 @@ def learn(name: str, runs, model_def, base, weights, settings, seed, cache):
         [run.adapter for run in runs],
         heads,
         [task_images for task_images, _ in examples],
+        fit,
         key=jax.random.key(seed),
         targets=targets or None,
         labels=[{r.task.target: y} for r, (_, y) in zip(runs, examples)] if supervised else None,
-        **settings,
     )
     record = {
         "method": name,
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "settings": fit.to_json(),
         "coefficients": learned.coefficients_to_json(coefficients),
         "objective": [float(history[0]), float(history[-1])],
         "split": sorted({run.task.train_split for run in runs}),

@@ -13,10 +13,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxmerge import heads
 from jaxmerge import runs as runs_lib
+from jaxmerge.learned.adam import adam_scan
 
 Tree = Any
 
@@ -40,22 +40,14 @@ def train_features(run, model_def, backbone: Tree, examples=None, batch_size: in
 def _fit(head_def, kind_name, spec, steps, batch_size, learning_rate, head, features, targets, key):
     """`steps` Adam steps of the head on minibatches of (features, targets); compiled once per
     head, task and setting, whatever the backbone."""
-    kind, spec, optimizer = heads.head_kind(kind_name), dict(spec), optax.adam(learning_rate)
-    count = features.shape[0]
+    kind, spec, count = heads.head_kind(kind_name), dict(spec), features.shape[0]
 
-    def loss(head, index):
+    def loss(head, step_key):
+        index = jax.random.randint(step_key, (min(batch_size, count),), 0, count)
         outputs = head_def.apply({"params": head}, features[index])
         return kind.loss(outputs, jax.tree.map(lambda v: v[index], targets), spec).mean()
 
-    def step(carry, step_key):
-        head, opt_state = carry
-        index = jax.random.randint(step_key, (min(batch_size, count),), 0, count)
-        updates, opt_state = optimizer.update(jax.grad(loss)(head, index), opt_state, head)
-        return (optax.apply_updates(head, updates), opt_state), None
-
-    carry = (head, optimizer.init(head))
-    (head, _), _ = jax.lax.scan(step, carry, jax.random.split(key, steps))
-    return head
+    return adam_scan(loss, head, key, steps, learning_rate)[0]
 
 
 def refit_head(
