@@ -162,8 +162,9 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 def merge_combo(config, runs: dict, combo, method: str, model_def, base, seed: int, cache: dict):
     """(merged tree, extra record fields) of one combination with recipe `method`: fixed
-    methods take the config's weight; a recipe that reads images records its seconds and
-    images, and its coefficients go to `cache["coefficients"]`."""
+    methods take the config's weight; every merge records its seconds and the images it reads
+    ("cost"), a recipe that reads images also what it read ("learned"), and learned
+    coefficients go to `cache["coefficients"]`."""
     recipe = recipes.get(method)
     combo_runs = [runs[t] for t in combo]
     weights = [config.merge_weight] * len(combo) if recipe.takes_weights else None
@@ -171,16 +172,19 @@ def merge_combo(config, runs: dict, combo, method: str, model_def, base, seed: i
     merged, record = recipes.merge_runs(
         combo_runs, model_def, base, method, weights, params, seed, cache
     )
+    cost = {"cost": {"seconds": record["seconds"], "reads": recipe.reads}}
     if recipe.reads == "none":
-        return merged, {}
+        return merged, cost
     own = record["learned"]
     if "coefficients" in own:
         cache.setdefault("coefficients", []).append(
             {"seed": seed, "method": method, "tasks": list(combo), **own}
         )
     keep = ("images_per_task", "labeled_per_task", "split", "objective")
-    cost = {"seconds": record["seconds"], **{k: own[k] for k in keep if k in own}}
-    return merged, {"learned": cost}
+    return merged, {
+        **cost,
+        "learned": {"seconds": record["seconds"], **{k: own[k] for k in keep if k in own}},
+    }
 
 
 def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, list[dict]]:
@@ -232,7 +236,8 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
         logs.append_jsonl(path, {**record, **extra})
         for learned_record in cache.pop("coefficients", []):
             logs.append_jsonl(coefficients_path, learned_record)
-        if method in config.get("refit_methods", ()):
+        refit_sizes = config.get("refit_sizes", tuple(config.merge_sizes))
+        if method in config.get("refit_methods", ()) and len(combo) in refit_sizes:
             # Reported on rows of its own ("<method>+refit"): it retrains, with labels.
             start = time.perf_counter()
             for t in combo:

@@ -61,6 +61,7 @@ def write(
         "per_task_pairs": "Each task inside pair merges (mean over its partners), per method",
         "per_task_triples": "Each task inside triple merges (mean over its partners), per method",
         "normalised_by_method": "Normalised score per method (merged / single adapter)",
+        "score_and_cost": f"Score beside cost: seconds per merge ({_machine()}) and images read",
         "learned_cost": f"What each learned merge and head refit cost ({_machine()})",
         "normalised_pairs": "Normalised score of each pair merge, per method",
         "normalised_triples": "Normalised score of each triple merge, per method",

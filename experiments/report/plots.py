@@ -1,4 +1,5 @@
-"""The PNG plots of the report: a heatmap per method, the baselines, similarity."""
+"""The PNG plots of the report: a heatmap per method, the baselines, the normalised score
+against the number of merged adapters, similarity."""
 
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ def plots(s: Scores, directory: str) -> dict[str, str]:
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     paths["baselines"] = _save(fig, directory, "baselines.png")
 
+    if len(config.merge_sizes) > 2:
+        paths["scaling"] = _scaling(s, plt, directory)
+
     if 2 in config.merge_sizes:
         sim = similarity_rows(s)
         measures = list(similarity.MEASURES)
@@ -108,6 +112,28 @@ def plots(s: Scores, directory: str) -> dict[str, str]:
         fig.tight_layout()
         paths["similarity"] = _save(fig, directory, "similarity.png")
     return paths
+
+
+def _scaling(s: Scores, plt, directory) -> str:
+    """Normalised score against the number of merged adapters, a line per method (mean over
+    seeds of each seed's mean over every merge of that size; bars: spread over seeds)."""
+    sizes = sorted(s.config.merge_sizes)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for method in s.methods:
+        per_size = [s.normalised_by_seed(method, k) for k in sizes]
+        means = np.array([mean_or_nan(v) for v in per_size])
+        if np.isnan(means).all():
+            continue
+        errs = [np.nanstd(v, ddof=1) if np.sum(~np.isnan(v)) > 1 else 0.0 for v in per_size]
+        ax.errorbar(sizes, means, yerr=errs, marker="o", capsize=3, label=method)
+    ax.axhline(1.0, color="black", lw=1, ls="--")
+    ax.set_xticks(sizes)
+    ax.set_xlabel("adapters merged")
+    ax.set_ylabel("normalised score (1 = single adapters)")
+    ax.set_title("Merging more adapters: every method, every size", fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    return _save(fig, directory, "scaling.png")
 
 
 def _save(fig, directory, name) -> str:

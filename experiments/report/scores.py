@@ -92,6 +92,12 @@ class Scores:
             for r in stages["merges"]
             if "learned" in r or "refit" in r
         }
+        # (seed, method, combo) -> {"seconds", "reads"} of every merge that recorded them.
+        self.merge_costs = {
+            (r["seed"], r["method"], tuple(r["tasks"])): r["cost"]
+            for r in stages["merges"]
+            if "cost" in r
+        }
         self.similarity = {
             (r["seed"], tuple(r["tasks"])): r["similarity"] for r in stages["similarity"]
         }
@@ -126,6 +132,13 @@ class Scores:
 
     def per_seed(self, fn) -> list[float]:
         return [fn(seed) for seed in self.seeds]
+
+    def normalised_by_seed(self, method, size) -> list[float]:
+        """Per seed, the mean normalised score of the method's merges of `size` tasks."""
+        return [
+            mean_or_nan([self.normalised_merge(seed, method, c) for c in self.combos(size)])
+            for seed in self.seeds
+        ]
 
 
 def beats_head(s: Scores, seed, method, size) -> float:

@@ -63,6 +63,28 @@ def cost_table(s: Scores, sizes, label) -> str:
     return markdown_table(header, rows)
 
 
+def score_and_cost_table(s: Scores, sizes, label) -> str:
+    """Each method's normalised score beside its seconds per merge and the images it reads."""
+    header = ["method", "reads images"]
+    for k in sizes:
+        header += [f"normalised, {label(k)}", f"seconds per merge, {label(k)}"]
+    rows = []
+    for method in s.config.methods:
+        costs = {key: c for key, c in s.merge_costs.items() if key[1] == method}
+        reads = next(iter(costs.values()))["reads"] if costs else "n/a"
+        row = [method, reads]
+        for k in sizes:
+            seconds = [
+                mean_or_nan(
+                    c["seconds"] for key, c in costs.items() if key[0] == seed and len(key[2]) == k
+                )
+                for seed in s.seeds
+            ]
+            row += [fmt(s.normalised_by_seed(method, k)), fmt(seconds, 2)]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
 def tables(s: Scores) -> dict[str, str]:
     """{name: markdown} of every table (see experiments/README.md for what each shows)."""
     config, out = s.config, {}
@@ -83,19 +105,13 @@ def tables(s: Scores) -> dict[str, str]:
     for method in methods:
         row = [method]
         for k in sizes:
-            row.append(
-                fmt(
-                    s.per_seed(
-                        lambda seed, k=k, m=method: mean_or_nan(
-                            [s.normalised_merge(seed, m, c) for c in s.combos(k)]
-                        )
-                    )
-                )
-            )
+            row.append(fmt(s.normalised_by_seed(method, k)))
         for k in sizes:
             row.append(fmt(s.per_seed(lambda seed, k=k, m=method: beats_head(s, seed, m, k)), 2))
         rows.append(row)
     out["normalised_by_method"] = markdown_table(header, rows)
+    if s.merge_costs:
+        out["score_and_cost"] = score_and_cost_table(s, sizes, label)
     if s.costs:
         out["learned_cost"] = cost_table(s, sizes, label)
 
