@@ -1,6 +1,7 @@
 """Speed of every registered merge method on ViT-B/16-shaped adapters, beside PEFT's.
 
     python benchmarks/merge_speed.py [--repeats 5] [--methods svd,ties] [--json] [--no-peft]
+    python benchmarks/merge_speed.py --fusionbench /work/venv-iso/bin/python [--rounds 3]
 
 Three adapters, 12 blocks with query and value targets of width 768, rank 16, random nonzero
 factors. For each method of `jaxmerge.merging.METHODS` it reports the first call (compile
@@ -8,6 +9,12 @@ included) and the steady state (median of `--repeats` calls, `block_until_ready`
 and peft import, PEFT's `add_weighted_adapter` runs the same method on the same factors (a
 torch module of 12 blocks of q/v `nn.Linear(768, 768)` under `get_peft_model`). `--json`
 prints one line {method: jaxmerge steady-state seconds}.
+
+`--fusionbench PYTHON` compares `iso_c`, `iso_cts` and `tsv` (or `--methods`) with FusionBench's
+own functions on the same task vectors: the factors go to a temporary file, and each round
+runs jaxmerge (this script with --json) and FusionBench (`fusionbench_merge_speed.py` under
+PYTHON, a virtualenv with torch and fusion-bench) in processes of their own, in alternating
+order; the table gives medians over `--rounds` and the load averages before and after.
 
 Where OPENBLAS_CORETYPE is set in the environment (this project's CI machines set it to
 Haswell), the LAPACK that jax takes from scipy's OpenBLAS runs older kernels: the header names
@@ -20,7 +27,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -50,6 +61,9 @@ ARGS.add_argument("--repeats", type=int, default=5, help="timed calls after the 
 ARGS.add_argument("--methods", default="", help="comma-separated subset (default: all)")
 ARGS.add_argument("--json", action="store_true", help="print one JSON line only")
 ARGS.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison")
+ARGS.add_argument("--fusionbench", default="", help="python of a venv with fusion-bench")
+ARGS.add_argument("--rounds", type=int, default=3, help="alternated rounds with --fusionbench")
+FUSIONBENCH_METHODS = "iso_c,iso_cts,tsv"
 
 WIDTH, DEPTH, RANK, ALPHA, TASKS = 768, 12, 16, 16.0, 3
 WEIGHTS = [0.5, 0.3, 0.2]
@@ -152,8 +166,60 @@ def peft_available() -> bool:
     return True
 
 
+def save_factors(task_factors, path: str) -> None:
+    """The tasks' factors, scale and the merge weights, for FusionBench's process."""
+    arrays = {"weights": np.asarray(WEIGHTS, np.float32)}
+    for index, factors in enumerate(task_factors):
+        for target, (a, b) in factors.items():
+            arrays[f"{index}/{target}/lora_a"], arrays[f"{index}/{target}/lora_b"] = a, b
+            arrays[f"{index}/{target}/scale"] = np.float32(ALPHA / RANK)
+    np.savez(path, **arrays)
+
+
+def compare_with_fusionbench(args) -> None:
+    """Alternated rounds of jaxmerge and FusionBench, each in a fresh process."""
+    methods = args.methods or FUSIONBENCH_METHODS
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "factors.npz")
+        save_factors([random_factors(seed) for seed in range(TASKS)], path)
+        sides = {
+            "jaxmerge": [sys.executable, os.path.abspath(__file__), "--json"],
+            "fusionbench": [
+                args.fusionbench,
+                os.path.join(here, "fusionbench_merge_speed.py"),
+                path,
+            ],
+        }
+        runs = {side: [] for side in sides}
+        loads = [os.getloadavg()]
+        for round_index in range(args.rounds):
+            order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
+            for side in order:
+                command = [*sides[side], "--methods", methods, "--repeats", str(args.repeats)]
+                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                runs[side].append(json.loads(out.strip().splitlines()[-1]))
+            loads.append(os.getloadavg())
+    print(
+        f"jaxmerge vs FusionBench: {TASKS} adapters, {DEPTH} blocks x q/v, width {WIDTH}, "
+        f"r={RANK}, medians over {args.rounds} alternated rounds of the median of "
+        f"{args.repeats} calls; load averages (1, 5, 15 min) before and after each round: "
+        + "; ".join("/".join(f"{x:.1f}" for x in load) for load in loads)
+    )
+    print("| method | jaxmerge (s) | FusionBench (s) | FusionBench per layer (s) | speedup |")
+    print("|---|---|---|---|---|")
+    for method in methods.split(","):
+        ours = statistics.median(run[method] for run in runs["jaxmerge"])
+        theirs = statistics.median(run[method] for run in runs["fusionbench"])
+        per_layer = theirs / (2 * DEPTH)
+        print(f"| {method} | {ours:.4f} | {theirs:.3f} | {per_layer:.3f} | {theirs / ours:.1f}x |")
+
+
 def main(argv=None) -> None:
     args = ARGS.parse_args(argv)
+    if args.fusionbench:
+        compare_with_fusionbench(args)
+        return
     methods = [m for m in args.methods.split(",") if m] or sorted(merging.METHODS)
     task_factors = [random_factors(seed) for seed in range(TASKS)]
     adapters = [to_adapter(factors) for factors in task_factors]

@@ -3,7 +3,7 @@
     merged = merging.merge([adapter_1, adapter_2], "ties", [0.7, 0.3], density=0.5)
     params = lora.fold_into_base(base, merged)
 
-Two families share the registry `METHODS`:
+Three families share the registry `METHODS`:
 
 * `merging.peft`: PEFT's `add_weighted_adapter` (PEFT 0.21 names, parameters and numerics):
   `cat`, `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` and the SVD variants
@@ -14,11 +14,14 @@ Two families share the registry `METHODS`:
   `task_arithmetic`, `ties_delta`, `dare_delta`, `breadcrumbs`, `knots`. Their `output` is
   "delta" (a delta tree of `{"delta": dW}` nodes) or "factored" (an adapter of rank `rank`,
   by default the largest input rank, `scale` 1.0, from a truncated SVD).
+* `merging.spectral`: data-free SVD merges, `iso_c`, `iso_cts` (Marczak et al. 2025) and `tsv`
+  (TSV-M, Gargiulo et al. 2025), equal to FusionBench's where the spans have full rank and
+  computed in the adapters' span from the stacked factors; same `output`, `rank`, `scale`.
 
-Modules: `registry` (`register`, `merge`, the checks), `peft` and `delta` (the methods),
+Modules: `registry` (`register`, `merge`, the checks), `peft`, `delta` and `spectral` (the methods),
 `targets` (per-target plumbing), `ops` and `factorize` (the array maths). A new method is one
 function registered in a module of its own or beside its family; `METHODS` lists PEFT's methods
-first, then the delta-space ones, whichever module is imported first. Learned merges
+first, then the delta-space and spectral ones, whichever module is imported first. Learned merges
 (`learned.learn_merge`) need a model, heads and images, so they are not in `METHODS`: their
 named presets are recipes of `jaxmerge.recipes`, the one name list of every way of merging.
 
@@ -37,6 +40,7 @@ from jaxmerge.merging.registry import METHODS, MergeMethod, merge, register, val
 # isort: off
 from jaxmerge.merging import peft
 from jaxmerge.merging import delta
+from jaxmerge.merging import spectral
 # isort: on
 
-__all__ = ["METHODS", "MergeMethod", "merge", "register", "validate", "peft", "delta"]
+__all__ = ["METHODS", "MergeMethod", "merge", "register", "validate", "peft", "delta", "spectral"]

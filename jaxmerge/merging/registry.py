@@ -178,6 +178,11 @@ def fraction(field, value):
         raise ValueError(f"{field}: got {value!r}; allowed: None or a number in [0, 1]")
 
 
+def proportion(field, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{field}: got {value!r}; allowed: a number in [0, 1]")
+
+
 def number(field, value):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{field}: got {value!r}; allowed: a real number")
