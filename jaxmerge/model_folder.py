@@ -370,41 +370,53 @@ def check_peft_exportable(merged: Tree | None, folded: bool, method: str | None)
 
 
 def export_peft(model: MultiTaskModel | str, directory: str, naming: str = "v5") -> str:
-    """Writes a model's merged adapter as a PEFT LoRA folder (`interop.peft.save_peft_adapter`);
-    `model` is a loaded model or a model folder. Returns the folder written."""
-    from jaxmerge.interop import peft
+    """Writes a model's merged adapter as a PEFT LoRA folder (`interop.peft_export`), module
+    names by the model family's own `NameMap` (a CLIP adapter gets CLIPVisionModel's, a ViT's
+    ViTModel's); `model` is a loaded model or a model folder. Returns the folder written."""
+    from jaxmerge.interop import peft_export
 
     model = load(model) if isinstance(model, str) else model
     check_peft_exportable(model.merged, model.info["folded"], model.info["merge"]["method"])
+    family = models.get(model.info["model"]["family"])
+    if family.names is None:
+        raise ValueError(
+            f"--export_peft: model family {family.name!r} has no Hugging Face module names; "
+            f"allowed: a family with names, one of "
+            f"{sorted(n for n, f in models.FAMILIES.items() if f.names)}"
+        )
     check_output_folder(directory, "--export_peft")
     base = model.info.get("base", {})
     name = base.get("path") if base.get("source") == "hf" else None  # a Hub / HF folder name
-    peft.save_peft_adapter(directory, model.merged, naming=naming, base_model_name_or_path=name)
+    peft_export.save_peft_adapter(
+        directory, model.merged, naming=naming, base_model_name_or_path=name, names=family.names
+    )
     return os.path.abspath(directory)
 
 
-def check_hf_exportable(model_def) -> None:
-    """Raises ValueError unless the backbone can be written as a Hugging Face ViTModel."""
-    from jaxmerge.models import vit
-
-    if type(model_def) is not vit.ViT:
+def check_hf_exportable(model_def, family: str) -> None:
+    """Raises ValueError unless the family `family` writes the backbone `model_def` as a
+    Hugging Face model (`Family.save_hf`)."""
+    family = models.get(family)
+    if family.save_hf is None:
         raise ValueError(
-            f"--export_hf: the backbone is a {type(model_def).__name__}; allowed: a ViT "
-            f"(family 'vit'), the architecture of transformers' ViTModel"
+            f"--export_hf: the backbone is a {type(model_def).__name__} (family "
+            f"{family.name!r}), which has no Hugging Face export; allowed: a family with one "
+            f"({sorted(n for n, f in models.FAMILIES.items() if f.save_hf)}: transformers' "
+            f"ViTModel)"
         )
-    if model_def.pool != "cls":
+    if getattr(model_def, "pool", "cls") != "cls":
         raise ValueError(
-            f"--export_hf: the ViT pools by {model_def.pool!r}; allowed: pool='cls', the class "
-            f"token a ViTModel reads"
+            f"--export_hf: the backbone pools by {model_def.pool!r}; allowed: pool='cls', the "
+            f"class token a ViTModel reads"
         )
 
 
 def export_hf(model: MultiTaskModel | str, directory: str, naming: str = "v4") -> str:
-    """Writes a model's backbone (merged adapter folded in) as a Hugging Face `ViTModel` folder
-    (`interop.hf.save_hf_vit`); `model` is a loaded model or a model folder. Returns the folder."""
-    from jaxmerge.interop import hf
-
+    """Writes a model's backbone (merged adapter folded in) as a Hugging Face model folder by
+    the family's `save_hf` (the ViT's: `models.vit.save_hf`, a `ViTModel`); `model` is a loaded
+    model or a model folder. Returns the folder."""
     model = load(model) if isinstance(model, str) else model
-    check_hf_exportable(model.model_def)
+    family = models.get(model.info["model"]["family"])
+    check_hf_exportable(model.model_def, family.name)
     check_output_folder(directory, "--export_hf")
-    return hf.save_hf_vit(directory, model.info["model"]["kwargs"], model.backbone, naming)
+    return family.save_hf(directory, model.info["model"]["kwargs"], model.backbone, naming)

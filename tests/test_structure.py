@@ -113,7 +113,7 @@ def test_a_new_merge_method_is_one_registered_function_with_its_checks():
         base = models.vit.init_params(
             models.vit.ViT(**models.vit.variant("mu/4", image_size=8)), jax.random.key(0)
         )
-        config = lora.LoraConfig(rank=2, targets="qv")
+        config = lora.LoraConfig(rank=2, targets=models.vit.TARGET_PRESETS["qv"])
         adapters = [lora.init_adapter(jax.random.key(i), base, config) for i in (1, 2)]
         adapters = [
             lora.map_targets(lambda n: {**n, "lora_b": n["lora_b"] + 0.5}, a) for a in adapters
