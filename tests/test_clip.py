@@ -6,6 +6,7 @@ Tolerances are relative to the largest reference value; float32 on both sides gi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -95,6 +96,44 @@ def test_peft_adapter_on_clip_matches_peft():
     assert rel_err(golden()["peft/pooler_output"], golden()["clip/pooler_output"]) > 0.05
     folded = run(kwargs, {"params": lora.fold_into_base(params, adapter)})
     assert rel_err(folded["pooled"], golden()["peft/pooler_output"]) < TOL
+
+
+def test_a_clip_adapter_exported_to_peft_loads_in_peft_to_the_same_outputs(tmp_path):
+    """scripts/make_golden_clip_export.py: `model_folder.export_peft` of a CLIP adapter (every
+    linear layer, rank and alpha patterns), loaded by `PeftModel.from_pretrained` on
+    `clip_vision`, gave `peft/*`. The export writes that folder again (module names by CLIP's
+    `NameMap`, not the ViT's), and the adapter it holds gives PEFT's outputs."""
+    from safetensors.numpy import load_file
+
+    from jaxmerge import model_folder
+
+    want = golden_files.arrays("clip", "export_outputs.npz")
+    adapter: dict = {}
+    for key, value in want.items():
+        if not key.startswith("peft/"):
+            adapter = lora.set_at(adapter, key, jnp.asarray(value))
+    info = {"folded": False, "merge": {"method": "cat"}, "model": {"family": "clip"}, "base": {}}
+    model = model_folder.MultiTaskModel(None, None, {}, {}, {}, info, adapter, None)
+    folder = model_folder.export_peft(model, str(tmp_path / "peft"))
+    golden_folder = os.path.join(GOLDEN, "exported_peft")
+    got, expected = (
+        load_file(os.path.join(f, "adapter_model.safetensors")) for f in (folder, golden_folder)
+    )
+    assert sorted(got) == sorted(expected)
+    assert all(name.startswith("base_model.model.encoder.layers.") for name in got)
+    for name in got:
+        np.testing.assert_array_equal(got[name], expected[name])
+    configs = []
+    for f in (folder, golden_folder):
+        with open(os.path.join(f, "adapter_config.json")) as file:
+            configs.append({**json.load(file), "base_model_name_or_path": None})  # the script's
+    assert configs[0] == configs[1] and configs[0]["rank_pattern"] and configs[0]["alpha_pattern"]
+    kwargs, params, _ = clip.load_hf(os.path.join(GOLDEN, "clip_vision"))
+    read_back, _, _ = peft_io.load_peft_adapter(folder, names=clip.HF_NAMES)
+    out = run(kwargs, {"params": params, "lora": read_back})
+    assert rel_err(out["tokens"], want["peft/last_hidden_state"]) < TOL
+    assert rel_err(out["pooled"], want["peft/pooler_output"]) < TOL
+    assert rel_err(want["peft/pooler_output"], golden()["clip/pooler_output"]) > 0.05
 
 
 def test_siglip_npz_resamples_and_scanned_layout(tmp_path):

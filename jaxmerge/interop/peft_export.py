@@ -117,7 +117,8 @@ def save_peft_adapter(
       adapter: a tree of `{lora_a, lora_b, scale}` nodes at block linear layers or the pooler.
       naming: "v5" (transformers 5.x module names) or "v4" (transformers 4.x).
       names: the model family's `NameMap` (`Family.names`; default the ViT's): module names
-        and their prefix in the Hugging Face model (`vision_model.` in CLIPVisionModel).
+        and their prefix in the Hugging Face model (CLIPVisionModel's `vision_model.` in
+        transformers 4.x, "v4").
       base_model_name_or_path: recorded in the config for `AutoPeftModel` loaders.
       head: a linear task head `{"out": {"kernel": (D, classes), "bias"}}` to save as the
         `modules_to_save` classifier of the family's image classification model
@@ -170,7 +171,7 @@ def save_peft_adapter(
         with_classifier=head is not None,
         names=names,
     )
-    prefix = PREFIX + (names.prefix if head is None else names.classifier_prefix)
+    prefix = PREFIX + (names.prefix_for(naming) if head is None else names.classifier_prefix)
     tensors = {}
     for path, node in items:
         module = prefix + peft_module_name(path, naming, names)

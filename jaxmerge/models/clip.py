@@ -115,9 +115,10 @@ HF_NAMES = NameMap(
         "map_head/mlp/fc2": "head.mlp.fc2",
     },
     strip=("vision_model.",),
-    # CLIPVisionModel and SiglipVisionModel hold the tower as `vision_model`; transformers'
-    # CLIPForImageClassification reads mean patch tokens, not the feature heads read here.
-    prefix="vision_model.",
+    # CLIPVisionModel and SiglipVisionModel hold the tower as `vision_model` in transformers
+    # 4.x, at the top in 5.x. No classifier_prefix: transformers' CLIPForImageClassification
+    # reads mean patch tokens, not the feature jaxmerge's heads read.
+    prefix={"v4": "vision_model."},
 )
 
 # ViT knobs that `config_lib.model_kwargs` passes to every family; a tower's family fixes them.

@@ -38,7 +38,7 @@ HF_NAMES = NameMap(
     blocks=clip.HF_NAMES.blocks,
     top={"encoder_norm": "final_layer_norm"},
     strip=("text_model.",),
-    prefix="text_model.",
+    prefix={"v4": "text_model.", "v5": "text_model."},
 )
 
 # The eos_token_id of the configs saved before transformers PR #24773 (openai's own CLIP

@@ -24,8 +24,8 @@ class NameMap:
       blocks: {path inside `block_N/`: {naming: module name inside `<layers>.N.`}}.
       top: {path outside the blocks: module name}, the same in every naming.
       strip: prefixes a reader removes first (e.g. "vit." of ViTForImageClassification).
-      prefix: what the bare model's module names start with when written ("vision_model."
-        in CLIPVisionModel, "" in ViTModel).
+      prefix: {naming: what the bare model's module names start with}, for a naming where
+        they have one (CLIPVisionModel's "vision_model." in transformers 4.x; none in 5.x).
       classifier_prefix: the same in the family's image classification model (with the
         classifier PEFT saves as `modules_to_save`), or None when transformers has no such
         model reading the feature jaxmerge's heads read.
@@ -37,7 +37,7 @@ class NameMap:
     blocks: Mapping[str, Mapping[str, str]]
     top: Mapping[str, str]
     strip: tuple[str, ...] = ()
-    prefix: str = ""
+    prefix: Mapping[str, str] = dataclasses.field(default_factory=dict)
     classifier_prefix: str | None = None
     without_classifier: tuple[str, ...] = ()
     peft_targets: str = r"block_\d+/(attention/(query|key|value|out)|mlp/(fc1|fc2))"
@@ -81,6 +81,10 @@ class NameMap:
                 if match.group(2) in modules.values():
                     return f"block_{match.group(1)}/{path}"
         return None
+
+    def prefix_for(self, naming: str) -> str:
+        """The bare model's module name prefix in `naming` ("" for none)."""
+        return self.prefix.get(naming, "")
 
     def is_peft_target(self, path: str) -> bool:
         return re.fullmatch(self.peft_targets, path) is not None
