@@ -371,19 +371,15 @@ def check_peft_exportable(merged: Tree | None, folded: bool, method: str | None)
 
 def export_peft(model: MultiTaskModel | str, directory: str, naming: str = "v5") -> str:
     """Writes a model's merged adapter as a PEFT LoRA folder (`interop.peft_export`), module
-    names by the model family's own `NameMap` (a CLIP adapter gets CLIPVisionModel's, a ViT's
-    ViTModel's); `model` is a loaded model or a model folder. Returns the folder written."""
+    names by the family's own `NameMap` (`Family.names`: CLIPVisionModel's for CLIP, ViTModel's
+    for a ViT); `model` is a loaded model or a model folder. Returns the folder written."""
     from jaxmerge.interop import peft_export
 
     model = load(model) if isinstance(model, str) else model
     check_peft_exportable(model.merged, model.info["folded"], model.info["merge"]["method"])
     family = models.get(model.info["model"]["family"])
     if family.names is None:
-        raise ValueError(
-            f"--export_peft: model family {family.name!r} has no Hugging Face module names; "
-            f"allowed: a family with names, one of "
-            f"{sorted(n for n, f in models.FAMILIES.items() if f.names)}"
-        )
+        raise ValueError(f"--export_peft: family {family.name!r} has no Hugging Face names")
     check_output_folder(directory, "--export_peft")
     base = model.info.get("base", {})
     name = base.get("path") if base.get("source") == "hf" else None  # a Hub / HF folder name
@@ -394,16 +390,10 @@ def export_peft(model: MultiTaskModel | str, directory: str, naming: str = "v5")
 
 
 def check_hf_exportable(model_def, family: str) -> None:
-    """Raises ValueError unless the family `family` writes the backbone `model_def` as a
-    Hugging Face model (`Family.save_hf`)."""
-    family = models.get(family)
-    if family.save_hf is None:
-        raise ValueError(
-            f"--export_hf: the backbone is a {type(model_def).__name__} (family "
-            f"{family.name!r}), which has no Hugging Face export; allowed: a family with one "
-            f"({sorted(n for n, f in models.FAMILIES.items() if f.save_hf)}: transformers' "
-            f"ViTModel)"
-        )
+    """Raises ValueError unless `family` writes the backbone as a Hugging Face model."""
+    if models.get(family).save_hf is None:
+        with_export = sorted(n for n, f in models.FAMILIES.items() if f.save_hf)
+        raise ValueError(f"--export_hf: family {family!r} has no export; allowed: {with_export}")
     if getattr(model_def, "pool", "cls") != "cls":
         raise ValueError(
             f"--export_hf: the backbone pools by {model_def.pool!r}; allowed: pool='cls', the "
@@ -412,9 +402,8 @@ def check_hf_exportable(model_def, family: str) -> None:
 
 
 def export_hf(model: MultiTaskModel | str, directory: str, naming: str = "v4") -> str:
-    """Writes a model's backbone (merged adapter folded in) as a Hugging Face model folder by
-    the family's `save_hf` (the ViT's: `models.vit.save_hf`, a `ViTModel`); `model` is a loaded
-    model or a model folder. Returns the folder."""
+    """Writes a model's backbone (merged adapter folded in) by the family's `save_hf` (the
+    ViT's writes a `ViTModel` folder); `model` is a loaded model or a model folder."""
     model = load(model) if isinstance(model, str) else model
     family = models.get(model.info["model"]["family"])
     check_hf_exportable(model.model_def, family.name)
