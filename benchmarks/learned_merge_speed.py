@@ -37,7 +37,7 @@ def main() -> None:
     from jaxmerge.models import load
 
     model, base, _ = load.load_base(offline.get_config().train)
-    config = lora.LoraConfig(rank=8, targets="qv")
+    config = lora.LoraConfig(rank=8, targets=load.family_of(None).target_regex("qv"))
 
     def adapter(seed):
         fresh = lora.init_adapter(jax.random.key(seed), base, config)

@@ -66,11 +66,12 @@ def run(args) -> dict:
     import numpy as np
 
     from jaxmerge import heads, lora, merging, multitask
+    from jaxmerge.models import vit
 
     model, base = load_model(args)
     counts = [int(n) for n in args.tasks.split(",")]
     n_max = max(counts)
-    config = lora.LoraConfig(rank=8, targets="qv")
+    config = lora.LoraConfig(rank=8, targets=vit.TARGET_PRESETS["qv"])
     adapters = []
     for i in range(n_max):  # non-zero updates; timings do not depend on the values
         adapter = lora.init_adapter(jax.random.key(i), base, config)

@@ -4,7 +4,7 @@ The public API, re-exported here (the modules keep the full set):
 
     import jaxmerge as jm
 
-    adapter = jm.init_adapter(key, base, jm.LoraConfig(rank=8, targets="qv"))
+    adapter = jm.init_adapter(key, base, jm.LoraConfig(rank=8)  # the query and value layers)
     merged = jm.merging.merge([adapter_a, adapter_b], "ties", [0.5, 0.5], density=0.5)
     backbone = jm.fold_into_base(base, merged)
 

@@ -344,14 +344,14 @@ def _int_list(field: str, text: str, example: str) -> tuple[int, ...] | None:
 
 
 def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig:
-    """The LoraConfig of a training config (its own validation names the bad field)."""
+    """The LoraConfig of a training config, `lora.targets` resolved by the model family (a
+    preset name or a regex; LoraConfig's own validation names the bad field)."""
     return lora.LoraConfig(
         rank=c.lora.rank,
         alpha=float(c.lora.alpha),
-        targets=c.lora.targets,
+        targets=models.get(c.model.family).target_regex(c.lora.targets),
         use_rslora=c.lora.use_rslora,
         dropout=c.lora.dropout,
-        family=c.model.family,
     )
 
 

@@ -33,22 +33,21 @@ class LoraConfig:
       rank: r, the inner dimension of the update.
       alpha: scaling numerator; the update is scaled by alpha / r, or alpha / sqrt(r) with
         `use_rslora` (Kalajdzievski 2023), as in PEFT.
-      targets: a preset name of the model family (`models.get(family).target_presets`, e.g.
-        "qv", "all") or a regex searched in each target path.
+      targets: a regex searched in each target path (default: the query and value layers of
+        every block). A model family resolves its preset names ("qv", "all") to one:
+        `models.get(family).target_regex("qv")`, as `config_lib.lora_config` does.
       rank_pattern, alpha_pattern: {regex: value} overriding rank / alpha on matching paths;
         the first regex that matches (searched, as PEFT does) wins.
       dropout: dropout on the LoRA branch's input during training.
-      family: the model family whose target presets `targets` may name.
     """
 
     rank: int = 8
     alpha: float = 8.0
-    targets: str = "qv"
+    targets: str = r"block_\d+/attention/(query|value)$"
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
     dropout: float = 0.0
-    family: str = "vit"
 
     def __post_init__(self):
         for name, value in [
@@ -65,17 +64,11 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig.{name}: got {value!r}; allowed: a number > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout: got {self.dropout!r}; allowed: 0 <= dropout < 1")
-        for pattern in [self.target_regex, *self.rank_pattern, *self.alpha_pattern]:
+        for pattern in [self.targets, *self.rank_pattern, *self.alpha_pattern]:
             try:
                 re.compile(pattern)
             except re.error as error:
                 raise ValueError(f"LoraConfig: bad regex {pattern!r}: {error}") from None
-
-    @property
-    def target_regex(self) -> str:
-        from jaxmerge import models  # here, not at the top: model families use this module
-
-        return models.get(self.family).target_presets.get(self.targets, self.targets)
 
     def rank_for(self, path: str) -> int:
         return next((r for p, r in self.rank_pattern.items() if re.search(p, path)), self.rank)
@@ -174,11 +167,12 @@ def init_adapter(key: jax.Array, base: Tree, config: LoraConfig, dtype=jnp.float
       ValueError: if the target regex matches no dense layer of `base`, or a rank exceeds its
         layer's smaller side.
     """
-    paths = [p for p in kernel_paths(base) if re.search(config.target_regex, p)]
+    paths = [p for p in kernel_paths(base) if re.search(config.targets, p)]
     if not paths:
         raise ValueError(
             f"LoraConfig.targets: {config.targets!r} matches no dense layer; layer paths look "
-            f"like {kernel_paths(base)[:4]}"
+            f"like {kernel_paths(base)[:4]} (a preset name such as 'qv' is resolved by the "
+            f"model family: models.get(family).target_regex('qv'))"
         )
     adapter: Tree = {}
     for path, subkey in zip(paths, jax.random.split(key, len(paths))):

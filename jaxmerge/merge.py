@@ -144,7 +144,7 @@ def merge_to_folder(
     model_def, base = runs_lib.base_of(runs)
     model_folder.check_one_normalization(runs)
     if export_hf is not None:  # refused before anything is written
-        model_folder.check_hf_exportable(model_def)
+        model_folder.check_hf_exportable(model_def, load.family_of(runs[0].config).name)
     merged, recipe = recipes.merge_runs(runs, model_def, base, method, weights, params, seed)
     if export_peft is not None:  # refused before anything is written
         model_folder.check_peft_exportable(merged, fold, method)

@@ -369,41 +369,42 @@ def check_peft_exportable(merged: Tree | None, folded: bool, method: str | None)
 
 
 def export_peft(model: MultiTaskModel | str, directory: str, naming: str = "v5") -> str:
-    """Writes a model's merged adapter as a PEFT LoRA folder (`interop.peft.save_peft_adapter`);
-    `model` is a loaded model or a model folder. Returns the folder written."""
-    from jaxmerge.interop import peft
+    """Writes a model's merged adapter as a PEFT LoRA folder (`interop.peft_export`), module
+    names by the family's own `NameMap` (`Family.names`: CLIPVisionModel's for CLIP, ViTModel's
+    for a ViT); `model` is a loaded model or a model folder. Returns the folder written."""
+    from jaxmerge.interop import peft_export
 
     model = load(model) if isinstance(model, str) else model
     check_peft_exportable(model.merged, model.info["folded"], model.info["merge"]["method"])
+    family = models.get(model.info["model"]["family"])
+    if family.names is None:
+        raise ValueError(f"--export_peft: family {family.name!r} has no Hugging Face names")
     check_output_folder(directory, "--export_peft")
     base = model.info.get("base", {})
     name = base.get("path") if base.get("source") == "hf" else None  # a Hub / HF folder name
-    peft.save_peft_adapter(directory, model.merged, naming=naming, base_model_name_or_path=name)
+    peft_export.save_peft_adapter(
+        directory, model.merged, naming=naming, base_model_name_or_path=name, names=family.names
+    )
     return os.path.abspath(directory)
 
 
-def check_hf_exportable(model_def) -> None:
-    """Raises ValueError unless the backbone can be written as a Hugging Face ViTModel."""
-    from jaxmerge.models import vit
-
-    if type(model_def) is not vit.ViT:
+def check_hf_exportable(model_def, family: str) -> None:
+    """Raises ValueError unless `family` writes the backbone as a Hugging Face model."""
+    if models.get(family).save_hf is None:
+        with_export = sorted(n for n, f in models.FAMILIES.items() if f.save_hf)
+        raise ValueError(f"--export_hf: family {family!r} has no export; allowed: {with_export}")
+    if getattr(model_def, "pool", "cls") != "cls":
         raise ValueError(
-            f"--export_hf: the backbone is a {type(model_def).__name__}; allowed: a ViT "
-            f"(family 'vit'), the architecture of transformers' ViTModel"
-        )
-    if model_def.pool != "cls":
-        raise ValueError(
-            f"--export_hf: the ViT pools by {model_def.pool!r}; allowed: pool='cls', the class "
-            f"token a ViTModel reads"
+            f"--export_hf: the backbone pools by {model_def.pool!r}; allowed: pool='cls', the "
+            f"class token a ViTModel reads"
         )
 
 
 def export_hf(model: MultiTaskModel | str, directory: str, naming: str = "v4") -> str:
-    """Writes a model's backbone (merged adapter folded in) as a Hugging Face `ViTModel` folder
-    (`interop.hf.save_hf_vit`); `model` is a loaded model or a model folder. Returns the folder."""
-    from jaxmerge.interop import hf
-
+    """Writes a model's backbone (merged adapter folded in) by the family's `save_hf` (the
+    ViT's writes a `ViTModel` folder); `model` is a loaded model or a model folder."""
     model = load(model) if isinstance(model, str) else model
-    check_hf_exportable(model.model_def)
+    family = models.get(model.info["model"]["family"])
+    check_hf_exportable(model.model_def, family.name)
     check_output_folder(directory, "--export_hf")
-    return hf.save_hf_vit(directory, model.info["model"]["kwargs"], model.backbone, naming)
+    return family.save_hf(directory, model.info["model"]["kwargs"], model.backbone, naming)

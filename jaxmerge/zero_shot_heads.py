@@ -19,16 +19,13 @@ The file (`jaxmerge.zero_shot.load_heads` reads it) holds, as float32:
 
 so that `logits = scale * normalize(pooled @ visual_projection) @ classes.T`.
 
-The text tower is `models.clip_text.TextTower`, loaded by `interop.clip.load_hf_clip_text`;
+The text tower is `models.clip_text.TextTower`, loaded by `models.clip_text.load_hf`;
 prompts are tokenized with the folder's `tokenizer.json` (the `tokenizers` package), each
 class's prompts padded to the longest, as `tokenizer(prompts, padding=True)` does. The
 reference is `scripts/make_zero_shot_heads.py` (torch and transformers), which wrote
 tests/golden/clip/zero_shot.npz: this module's file matches it (`tests/test_clip_text.py`).
 
-Class names are the TFDS label names made readable (`CLASS_NAMES` replaces them where TFDS has
-codes or numbers); templates are `TEMPLATES`. Both differ from the lists of the task-arithmetic
-code base (more templates per dataset), so zero-shot accuracy can differ from published
-zero-shot numbers by a point or two; merged-model comparisons within jaxmerge are unaffected.
+Class names and templates are task data (`jaxmerge.tasks.prompts`).
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -46,67 +42,13 @@ from absl import flags
 
 from jaxmerge import cli as cli_lib
 from jaxmerge import logs, tasks
-from jaxmerge.interop import clip as clip_io
-from jaxmerge.interop import hf
+from jaxmerge.interop import files
 from jaxmerge.models import clip_text
+from jaxmerge.tasks import prompts as task_prompts
 
-TEMPLATES = {
-    "default": ("a photo of a {}.",),
-    "sun397": ("a photo of a {}.", "a photo of the {}."),
-    "cars": ("a photo of a {}.", "a photo of the {}, a type of car.", "a photo of my {}."),
-    "resisc45": ("satellite imagery of {}.", "aerial imagery of {}.", "a satellite photo of {}."),
-    "eurosat": ("a centered satellite photo of {}.", "a satellite photo of {}."),
-    "svhn": ('a photo of the number: "{}".',),
-    "gtsrb": (
-        'a zoomed in photo of a "{}" traffic sign.',
-        'a centered photo of a "{}" traffic sign.',
-    ),
-    "mnist": ('a photo of the number: "{}".',),
-    "dtd": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} object."),
-}
-# TFDS label names that are not words.
-CLASS_NAMES = {
-    "eurosat": (
-        "annual crop land", "forest", "brushland or shrubland", "highway or road",
-        "industrial buildings or commercial buildings", "pasture land",
-        "permanent crop land", "residential buildings or homes or apartments", "river",
-        "lake or sea",
-    ),
-}  # fmt: skip
 # Compiled prompt lengths are rounded up to a multiple of this, so that a task's classes share
 # a few compiled shapes instead of one per token count.
 LENGTH_MULTIPLE = 8
-
-
-def readable(name: str) -> str:
-    """'/a/abbey' -> 'abbey', 'AM_General_Hummer_SUV_2000' -> 'AM General Hummer SUV 2000'."""
-    name = re.sub(r"^/?[a-z]/", "", name)  # SUN397's '/a/abbey'
-    return name.replace("_", " ").replace("/", " ").strip()
-
-
-def _table_key(task: tasks.Task) -> str:
-    """The `TEMPLATES` / `CLASS_NAMES` key of a task: its dataset's name, shortened."""
-    key = task.dataset.split("/")[0].split(":")[0].replace("cars196", "cars")
-    return {"svhn_cropped": "svhn", "gtsrb": "gtsrb"}.get(key, key)
-
-
-def suite_classes(task_names: Sequence[str], data_dir: str) -> tuple[dict, dict]:
-    """({task: class names}, {task: templates}) of registered tasks, names from TFDS."""
-    classes, templates = {}, {}
-    for name in task_names:
-        task = tasks.get(name)
-        key = _table_key(task)
-        if key in CLASS_NAMES:
-            names = list(CLASS_NAMES[key])
-        else:
-            import tensorflow_datasets as tfds
-
-            builder = tfds.builder(task.dataset, data_dir=data_dir)
-            names = [readable(n) for n in builder.info.features[task.target].names]
-        if len(names) != task.outputs:
-            raise ValueError(f"{name}: {len(names)} class names for {task.outputs} outputs")
-        classes[name], templates[name] = names, TEMPLATES.get(key, TEMPLATES["default"])
-    return classes, templates
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -218,7 +160,7 @@ def zero_shot_arrays(folder: str, task_classes: Mapping, task_templates: Mapping
     """The file's arrays (see the module doc; all but `model`) for {task: class names} with
     {task: templates}, from the CLIPModel folder `folder`, with a progress bar over classes.
     Every prompt is tokenized (and checked) before the text tower runs."""
-    kwargs, params, extras = clip_io.load_hf_clip_text(folder)
+    kwargs, params, extras = clip_text.load_hf(folder)
     model, tokenizer = clip_text.TextTower(**kwargs), load_tokenizer(folder)
     tokens = {}
     for task, names in task_classes.items():
@@ -245,20 +187,6 @@ def zero_shot_arrays(folder: str, task_classes: Mapping, task_templates: Mapping
 # ----------------------------------------------------------------------------- the command
 
 
-def _tensor_names(folder: str) -> list[str]:
-    """The tensor names of a folder's model.safetensors (or its shards' index), from the
-    headers; [] without either file."""
-    from safetensors import safe_open
-
-    single, index = (os.path.join(folder, f"model.safetensors{s}") for s in ("", ".index.json"))
-    if os.path.isfile(single):
-        with safe_open(single, "np") as f:
-            return list(f.keys())
-    if os.path.isfile(index):
-        return list(hf._read_json(index).get("weight_map", {}))
-    return []
-
-
 def check_inputs(model: str, task_names: Sequence[str], output: str, data_dir: str) -> None:
     """Raises a ValueError naming the flag, the value and what is allowed for the first bad
     input; reads only file headers, so it runs before anything is computed."""
@@ -278,7 +206,7 @@ def check_inputs(model: str, task_names: Sequence[str], output: str, data_dir: s
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"--model: {model!r} has no config.json; allowed: {allowed_model}")
     try:
-        kind = hf._read_json(os.path.join(model, "config.json")).get("model_type")
+        kind = files.read_json(os.path.join(model, "config.json")).get("model_type")
     except ValueError as error:
         raise ValueError(f"--model: {error}; allowed: {allowed_model}") from None
     if kind != "clip":
@@ -288,7 +216,7 @@ def check_inputs(model: str, task_names: Sequence[str], output: str, data_dir: s
         )
     if not os.path.isfile(os.path.join(model, "tokenizer.json")):
         raise ValueError(f"--model: {model!r} has no tokenizer.json; allowed: {allowed_model}")
-    names = _tensor_names(model)
+    names = files.tensor_names(model)
     if not names:
         raise ValueError(f"--model: {model!r} has no model.safetensors; allowed: {allowed_model}")
     if not any(n.startswith("text_model.") for n in names):
@@ -300,7 +228,7 @@ def check_inputs(model: str, task_names: Sequence[str], output: str, data_dir: s
     for name in task_names:
         if name not in known:
             raise ValueError(f"--tasks: unknown task {name!r}; allowed: {known}")
-    needs_tfds = [n for n in task_names if _table_key(tasks.get(n)) not in CLASS_NAMES]
+    needs_tfds = [n for n in task_names if not task_prompts.has_class_names(tasks.get(n))]
     if needs_tfds and not os.path.isdir(data_dir):
         raise ValueError(
             f"--data_dir: {data_dir!r} is not a folder; allowed: the TFDS data folder where "
@@ -320,7 +248,7 @@ def write_heads(
     data_dir = data_dir or os.path.expanduser("~/tensorflow_datasets")
     task_names = list(task_names or tasks.clip_suite.TASKS)
     check_inputs(model, task_names, output, data_dir)
-    classes, templates = suite_classes(task_names, data_dir)
+    classes, templates = task_prompts.suite_classes(task_names, data_dir)
     arrays = zero_shot_arrays(model, classes, templates)
     arrays["model"] = np.asarray(os.path.abspath(model))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -372,11 +372,11 @@ def export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
     from peft import PeftModel
 
     from jaxmerge import lora, merging
-    from jaxmerge.interop import hf
     from jaxmerge.interop import peft as peft_io
+    from jaxmerge.interop import peft_export
     from jaxmerge.models import vit
 
-    vit_kwargs, params, _ = hf.load_hf_vit(os.path.join(GOLDEN, "hf_vit"))
+    vit_kwargs, params, _ = vit.load_hf(os.path.join(GOLDEN, "hf_vit"))
     model = vit.ViT(**vit_kwargs)
     apply = jax.jit(lambda adapter: model.apply({"params": params, "lora": adapter}, images))
     exported = os.path.join(GOLDEN, "exported")
@@ -407,7 +407,7 @@ def export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
     for name, adapter in adapters.items():
         naming = "v4" if name == "rslora" else "v5"
         folder = os.path.join(exported, name)
-        peft_io.save_peft_adapter(
+        peft_export.save_peft_adapter(
             folder, adapter, naming=naming, head=head if name == "cls" else None
         )
         if naming == "v4":
@@ -440,20 +440,19 @@ def hf_export_check(pixels: torch.Tensor, images: np.ndarray) -> None:
     from transformers import ViTModel
 
     from jaxmerge import lora, merging
-    from jaxmerge.interop import hf
     from jaxmerge.interop import peft as peft_io
     from jaxmerge.models import vit
 
-    vit_kwargs, params, _ = hf.load_hf_vit(os.path.join(GOLDEN, "hf_vit"))
+    vit_kwargs, params, _ = vit.load_hf(os.path.join(GOLDEN, "hf_vit"))
     load = lambda n: peft_io.load_peft_adapter(os.path.join(GOLDEN, "adapters", n))[0]  # noqa: E731
     merged = merging.merge([load(n) for n in ABC], "ties", W3, density=0.5)
     folded = lora.fold_into_base(params, merged)
     want = jax.jit(vit.ViT(**vit_kwargs).apply)({"params": folded}, images)
     peft_merge = np.load(os.path.join(GOLDEN, "outputs.npz"))["merge/ties_total/last_hidden_state"]
-    for naming in hf.HF_NAMINGS:
+    for naming in vit.HF_NAMES.namings:
         folder = os.path.join(GOLDEN, "hf_exports", f"folded_ties_{naming}")
         shutil.rmtree(folder, ignore_errors=True)
-        hf.save_hf_vit(folder, vit_kwargs, folded, naming)
+        vit.save_hf(folder, vit_kwargs, folded, naming)
         got = outputs(ViTModel.from_pretrained(folder).eval(), pixels)
         for key, ours in (("last_hidden_state", "tokens"), ("pooler_output", "pooled")):
             err = rel_err(got[key], want[ours])

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 sys.path.insert(0, ROOT)
 # The tables live in the library, which computes the same file in JAX.
-from jaxmerge.zero_shot_heads import CLASS_NAMES, TEMPLATES, readable, suite_classes  # noqa: E402
+from jaxmerge.tasks.prompts import CLASS_NAMES, TEMPLATES, readable, suite_classes  # noqa: E402
 
 __all__ = [
     "CLASS_NAMES",

@@ -20,7 +20,7 @@ import pytest
 from golden_files import rel_err
 
 from jaxmerge import heads, lora
-from jaxmerge.interop import bigvision, hf, peft
+from jaxmerge.interop import peft
 from jaxmerge.models import vit
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "b16")
@@ -53,7 +53,7 @@ def images():
 def hf_model(tmp_path_factory):
     """(kwargs, params, head) of the seeded ViTModel folder, loaded by jaxmerge."""
     folder = b16_weights.write_hf(str(tmp_path_factory.mktemp("vit_model")), "ViTModel", seed=0)
-    return hf.load_hf_vit(folder)
+    return vit.load_hf(folder)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def hf_classifier(tmp_path_factory):
     folder = b16_weights.write_hf(
         str(tmp_path_factory.mktemp("vit_cls")), "ViTForImageClassification", seed=1
     )
-    return hf.load_hf_vit(folder)
+    return vit.load_hf(folder)
 
 
 def forward(kwargs, params, images, adapter=None):
@@ -151,12 +151,12 @@ def test_bigvision_b16_npz_loads_the_same_model(hf_model, images, tmp_path):
     it gives transformers' outputs; at 384 px its position embeddings are resampled."""
     path = str(tmp_path / "ViT-B_16.npz")
     np.savez(path, **augreg_from_hf(b16_weights.state_dict("ViTModel", seed=0)))
-    kwargs, params, head = bigvision.load_bigvision_npz(path)
+    kwargs, params, head = vit.load_bigvision(path)
     assert head is None
     assert kwargs == {**B16, "pooler": True, "layer_norm_eps": 1e-6, "gelu_approximate": True}
     hf_kwargs, hf_params, _ = hf_model
     jax.tree.map(np.testing.assert_array_equal, params, hf_params)
     out = forward(hf_kwargs, params, images)
     assert rel_err(out["pooled"], golden("model/pooler_output")) < RTOL
-    bigger, params_384, _ = bigvision.load_bigvision_npz(path, image_size=384)
+    bigger, params_384, _ = vit.load_bigvision(path, image_size=384)
     assert bigger["image_size"] == 384 and params_384["pos_embedding"].shape == (1, 577, 768)

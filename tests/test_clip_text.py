@@ -21,8 +21,7 @@ import pytest
 from golden_files import rel_err
 
 from jaxmerge import zero_shot, zero_shot_heads
-from jaxmerge.interop import clip as clip_io
-from jaxmerge.interop import hf
+from jaxmerge.interop import files
 from jaxmerge.models import clip_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +35,7 @@ def text_golden() -> dict[str, np.ndarray]:
 
 
 def load_text():
-    kwargs, params, extras = clip_io.load_hf_clip_text(MODEL)
+    kwargs, params, extras = clip_text.load_hf(MODEL)
     return clip_text.TextTower(**kwargs), params, extras
 
 
@@ -93,7 +92,7 @@ def test_attention_is_causal():
 
 def test_text_loader_reads_logit_scale_and_visual_projection():
     model, _, extras = load_text()
-    state = hf._read_safetensors(MODEL)
+    state = files.read_safetensors(MODEL)
     np.testing.assert_array_equal(extras["visual_projection"], state["visual_projection.weight"].T)
     assert extras["logit_scale"] == np.float32(state["logit_scale"])
     assert (model.width, model.depth, model.projection_dim, model.eos_token_id) == (32, 1, 24, 1)
@@ -132,7 +131,7 @@ def test_command_writes_a_file_load_heads_reads_and_never_overwrites_it(tmp_path
     assert heads["visual_projection"].shape == (32, 24)
     assert zero_shot.head_def(output, "mnist").outputs == 10
     with np.load(output) as npz:
-        assert list(npz["templates/mnist"]) == list(zero_shot_heads.TEMPLATES["mnist"])
+        assert list(npz["templates/mnist"]) == list(zero_shot_heads.task_prompts.TEMPLATES["mnist"])
         assert str(npz["model"]) == os.path.abspath(MODEL)
     written = open(output, "rb").read()
     with pytest.raises(ValueError, match=rf"--output: '{output}' exists; refusing to overwrite"):
@@ -167,7 +166,7 @@ def _folder_without_text_weights(tmp_path):
 
     folder = tmp_path / "vision_only"
     shutil.copytree(MODEL, folder)
-    state = hf._read_safetensors(MODEL)
+    state = files.read_safetensors(MODEL)
     save_file(
         {k: v for k, v in state.items() if not k.startswith("text_")},
         str(folder / "model.safetensors"),
@@ -229,7 +228,7 @@ def test_bad_inputs_are_refused_before_any_compute(case, tmp_path, monkeypatch):
         raise AssertionError("computed before the inputs were checked")
 
     monkeypatch.setattr(zero_shot_heads, "zero_shot_arrays", computed)
-    monkeypatch.setattr(zero_shot_heads, "suite_classes", computed)
+    monkeypatch.setattr(zero_shot_heads.task_prompts, "suite_classes", computed)
     make, message = BAD_INPUTS[case]
     inputs = dict(model=MODEL, output=str(tmp_path / "out.npz"), task_names=["eurosat"])
     inputs.update(make(tmp_path))

@@ -13,7 +13,7 @@ from jaxmerge.models import vit
 
 MODEL = vit.ViT(**vit.variant("mu/4", image_size=8, depth=2))
 BASE = vit.init_params(MODEL, jax.random.key(0))
-CONFIG = lora.LoraConfig(rank=2, targets="qv")
+CONFIG = lora.LoraConfig(rank=2, targets=vit.TARGET_PRESETS["qv"])
 
 
 def _adapter(seed):

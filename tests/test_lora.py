@@ -32,7 +32,9 @@ def forward(params, adapter=None):
 
 @pytest.mark.parametrize("targets", sorted(vit.TARGET_PRESETS))
 def test_fresh_adapter_changes_nothing(targets):
-    adapter = lora.init_adapter(jax.random.key(2), BASE, lora.LoraConfig(rank=4, targets=targets))
+    adapter = lora.init_adapter(
+        jax.random.key(2), BASE, lora.LoraConfig(rank=4, targets=vit.TARGET_PRESETS[targets])
+    )
     plain, adapted = forward(BASE), forward(BASE, adapter)
     np.testing.assert_array_equal(plain["tokens"], adapted["tokens"])
     np.testing.assert_array_equal(plain["pooled"], adapted["pooled"])
@@ -40,7 +42,9 @@ def test_fresh_adapter_changes_nothing(targets):
 
 def test_zeroed_adapter_changes_nothing():
     adapter = randomised(
-        lora.init_adapter(jax.random.key(2), BASE, lora.LoraConfig(targets="all")),
+        lora.init_adapter(
+            jax.random.key(2), BASE, lora.LoraConfig(targets=vit.TARGET_PRESETS["all"])
+        ),
         jax.random.key(3),
     )
     np.testing.assert_array_equal(
@@ -49,7 +53,7 @@ def test_zeroed_adapter_changes_nothing():
 
 
 def test_adapter_changes_output_and_factored_equals_dense_and_folded():
-    config = lora.LoraConfig(rank=4, alpha=16, targets="all")
+    config = lora.LoraConfig(rank=4, alpha=16, targets=vit.TARGET_PRESETS["all"])
     adapter = randomised(lora.init_adapter(jax.random.key(2), BASE, config), jax.random.key(3))
     factored = forward(BASE, adapter)["tokens"]
     assert np.abs(factored - forward(BASE)["tokens"]).max() > 1e-2
@@ -61,7 +65,9 @@ def test_adapter_changes_output_and_factored_equals_dense_and_folded():
 
 def test_fold_then_unfold_returns_base_and_base_is_not_mutated():
     adapter = randomised(
-        lora.init_adapter(jax.random.key(2), BASE, lora.LoraConfig(targets="all")),
+        lora.init_adapter(
+            jax.random.key(2), BASE, lora.LoraConfig(targets=vit.TARGET_PRESETS["all"])
+        ),
         jax.random.key(3),
     )
     before = jax.tree.map(np.array, BASE)
@@ -78,7 +84,11 @@ def test_fold_then_unfold_returns_base_and_base_is_not_mutated():
 
 def test_delta_closed_form_and_scaling():
     config = lora.LoraConfig(
-        rank=4, alpha=6, targets="qv", rank_pattern={"block_1": 2}, alpha_pattern={"value": 3}
+        rank=4,
+        alpha=6,
+        targets=vit.TARGET_PRESETS["qv"],
+        rank_pattern={"block_1": 2},
+        alpha_pattern={"value": 3},
     )
     adapter = randomised(lora.init_adapter(jax.random.key(2), BASE, config), jax.random.key(3))
     node = adapter["block_1"]["attention"]["query"]
@@ -96,7 +106,7 @@ def test_delta_closed_form_and_scaling():
 
 
 def test_peft_initialisation():
-    config = lora.LoraConfig(rank=16, targets="qv")
+    config = lora.LoraConfig(rank=16, targets=vit.TARGET_PRESETS["qv"])
     adapter = lora.init_adapter(jax.random.key(5), BASE, config)
     a = adapter["block_0"]["attention"]["query"]["lora_a"]
     bound = 1 / np.sqrt(32)
@@ -109,7 +119,9 @@ def test_peft_initialisation():
 
 def test_jit_equals_eager():
     adapter = randomised(
-        lora.init_adapter(jax.random.key(2), BASE, lora.LoraConfig(targets="all")),
+        lora.init_adapter(
+            jax.random.key(2), BASE, lora.LoraConfig(targets=vit.TARGET_PRESETS["all"])
+        ),
         jax.random.key(3),
     )
     eager = lora.fold_into_base(BASE, adapter)
@@ -124,7 +136,9 @@ def test_jit_equals_eager():
 def test_lora_dropout_only_in_training():
     model = vit.ViT(**vit.variant("mu/4", image_size=16, depth=2, lora_dropout=0.5))
     adapter = randomised(
-        lora.init_adapter(jax.random.key(2), BASE, lora.LoraConfig(targets="all")),
+        lora.init_adapter(
+            jax.random.key(2), BASE, lora.LoraConfig(targets=vit.TARGET_PRESETS["all"])
+        ),
         jax.random.key(3),
     )
     variables = {"params": BASE, "lora": adapter}
@@ -144,7 +158,10 @@ def test_lora_dropout_only_in_training():
 
 def test_gradients_reach_factors_not_scale():
     adapter = randomised(
-        lora.init_adapter(jax.random.key(2), BASE, lora.LoraConfig(targets="qv")), jax.random.key(3)
+        lora.init_adapter(
+            jax.random.key(2), BASE, lora.LoraConfig(targets=vit.TARGET_PRESETS["qv"])
+        ),
+        jax.random.key(3),
     )
     grads = jax.grad(lambda a: forward(BASE, a)["pooled"].sum())(adapter)
     node = grads["block_0"]["attention"]["query"]
@@ -204,7 +221,7 @@ def test_mean_pooling_and_pos_embedding_resampling():
 @given(rank=st.integers(1, 6), alpha=st.floats(0.5, 32.0), seed=st.integers(0, 2**16))
 def test_delta_is_linear_in_lora_b(rank, alpha, seed):
     """dW(a, c*b) = c * dW(a, b), and its rank never exceeds r."""
-    config = lora.LoraConfig(rank=rank, alpha=alpha, targets="qv")
+    config = lora.LoraConfig(rank=rank, alpha=alpha, targets=vit.TARGET_PRESETS["qv"])
     adapter = randomised(
         lora.init_adapter(jax.random.key(seed), BASE, config), jax.random.key(seed + 1)
     )
@@ -220,7 +237,7 @@ def test_delta_is_linear_in_lora_b(rank, alpha, seed):
 
 def test_folded_and_branch_lora_agree_in_outputs_and_gradients():
     """lora_compute only changes how the update is computed, not the function or its gradient."""
-    config = lora.LoraConfig(rank=4, alpha=8, targets="all")
+    config = lora.LoraConfig(rank=4, alpha=8, targets=vit.TARGET_PRESETS["all"])
     adapter = randomised(lora.init_adapter(jax.random.key(2), BASE, config), jax.random.key(3))
     results = []
     for compute in layers.LORA_COMPUTES:

@@ -186,9 +186,7 @@ def test_golden_hf_export_of_a_folded_ties_merge_gives_pefts_merge(naming):
     ViTModel loads them to jaxmerge's outputs (3e-7); here they must give PEFT's own TIES merge
     of the same adapters (an independent truth)."""
     golden = os.path.join(ROOT, "tests", "golden")
-    vit_kwargs, params, _ = hf.load_hf_vit(
-        os.path.join(golden, "hf_exports", f"folded_ties_{naming}")
-    )
+    vit_kwargs, params, _ = vit.load_hf(os.path.join(golden, "hf_exports", f"folded_ties_{naming}"))
     arrays = np.load(os.path.join(golden, "outputs.npz"))
     tokens = vit.ViT(**vit_kwargs).apply({"params": params}, arrays["images"])["tokens"]
     np.testing.assert_allclose(
@@ -201,7 +199,7 @@ def test_hf_export_round_trips_the_backbone(run_dirs, tmp_path):
         run_dirs, output=str(tmp_path / "m"), export_hf=str(tmp_path / "hf"), **TIES
     )
     model = model_folder.load(summary["output"])
-    vit_kwargs, params, head = hf.load_hf_vit(summary["hf"])
+    vit_kwargs, params, head = vit.load_hf(summary["hf"])
     assert head is None and vit_kwargs == model.info["model"]["kwargs"]
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(model.backbone)):
         np.testing.assert_array_equal(a, b)
@@ -219,7 +217,7 @@ def test_hf_export_refuses_what_a_vit_model_cannot_hold(run_dirs, tmp_path):
     assert not os.path.exists(tmp_path / "m")  # refused before anything was written
     mean_pool = vit.ViT(**vit.variant("mu/4", image_size=8, pool="mean"))
     with pytest.raises(ValueError, match="pools by 'mean'; allowed: pool='cls'"):
-        model_folder.check_hf_exportable(mean_pool)
+        model_folder.check_hf_exportable(mean_pool, "vit")
 
 
 def test_peft_folders_merge_into_a_model_that_gives_transformers_logits(tmp_path):

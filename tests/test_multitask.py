@@ -15,7 +15,7 @@ TASKS = {"a": 10, "b": 1, "c": 4}
 def setup():
     model = vit.ViT(**vit.variant("mu/4", image_size=8))
     base = vit.init_params(model, jax.random.key(0))
-    config = lora.LoraConfig(rank=2, targets="all")
+    config = lora.LoraConfig(rank=2, targets=vit.TARGET_PRESETS["all"])
     adapters = []
     for i in range(len(TASKS)):
         adapter = lora.init_adapter(jax.random.key(10 + i), base, config)

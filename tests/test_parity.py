@@ -16,7 +16,6 @@ import pytest
 from golden_files import rel_err
 
 from jaxmerge import lora, merging
-from jaxmerge.interop import hf
 from jaxmerge.interop import peft as peft_io
 from jaxmerge.models import vit
 
@@ -31,7 +30,7 @@ def golden() -> dict[str, np.ndarray]:
 
 @functools.cache
 def base():
-    vit_kwargs, params, head = hf.load_hf_vit(os.path.join(GOLDEN, "hf_vit"))
+    vit_kwargs, params, head = vit.load_hf(os.path.join(GOLDEN, "hf_vit"))
     model = vit.ViT(**vit_kwargs)
     return model, params, jax.jit(lambda variables: model.apply(variables, golden()["images"]))
 

@@ -16,6 +16,7 @@ import pytest
 
 from jaxmerge import lora, merging
 from jaxmerge.interop import peft as peft_io
+from jaxmerge.interop import peft_export
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
@@ -114,11 +115,11 @@ def mixed_adapter(seed: int = 0):
     return adapter
 
 
-@pytest.mark.parametrize("naming", peft_io.NAMINGS)
+@pytest.mark.parametrize("naming", peft_export.NAMINGS)
 @pytest.mark.parametrize("name", ("mixed", "patterns", "cls", "rslora"))
 def test_export_import_round_trip(tmp_path, name, naming):
     adapter, head = (mixed_adapter(), None) if name == "mixed" else load(name)[:2]
-    peft_io.save_peft_adapter(str(tmp_path), adapter, naming=naming, head=head)
+    peft_export.save_peft_adapter(str(tmp_path), adapter, naming=naming, head=head)
     got, got_head, config = peft_io.load_peft_adapter(str(tmp_path))
     assert_same_tree(got, adapter)
     assert_same_tree(got_head, head)
@@ -131,8 +132,8 @@ def test_export_names_and_layout(tmp_path):
     from safetensors.numpy import load_file
 
     adapter, head, _ = load("cls")
-    peft_io.save_peft_adapter(str(tmp_path / "v4"), adapter, naming="v4", head=head)
-    peft_io.save_peft_adapter(str(tmp_path / "v5"), load("patterns")[0], naming="v5")
+    peft_export.save_peft_adapter(str(tmp_path / "v4"), adapter, naming="v4", head=head)
+    peft_export.save_peft_adapter(str(tmp_path / "v5"), load("patterns")[0], naming="v5")
     v4 = load_file(str(tmp_path / "v4" / "adapter_model.safetensors"))
     v5 = load_file(str(tmp_path / "v5" / "adapter_model.safetensors"))
     key = "base_model.model.vit.encoder.layer.1.attention.attention.value.lora_A.weight"
@@ -145,7 +146,7 @@ def test_export_names_and_layout(tmp_path):
 def test_export_merged_adapter(tmp_path):
     adapters = [load(n)[0] for n in ("a", "b", "c")]
     merged = merging.merge(adapters, "cat", [0.5, 0.3, 0.2])
-    peft_io.save_peft_adapter(str(tmp_path), merged)
+    peft_export.save_peft_adapter(str(tmp_path), merged)
     got, _, config = peft_io.load_peft_adapter(str(tmp_path))
     assert config["r"] == 12
     for (_, n1), (_, n2) in zip(lora.target_items(got), lora.target_items(merged)):
@@ -155,29 +156,29 @@ def test_export_merged_adapter(tmp_path):
 def test_export_refuses_delta_trees(tmp_path):
     deltas = lora.delta_weights(load("a")[0])
     with pytest.raises(ValueError, match="block_0/attention/query.*factor"):
-        peft_io.save_peft_adapter(str(tmp_path), deltas)
+        peft_export.save_peft_adapter(str(tmp_path), deltas)
 
 
 def test_export_refuses_to_overwrite(tmp_path):
     adapter = load("a")[0]
-    peft_io.save_peft_adapter(str(tmp_path), adapter)
+    peft_export.save_peft_adapter(str(tmp_path), adapter)
     with pytest.raises(ValueError, match=f"{tmp_path}.*overwrite=True"):
-        peft_io.save_peft_adapter(str(tmp_path), load("b")[0])
+        peft_export.save_peft_adapter(str(tmp_path), load("b")[0])
     assert_same_tree(peft_io.load_peft_adapter(str(tmp_path))[0], adapter)
-    peft_io.save_peft_adapter(str(tmp_path), load("b")[0], overwrite=True)
+    peft_export.save_peft_adapter(str(tmp_path), load("b")[0], overwrite=True)
     assert_same_tree(peft_io.load_peft_adapter(str(tmp_path))[0], load("b")[0])
 
 
 def test_export_bad_arguments(tmp_path):
     adapter = load("a")[0]
     with pytest.raises(ValueError, match="naming='v6'"):
-        peft_io.save_peft_adapter(str(tmp_path / "x"), adapter, naming="v6")
+        peft_export.save_peft_adapter(str(tmp_path / "x"), adapter, naming="v6")
     bad = lora.set_at(adapter, "patch_embed", adapter["block_0"]["attention"]["query"])
     with pytest.raises(ValueError, match="'patch_embed'"):
-        peft_io.save_peft_adapter(str(tmp_path / "y"), bad)
+        peft_export.save_peft_adapter(str(tmp_path / "y"), bad)
     mlp_head = {"hidden": {}, "out": {}}
     with pytest.raises(ValueError, match="linear head"):
-        peft_io.save_peft_adapter(str(tmp_path / "z"), adapter, head=mlp_head)
+        peft_export.save_peft_adapter(str(tmp_path / "z"), adapter, head=mlp_head)
     assert not os.listdir(tmp_path)
 
 

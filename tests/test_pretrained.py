@@ -15,7 +15,6 @@ import pytest
 from golden_files import rel_err
 from safetensors.numpy import load_file, save_file
 
-from jaxmerge.interop import bigvision, hf
 from jaxmerge.models import vit
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -55,7 +54,7 @@ def hf_state() -> dict[str, np.ndarray]:
 
 
 def test_hf_vit_kwargs():
-    vit_kwargs, params, head = hf.load_hf_vit(HF)
+    vit_kwargs, params, head = vit.load_hf(HF)
     assert vit_kwargs == dict(
         width=32,
         depth=2,
@@ -75,7 +74,7 @@ def test_hf_vit_kwargs():
 
 def test_hf_patch_embedding_order():
     """kernel[(row * p + col) * C + channel, d] = conv weight[d, channel, row, col]."""
-    _, params, _ = hf.load_hf_vit(HF)
+    _, params, _ = vit.load_hf(HF)
     conv = hf_state()["embeddings.patch_embeddings.projection.weight"]
     kernel = np.asarray(params["patch_embed"]["kernel"])
     row, col, channel, d = 3, 1, 2, 5
@@ -89,7 +88,7 @@ def test_hf_classification_checkpoint(tmp_path):
     state["classifier.weight"] = rng.normal(size=(5, 32)).astype(np.float32)
     state["classifier.bias"] = rng.normal(size=(5,)).astype(np.float32)
     folder = write_hf(tmp_path, state, {"architectures": ["ViTForImageClassification"]})
-    vit_kwargs, params, head = hf.load_hf_vit(folder)
+    vit_kwargs, params, head = vit.load_hf(folder)
     assert not vit_kwargs["pooler"] and "pooler" not in params
     np.testing.assert_array_equal(head["out"]["kernel"], state["classifier.weight"].T)
     np.testing.assert_array_equal(head["out"]["bias"], state["classifier.bias"])
@@ -105,15 +104,15 @@ def test_hf_transformers5_names_load_the_same(tmp_path):
             name = name.replace(old, new)
         state[name] = value
     assert "layers.0.mlp.fc2.weight" in state
-    _, want, _ = hf.load_hf_vit(HF)
-    _, got, _ = hf.load_hf_vit(write_hf(tmp_path, state))
+    _, want, _ = vit.load_hf(HF)
+    _, got, _ = vit.load_hf(write_hf(tmp_path, state))
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
 def test_hf_without_qkv_bias(tmp_path):
     state = {k: v for k, v in hf_state().items() if not re_qkv_bias(k)}
     folder = write_hf(tmp_path, state, {"qkv_bias": False})
-    _, params, _ = hf.load_hf_vit(folder)
+    _, params, _ = vit.load_hf(folder)
     assert not np.any(params["block_1"]["attention"]["key"]["bias"])
 
 
@@ -123,10 +122,10 @@ def re_qkv_bias(name: str) -> bool:
 
 def test_hf_missing_files(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
-        hf.load_hf_vit(str(tmp_path))
+        vit.load_hf(str(tmp_path))
     shutil.copy(os.path.join(HF, "config.json"), tmp_path / "config.json")
     with pytest.raises(ValueError, match="model.safetensors"):
-        hf.load_hf_vit(str(tmp_path))
+        vit.load_hf(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -141,22 +140,22 @@ def test_hf_missing_files(tmp_path):
 )
 def test_hf_bad_config(tmp_path, changes, match):
     with pytest.raises(ValueError, match=match):
-        hf.load_hf_vit(write_hf(tmp_path, hf_state(), changes))
+        vit.load_hf(write_hf(tmp_path, hf_state(), changes))
 
 
 def test_hf_bad_tensors(tmp_path):
     state = hf_state()
     state["embeddings.position_embeddings"] = np.zeros((1, 5, 32), np.float32)
     with pytest.raises(ValueError, match="pos_embedding.*embeddings.position_embeddings.*shape"):
-        hf.load_hf_vit(write_hf(tmp_path / "shape", state))
+        vit.load_hf(write_hf(tmp_path / "shape", state))
     state = hf_state()
     state["decoder.conv.weight"] = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="decoder.conv.weight"):
-        hf.load_hf_vit(write_hf(tmp_path / "extra", state))
+        vit.load_hf(write_hf(tmp_path / "extra", state))
     state = hf_state()
     del state["encoder.layer.1.output.dense.bias"]
     with pytest.raises(ValueError, match="block_1/mlp/fc2/bias.*missing"):
-        hf.load_hf_vit(write_hf(tmp_path / "missing", state))
+        vit.load_hf(write_hf(tmp_path / "missing", state))
 
 
 # ----------------------------------------------------------------------------- big_vision
@@ -256,7 +255,7 @@ def write_npz(tmp_path, flat, name="vit.npz") -> str:
 
 def test_bigvision_matches_numpy_forward(tmp_path):
     flat = augreg_tree()
-    vit_kwargs, params, head = bigvision.load_bigvision_npz(write_npz(tmp_path, flat))
+    vit_kwargs, params, head = vit.load_bigvision(write_npz(tmp_path, flat))
     assert vit_kwargs["image_size"] == GRID * PATCH and vit_kwargs["gelu_approximate"]
     assert vit_kwargs["layer_norm_eps"] == 1e-6 and vit_kwargs["pooler"]
     images = np.random.default_rng(1).normal(size=(2, 12, 12, 3)).astype(np.float32)
@@ -286,14 +285,14 @@ def test_bigvision_scanned_and_prefixed_layout(tmp_path):
             other[key] = value
     layout = {f"params/{k}": v for k, v in other.items()}
     layout.update({f"params/{k}": np.stack(v) for k, v in scanned.items()})
-    _, want, _ = bigvision.load_bigvision_npz(write_npz(tmp_path, flat, "augreg.npz"))
-    _, got, _ = bigvision.load_bigvision_npz(write_npz(tmp_path, layout, "bv.npz"))
+    _, want, _ = vit.load_bigvision(write_npz(tmp_path, flat, "augreg.npz"))
+    _, got, _ = vit.load_bigvision(write_npz(tmp_path, layout, "bv.npz"))
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
 def test_bigvision_resamples_position_embeddings(tmp_path):
     flat = augreg_tree()
-    vit_kwargs, params, _ = bigvision.load_bigvision_npz(write_npz(tmp_path, flat), image_size=20)
+    vit_kwargs, params, _ = vit.load_bigvision(write_npz(tmp_path, flat), image_size=20)
     assert vit_kwargs["image_size"] == 20
     pos = flat["Transformer/posembed_input/pos_embedding"]
     want = vit.resample_pos_embedding(pos, 25, has_cls=True)
@@ -305,16 +304,16 @@ def test_bigvision_resamples_position_embeddings(tmp_path):
 
 def test_bigvision_errors(tmp_path):
     with pytest.raises(ValueError, match="missing.npz"):
-        bigvision.load_bigvision_npz(str(tmp_path / "missing.npz"))
+        vit.load_bigvision(str(tmp_path / "missing.npz"))
     flat = augreg_tree()
     path = write_npz(tmp_path, flat)
     with pytest.raises(ValueError, match="image_size=18"):
-        bigvision.load_bigvision_npz(path, image_size=18)
+        vit.load_bigvision(path, image_size=18)
     broken = dict(flat)
     del broken["Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"]
     with pytest.raises(ValueError, match="encoderblock_1/MlpBlock_3/Dense_1/bias"):
-        bigvision.load_bigvision_npz(write_npz(tmp_path, broken, "broken.npz"))
+        vit.load_bigvision(write_npz(tmp_path, broken, "broken.npz"))
     broken = dict(flat)
     broken["Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel"] = np.zeros((25, WIDTH))
     with pytest.raises(ValueError, match="block_0/mlp/fc2/kernel.*shape"):
-        bigvision.load_bigvision_npz(write_npz(tmp_path, broken, "shape.npz"))
+        vit.load_bigvision(write_npz(tmp_path, broken, "shape.npz"))

@@ -21,6 +21,7 @@ from jaxmerge import lora, merging, models, tasks, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import common
 from jaxmerge.models.layers import LoraDense
+from jaxmerge.models.names import NameMap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(
@@ -114,7 +115,7 @@ def test_a_new_merge_method_is_one_registered_function_with_its_checks():
         base = models.vit.init_params(
             models.vit.ViT(**models.vit.variant("mu/4", image_size=8)), jax.random.key(0)
         )
-        config = lora.LoraConfig(rank=2, targets="qv")
+        config = lora.LoraConfig(rank=2, targets=models.vit.TARGET_PRESETS["qv"])
         adapters = [lora.init_adapter(jax.random.key(i), base, config) for i in (1, 2)]
         adapters = [
             lora.map_targets(lambda n: {**n, "lora_b": n["lora_b"] + 0.5}, a) for a in adapters
@@ -229,7 +230,55 @@ def _patch_mlp_init(model, key):
     return model.init(key, images)["params"]
 
 
+# The family's names in a made-up torch library: Linear layers "embed", "mixers.N".
+PATCH_MLP_NAMES = NameMap(
+    layers={"v5": "mixers"},
+    blocks={},
+    top={"embed": "embed", "mix_0": "mixers.0", "mix_1": "mixers.1"},
+    peft_targets=r"mix_\d+",
+)
+
+
+def _patch_mlp_load(source, path, model):
+    """A pretrained base: config.json and model.safetensors of torch Linear weights (out, in),
+    named by `PATCH_MLP_NAMES`."""
+    from jaxmerge.interop import files
+
+    kwargs = files.read_json(os.path.join(path, "config.json"))
+    params = {}
+    for name, value in files.read_safetensors(path).items():
+        module, _, leaf = name.rpartition(".")
+        params = lora.set_at(
+            params,
+            f"{PATCH_MLP_NAMES.ours(module)}/{'kernel' if leaf == 'weight' else 'bias'}",
+            value.T if leaf == "weight" else value,
+        )
+    return kwargs, params
+
+
+def _write_patch_mlp_base(folder, kwargs, params):
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(kwargs, f)
+    state = {}
+    for path, layer in params.items():
+        module = PATCH_MLP_NAMES.theirs(path, "v5")
+        state[f"{module}.weight"] = np.ascontiguousarray(np.asarray(layer["kernel"]).T)
+        state[f"{module}.bias"] = np.asarray(layer["bias"])
+    save_file(state, os.path.join(folder, "model.safetensors"))
+
+
 def test_a_new_model_family_is_one_module(tmp_path):
+    """A family registered with its loader of pretrained weights and its name map trains from
+    its own checkpoint format and exports its merged adapter to PEFT under its own names."""
+    from safetensors.numpy import load_file
+
+    from jaxmerge import evaluate
+    from jaxmerge import merge as merge_cli
+    from jaxmerge.interop import peft
+
     family = models.register(
         models.Family(
             "patch_mlp_test",
@@ -238,22 +287,49 @@ def test_a_new_model_family_is_one_module(tmp_path):
             ("width", "depth", "patch_size", "image_size", "channels"),
             {"mixers": r"mix_\d+$"},
             _patch_mlp_init,
+            names=PATCH_MLP_NAMES,
+            sources=("hf",),
+            load_pretrained=_patch_mlp_load,
         )
     )
     try:
+        kwargs = {"width": 16, "depth": 2, "patch_size": 4, "image_size": 8, "channels": 3}
+        pretrained = _patch_mlp_init(PatchMlp(**kwargs), jax.random.key(5))
+        _write_patch_mlp_base(str(tmp_path / "base"), kwargs, pretrained)
         config = _tiny_config(
             tmp_path,
             task="digits",
-            **{"model.family": family.name, "model.variant": "16/4", "lora.targets": "mixers"},
+            **{
+                "model.family": family.name,
+                "model.variant": "16/4",
+                "lora.targets": "mixers",
+                "base.source": "hf",
+                "base.path": str(tmp_path / "base"),
+            },
         )
         result = train.train_and_evaluate(config, str(tmp_path))
-        assert result["examples"] == 359 and 0.0 <= result["accuracy"] <= 1.0
-        from jaxmerge import evaluate
-
+        assert result["examples"] == 359
         run = train.run_dir(str(tmp_path), "lora", "digits")
-        assert set(lora.ranks(runs_lib.load(run).adapter)) == {"mix_0", "mix_1"}
+        loaded = runs_lib.load(run)
+        assert set(lora.ranks(loaded.adapter)) == {"mix_0", "mix_1"}
+        _, base = runs_lib.base_of([loaded])
+        jax.tree.map(np.testing.assert_array_equal, base, pretrained)  # the family's loader
         again = evaluate.evaluate_runs([run])["digits"]
         assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
+
+        exported = str(tmp_path / "peft")
+        merge_cli.merge_to_folder(
+            [run], "cat", str(tmp_path / "model"), weights=[1.0], export_peft=exported
+        )
+        names = sorted(load_file(os.path.join(exported, "adapter_model.safetensors")))
+        assert names == [
+            f"base_model.model.mixers.{i}.lora_{f}.weight" for i in (0, 1) for f in "AB"
+        ]
+        read_back, _, _ = peft.load_peft_adapter(exported, names=family.names)
+        want = dict(lora.target_items(loaded.adapter))
+        assert set(lora.ranks(read_back)) == set(want)
+        for path, got in lora.target_items(read_back):
+            np.testing.assert_allclose(lora.delta_of(got), lora.delta_of(want[path]), atol=1e-6)
     finally:
         models.FAMILIES.pop(family.name)
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.models import cpu_kernels, vit
+from jaxmerge.models import blocks, cpu_kernels, vit
 
 
 def test_gelu_exact_and_its_closed_form_derivative_match_jax():
@@ -18,7 +18,7 @@ def test_gelu_exact_and_its_closed_form_derivative_match_jax():
 
 
 def test_attention_matches_a_direct_softmax_formula():
-    attention = vit.Attention(num_heads=2)
+    attention = blocks.Attention(num_heads=2)
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
     params = attention.init(jax.random.key(1), x)["params"]
     out = attention.apply({"params": params}, x)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from jaxmerge import lora, train, zero_shot
-from jaxmerge.interop import clip as clip_io
 from jaxmerge.models import clip
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "clip")
@@ -26,7 +25,7 @@ def golden():
 
 @pytest.mark.parametrize("task", ("shapes", "pets"))
 def test_zero_shot_logits_match_clip_model(task):
-    kwargs, params, _ = clip_io.load_hf_clip(os.path.join(GOLDEN, "clip_model"))
+    kwargs, params, _ = clip.load_hf(os.path.join(GOLDEN, "clip_model"))
     pooled = clip.VisionTower(**kwargs).apply({"params": params}, golden()["images"])["pooled"]
     head = zero_shot.head_def(FILE, task)
     head_params = head.init(jax.random.key(0), pooled)["params"]
@@ -37,14 +36,14 @@ def test_zero_shot_logits_match_clip_model(task):
 
 
 def test_head_is_frozen_under_the_trainer_optimizer():
-    kwargs, base, _ = clip_io.load_hf_clip(os.path.join(GOLDEN, "clip_model"))
+    kwargs, base, _ = clip.load_hf(os.path.join(GOLDEN, "clip_model"))
     model = clip.VisionTower(**kwargs)
     head = zero_shot.head_def(FILE, "shapes")
     images = jnp.asarray(golden()["images"])
     params = {
         "head": head.init(jax.random.key(0), jnp.zeros((1, 32)))["params"],
         "lora": lora.init_adapter(
-            jax.random.key(1), base, lora.LoraConfig(rank=2, targets="qv", family="clip")
+            jax.random.key(1), base, lora.LoraConfig(rank=2, targets=clip.TARGET_PRESETS["qv"])
         ),
     }
     config = ml_collections.ConfigDict(

@@ -1,23 +1,23 @@
-"""Base ViT weights from big_vision / vision_transformer `.npz` checkpoints.
+"""big_vision / vision_transformer `.npz` checkpoints as jaxmerge trees: ViTs and SigLIP towers.
 
-    vit_kwargs, params, head = load_bigvision_npz("augreg_B16.npz", image_size=384)
-    out = vit.ViT(**vit_kwargs).apply({"params": params}, images)
+The conversion of the format; the families' loaders (`models.vit.load_bigvision`,
+`models.clip.load_siglip_npz`) check every tensor against the shapes their module expects:
 
-`head` is as in `interop.hf`; every tensor is checked against the shapes the ViT expects.
+    vit_kwargs, params, head = vit.load_bigvision("augreg_B16.npz", image_size=384)
+    kwargs, params, _ = clip.load_siglip_npz("webli_en_b16_224.npz")
+
+`head` is as in `interop.hf`. Position embeddings are bilinearly resampled to `image_size`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.interop.hf import as_jax, check_params
-from jaxmerge.models import vit
+from jaxmerge.interop import files
 
 Tree = Any
 
@@ -143,46 +143,140 @@ def _bigvision_to_params(flat: Mapping[str, np.ndarray]) -> tuple[dict, Tree, Tr
     return vit_kwargs, params, head
 
 
-def load_bigvision_npz(
-    path: str, *, image_size: int | None = None, dtype=jnp.float32
-) -> tuple[dict, Tree, Tree | None]:
-    """Loads a big_vision / vision_transformer ViT `.npz` (augreg naming), tanh GELU, eps 1e-6.
-
-    Args:
-      path: the .npz file, keys '/'-joined parameter paths.
-      image_size: the input size to run at; the position embeddings are bilinearly resampled
-        from the checkpoint's grid (`vit.resample_pos_embedding`). None keeps the trained size.
-
-    Returns:
-      (vit_kwargs, params, head) as in `load_hf_vit`; `pooler` is the `pre_logits` layer and
-      `head` the checkpoint's `head` (None if it has none).
-
-    Raises:
-      ValueError: a missing file (naming it), an unsupported layout, a bad image_size or a
-        parameter whose shape does not fit the others (naming it).
-    """
-    if not os.path.isfile(path):
-        raise ValueError(f"missing file: {path!r} does not exist")
-    with np.load(path, allow_pickle=False) as npz:
-        flat = {k: npz[k] for k in npz.files if not k.startswith("opt/")}
-    vit_kwargs, params, head = bigvision_to_params(flat)
-    patch, has_cls = vit_kwargs["patch_size"], vit_kwargs["pool"] == "cls"
+def _fit_image_size(
+    params: dict, patch: int, has_cls: bool, image_size: int | None, source: str, caller: str
+) -> int:
+    """The image size to run at (`image_size`, or the trained one for None), with
+    `params["pos_embedding"]` resampled in place to its patch grid."""
     grid = params["pos_embedding"].shape[1] - int(has_cls)
     side = int(round(grid**0.5))
     if side * side != grid:
         raise ValueError(
-            f"big_vision checkpoint {path!r}: parameter 'pos_embedding' has {grid} patch "
-            f"positions, not a square grid"
+            f"{source}: parameter 'pos_embedding' has {grid} patch positions, not a square grid"
         )
-    vit_kwargs["image_size"] = image_size or side * patch
-    if vit_kwargs["image_size"] % patch:
+    size = image_size or side * patch
+    if size % patch:
         raise ValueError(
-            f"load_bigvision_npz: image_size={image_size!r}; allowed: a multiple of the patch "
-            f"size {patch}"
+            f"{caller}: image_size={image_size!r}; allowed: a multiple of the patch size {patch}"
         )
-    new_grid = (vit_kwargs["image_size"] // patch) ** 2
+    new_grid = (size // patch) ** 2
     if new_grid != grid:
-        pos = jnp.asarray(params["pos_embedding"], jnp.float32)
-        params["pos_embedding"] = np.asarray(vit.resample_pos_embedding(pos, new_grid, has_cls))
-    check_params(vit_kwargs, params, f"big_vision checkpoint {path!r}")
-    return vit_kwargs, as_jax(params, dtype), None if head is None else as_jax(head, dtype)
+        pos = np.asarray(params["pos_embedding"], np.float32)
+        params["pos_embedding"] = np.asarray(files.resample_pos_embedding(pos, new_grid, has_cls))
+    return size
+
+
+def read_bigvision_npz(
+    path: str, *, image_size: int | None = None
+) -> tuple[dict, Tree, Tree | None]:
+    """(vit_kwargs, params, head) of a big_vision / vision_transformer ViT `.npz` (augreg
+    naming), tanh GELU, eps 1e-6, as numpy; `models.vit.load_bigvision` checks the shapes.
+
+    Args:
+      path: the .npz file, keys '/'-joined parameter paths.
+      image_size: the input size to run at; the position embeddings are bilinearly resampled
+        from the checkpoint's grid. None keeps the trained size.
+
+    Returns:
+      (vit_kwargs, params, head) as in `interop.hf`; `pooler` is the `pre_logits` layer and
+      `head` the checkpoint's `head` (None if it has none).
+    """
+    flat = files.read_npz(path, keep=lambda k: not k.startswith("opt/"))
+    vit_kwargs, params, head = bigvision_to_params(flat)
+    vit_kwargs["image_size"] = _fit_image_size(
+        params,
+        vit_kwargs["patch_size"],
+        vit_kwargs["pool"] == "cls",
+        image_size,
+        f"big_vision checkpoint {path!r}",
+        "load_bigvision_npz",
+    )
+    return vit_kwargs, params, head
+
+
+# ----------------------------------------------------------------------------- SigLIP
+
+
+def _siglip_tower(flat: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """(kwargs without image_size, params) of an unscanned, prefix-free big_vision SigLIP image
+    tower (`models.clip.VisionTower` with pool="map")."""
+    blocks = sorted(
+        {int(m.group(1)) for k in flat if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))}
+    )
+    embedding = flat["embedding/kernel"]
+    patch, _, channels, width = embedding.shape
+    params: dict = {
+        "patch_embed": {"kernel": embedding.reshape(-1, width), "bias": flat["embedding/bias"]},
+        "pos_embedding": flat["pos_embedding"].reshape(1, -1, width),
+        "encoder_norm": _norm(flat, "Transformer/encoder_norm"),
+    }
+    for i in blocks:
+        block = f"Transformer/encoderblock_{i}"
+        params[f"block_{i}"] = {
+            "norm1": _norm(flat, f"{block}/LayerNorm_0"),
+            "attention": _attention(flat, f"{block}/MultiHeadDotProductAttention_0"),
+            "norm2": _norm(flat, f"{block}/LayerNorm_1"),
+            "mlp": {"fc1": _dense(flat, f"{block}/MlpBlock_0/Dense_0"),
+                    "fc2": _dense(flat, f"{block}/MlpBlock_0/Dense_1")},
+        }  # fmt: skip
+    head = "MAPHead_0"
+    params["map_head"] = {
+        "probe": flat[f"{head}/probe"],
+        "attention": _attention(flat, f"{head}/MultiHeadDotProductAttention_0"),
+        "norm": _norm(flat, f"{head}/LayerNorm_0"),
+        "mlp": {"fc1": _dense(flat, f"{head}/MlpBlock_0/Dense_0"),
+                "fc2": _dense(flat, f"{head}/MlpBlock_0/Dense_1")},
+    }  # fmt: skip
+    if "head/kernel" in flat:  # an image-side projection (absent in the released SigLIPs)
+        params["projection"] = _dense(flat, "head")
+    query = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"
+    kwargs = dict(
+        width=width,
+        depth=len(blocks),
+        mlp_dim=params["block_0"]["mlp"]["fc1"]["kernel"].shape[1],
+        num_heads=flat[query].shape[1],
+        patch_size=patch,
+        channels=channels,
+        layer_norm_eps=1e-6,
+        activation="gelu_tanh",
+        pre_norm=False,
+        pool="map",
+        projection_dim=params["projection"]["kernel"].shape[1] if "projection" in params else 0,
+    )
+    return kwargs, params
+
+
+def _siglip_key(key: str) -> str | None:
+    """The tower-relative key of a SigLIP `.npz` key, or None for the text tower, the
+    optimizer state and the `t`, `b` temperature and bias."""
+    short = key.removeprefix("params/")
+    if short.startswith(("txt/", "opt/")) or short in ("t", "b"):
+        return None
+    return short.removeprefix("img/")
+
+
+def read_siglip_npz(path: str, *, image_size: int | None = None) -> tuple[dict, Tree]:
+    """(tower kwargs, params) of the image tower of a big_vision SigLIP `.npz` (MAP head, tanh
+    GELU, eps 1e-6), as numpy; `models.clip.load_siglip_npz` checks the shapes.
+
+    Keys may carry `params/` and `img/` prefixes (two-tower checkpoints: the `txt/` tower and
+    the `t`, `b` temperature and bias are skipped); scanned (`encoderblock/` with a leading
+    depth axis) or not. `image_size` as in `read_bigvision_npz`.
+
+    Raises:
+      ValueError: a missing file or tensor (naming it), a checkpoint without a MAP head, or a
+        bad image_size.
+    """
+    source = f"big_vision checkpoint {path!r}"
+    raw = files.read_npz(path, keep=lambda k: _siglip_key(k) is not None)
+    flat = _unstack_scanned({_siglip_key(k): v for k, v in raw.items()})
+    if "MAPHead_0/probe" not in flat:
+        raise ValueError(f"{source}: no MAPHead_0/probe; allowed: SigLIP towers (MAP head)")
+    try:
+        kwargs, params = _siglip_tower(flat)
+    except KeyError as error:
+        raise ValueError(f"{source}: missing parameter {error.args[0]!r}") from None
+    kwargs["image_size"] = _fit_image_size(
+        params, kwargs["patch_size"], False, image_size, source, "load_siglip_npz"
+    )
+    return kwargs, params

@@ -46,7 +46,7 @@ from jaxmerge.models import vit
 Tree = Any
 # Paths may sit under a prefix (a classifier holding the ViT as `encoder/...`).
 _ANY_PREFIX = r"(?:.*/)?"
-_BLOCK_LINEARS = [p for p in vit.HF_BLOCK_NAMES if not p.startswith("norm")]
+_BLOCK_LINEARS = [p for p in vit.HF_NAMES.blocks if not p.startswith("norm")]
 TARGET = re.compile(rf"block_\d+/({'|'.join(_BLOCK_LINEARS)})|pooler")
 _TARGETS_TEXT = "block_N/attention/{query,key,value,out}, block_N/mlp/{fc1,fc2} or pooler"
 
@@ -61,7 +61,7 @@ PATH_MAP: dict[str, str] = {
     # Hugging Face's Flax ViT (transformers 4.x names, from the one table in `models.vit`).
     **{
         rf"{_ANY_PREFIX}encoder/layer/(\d+)/{names['v4'].replace('.', '/')}": rf"block_\1/{path}"
-        for path, names in vit.HF_BLOCK_NAMES.items()
+        for path, names in vit.HF_NAMES.blocks.items()
         if path in _BLOCK_LINEARS
     },
     rf"{_ANY_PREFIX}pooler/dense": "pooler",

@@ -1,7 +1,8 @@
-"""PEFT LoRA adapters for Hugging Face ViTs, read into and written from jaxmerge adapter trees.
+"""PEFT LoRA adapters of Hugging Face models, read into jaxmerge adapter trees
+(`interop.peft_export` writes them).
 
-    adapter, head, peft_config = load_peft_adapter("adapters/cifar10")
-    save_peft_adapter("exported/merged", merged, naming="v5", base_model_name_or_path="...")
+    adapter, head, peft_config = load_peft_adapter("adapters/cifar10")            # a ViT's
+    adapter, _, _ = load_peft_adapter("adapters/eurosat", names=clip.HF_NAMES)    # CLIP's
 
 A PEFT folder holds `adapter_config.json` and `adapter_model.safetensors` with, per adapted
 linear layer, `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r);
@@ -13,10 +14,13 @@ where r and alpha are the config's `r` / `lora_alpha` unless a `rank_pattern` / 
 key matches the module name. PEFT's matching rule, used here: the first key (in the file's
 order) for which `re.match(rf"(.*\\.)?({key})$", module_name)` succeeds.
 
-Module names come in two spellings: transformers 4.x (`encoder.layer.N.attention.attention.query`,
-`key`, `value`, `attention.output.dense`, `intermediate.dense`, `output.dense`; also the Hub's
-checkpoint names) and transformers 5.x (`layers.N.attention.q_proj`, `k_proj`, `v_proj`,
-`o_proj`, `mlp.fc1`, `mlp.fc2`), either under `vit.` for ViTForImageClassification.
+Module names are read by the model family's `NameMap` (`Family.names`; the ViT's by
+default), the same table that writes them. A ViT's come in two spellings: transformers 4.x
+(`encoder.layer.N.attention.attention.query`, `key`, `value`, `attention.output.dense`,
+`intermediate.dense`, `output.dense`; also the Hub's checkpoint names) and transformers 5.x
+(`layers.N.attention.q_proj`, `k_proj`, `v_proj`, `o_proj`, `mlp.fc1`, `mlp.fc2`), either under
+`vit.` for ViTForImageClassification; CLIP's and SigLIP's are
+`[vision_model.]encoder.layers.N.self_attn.q_proj`, ...
 """
 
 from __future__ import annotations
@@ -33,17 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmerge import lora
-from jaxmerge.interop import hf
 from jaxmerge.models import vit
+from jaxmerge.models.names import NameMap
 
 Tree = Any
-NAMINGS = ("v5", "v4")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-_PREFIX = "base_model.model."
-# Targets PEFT can adapt: the linear layers of the blocks (from the one HF name table in
-# `models.vit`) and the pooler.
-_BLOCK_LINEARS = [p for p in vit.HF_BLOCK_NAMES if not p.startswith("norm")]
-_LINEAR_PATH = re.compile(rf"block_\d+/({'|'.join(_BLOCK_LINEARS)})|pooler")
+PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight")
 # Config values a plain LoRA adapter has; anything else changes the maths.
 _PLAIN = {"use_dora": False, "lora_bias": False, "bias": "none", "fan_in_fan_out": False}
@@ -211,7 +210,7 @@ def _check_finite(tensors: Mapping[str, np.ndarray], path: str) -> None:
     for name, value in tensors.items():
         finite = np.isfinite(value)
         if not finite.all():
-            key = name.removeprefix(_PREFIX)
+            key = name.removeprefix(PREFIX)
             match = _LORA_KEY.fullmatch(key)
             module = match.group("module") if match else key.rpartition(".")[0]
             raise ValueError(
@@ -220,11 +219,11 @@ def _check_finite(tensors: Mapping[str, np.ndarray], path: str) -> None:
             )
 
 
-def load_peft_adapter(folder: str, *, module_path=None) -> tuple[Tree, Tree | None, dict]:
-    """Reads a PEFT LoRA adapter of a ViTModel or ViTForImageClassification.
-
-    `module_path` maps a module name to its jaxmerge path (default `hf.hf_module_path`, the
-    ViT's; `interop.clip` passes CLIP's).
+def load_peft_adapter(
+    folder: str, *, names: NameMap = vit.HF_NAMES
+) -> tuple[Tree, Tree | None, dict]:
+    """Reads a PEFT LoRA adapter of the Hugging Face model whose module names `names` maps
+    (`Family.names`; default the ViT's: a ViTModel or ViTForImageClassification).
 
     Returns:
       (adapter, head, peft_config): the jaxmerge adapter tree (float32 factors, per-target
@@ -237,8 +236,9 @@ def load_peft_adapter(folder: str, *, module_path=None) -> tuple[Tree, Tree | No
         not a JSON object (naming the path); a non-LoRA or DoRA config, a non-positive r or
         non-finite lora_alpha (naming the field); target_modules, rank_pattern or alpha_pattern
         naming modules without factors, or factors for a module target_modules does not name;
-        NaN or infinite weights (naming the module); a tensor that is not a ViT linear layer's
-        LoRA factor or the classifier, or a factor whose rank disagrees with the config.
+        NaN or infinite weights (naming the module); a tensor that is not a LoRA factor of
+        one of the model's linear layers (`names.peft_targets`) or the classifier, or a factor
+        whose rank disagrees with the config.
     """
     config, tensors = _read_adapter_files(folder)
     source = f"PEFT adapter {folder!r}"
@@ -247,7 +247,7 @@ def load_peft_adapter(folder: str, *, module_path=None) -> tuple[Tree, Tree | No
     factors: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     head_tensors = {}
     for name, value in tensors.items():
-        key = name.removeprefix(_PREFIX)
+        key = name.removeprefix(PREFIX)
         match = _LORA_KEY.fullmatch(key)
         if match is None:
             leaf = key.replace(".modules_to_save", "").rpartition(".")
@@ -262,10 +262,11 @@ def load_peft_adapter(folder: str, *, module_path=None) -> tuple[Tree, Tree | No
     adapter: dict = {}
     use_rslora = bool(config.get("use_rslora", False))
     for module, pair in sorted(factors.items()):
-        path = (module_path or hf.hf_module_path)(module)
-        if path is None or not _LINEAR_PATH.fullmatch(path):
+        path = names.ours(module)
+        if path is None or not names.is_peft_target(path):
             raise ValueError(
-                f"{source}: LoRA on module {module!r}; allowed: the ViT's linear layers"
+                f"{source}: LoRA on module {module!r}; allowed: the model's linear layers "
+                f"(jaxmerge paths {names.peft_targets!r})"
             )
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{source}: module {module!r} has lora_{list(pair)} but not both")
@@ -274,7 +275,7 @@ def load_peft_adapter(folder: str, *, module_path=None) -> tuple[Tree, Tree | No
         alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise ValueError(
-                f"{source}: tensor {_PREFIX}{module}.lora_A/B.weight have shapes {a.shape} and "
+                f"{source}: tensor {PREFIX}{module}.lora_A/B.weight have shapes {a.shape} and "
                 f"{b.shape}; the config's rank for this module is {rank}"
             )
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -300,156 +301,3 @@ def load_peft_adapter(folder: str, *, module_path=None) -> tuple[Tree, Tree | No
             }
         }
     return adapter, head, config
-
-
-# ----------------------------------------------------------------------------- export
-
-
-def peft_module_name(path: str, naming: str) -> str:
-    """The transformers module name of a jaxmerge target path, e.g. 'block_2/attention/out' ->
-    'layers.2.attention.o_proj' (v5) or 'encoder.layer.2.attention.output.dense' (v4)."""
-    if path == "pooler":
-        return "pooler.dense"
-    match = re.fullmatch(r"block_(\d+)/(.+)", path)
-    if match is None or match.group(2) not in _BLOCK_LINEARS:
-        allowed = sorted(_BLOCK_LINEARS) + ["pooler"]
-        raise ValueError(
-            f"save_peft_adapter: target {path!r} has no PEFT LoRA equivalent; allowed: "
-            f"block_N/<one of {allowed[:-1]}> and 'pooler'"
-        )
-    module = vit.HF_BLOCK_NAMES[match.group(2)][naming]
-    return f"{vit.HF_LAYERS[naming]}.{match.group(1)}.{module}"
-
-
-def _most_common(values: list) -> Any:
-    counts = collections.Counter(values)
-    return max(counts, key=lambda v: (counts[v], -values.index(v)))
-
-
-def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def lora_config_for(
-    adapter: Tree,
-    naming: str = "v5",
-    *,
-    base_model_name_or_path: str | None = None,
-    with_classifier: bool = False,
-) -> dict:
-    """A PEFT adapter_config.json dict reproducing each target's rank and scale.
-
-    r and lora_alpha are the most common rank and `alpha = scale * r` over the targets; the
-    other targets get exact-name entries in rank_pattern / alpha_pattern, so PEFT's
-    `scaling = alpha / r` equals jaxmerge's `scale` everywhere (use_rslora stays false).
-    """
-    items = lora.target_items(adapter)
-    names = [peft_module_name(path, naming) for path, _ in items]
-    ranks = [int(node["lora_a"].shape[-1]) for _, node in items]
-    alphas = [
-        float(np.asarray(node["scale"], np.float64)) * r for (_, node), r in zip(items, ranks)
-    ]
-    r, alpha = _most_common(ranks), _most_common(alphas)
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": r,
-        "lora_alpha": _number(alpha),
-        "target_modules": sorted(names),
-        "rank_pattern": {re.escape(n): k for n, k in zip(names, ranks) if k != r},
-        "alpha_pattern": {re.escape(n): _number(a) for n, a in zip(names, alphas) if a != alpha},
-        "use_rslora": False,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": ["classifier"] if with_classifier else None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "revision": None,
-    }
-
-
-def save_peft_adapter(
-    folder: str,
-    adapter: Tree,
-    *,
-    naming: str = "v5",
-    base_model_name_or_path: str | None = None,
-    head: Tree | None = None,
-    overwrite: bool = False,
-) -> None:
-    """Writes a factored jaxmerge adapter (merged ones included) as a PEFT LoRA folder.
-
-    `PeftModel.from_pretrained(model, folder)` then computes what `ViT.apply` with `adapter`
-    computes: per target `lora_A = lora_a.T`, `lora_B = lora_b.T`, and rank/alpha patterns
-    that give each target its own scale (see `lora_config_for`). Factors are written as
-    float32.
-
-    Args:
-      folder: the output folder; created if needed.
-      adapter: a tree of `{lora_a, lora_b, scale}` nodes at block linear layers or the pooler.
-      naming: "v5" (transformers 5.x module names) or "v4" (transformers 4.x).
-      base_model_name_or_path: recorded in the config for `AutoPeftModel` loaders.
-      head: a linear task head `{"out": {"kernel": (D, classes), "bias"}}` to save as the
-        `modules_to_save` classifier of a ViTForImageClassification (module names get `vit.`).
-      overwrite: allow writing into a non-empty folder.
-
-    Raises:
-      ValueError: for an unknown naming, a delta tree (factor it first), a target PEFT cannot
-        adapt, a head that is not linear, or a non-empty folder without overwrite=True.
-    """
-    if naming not in NAMINGS:
-        raise ValueError(f"save_peft_adapter: naming={naming!r}; allowed: {NAMINGS}")
-    items = lora.target_items(adapter)
-    if not items:
-        raise ValueError("save_peft_adapter: the adapter has no target nodes")
-    for path, node in items:
-        if "lora_a" not in node:
-            raise ValueError(
-                f"save_peft_adapter: target {path!r} is a dense delta, not LoRA factors; factor "
-                f"the delta tree first (e.g. a merge with output='factored', which takes a "
-                f"truncated SVD) to export it"
-            )
-    if head is not None and set(head) != {"out"}:
-        raise ValueError(
-            f"save_peft_adapter: head has layers {sorted(head)}; allowed: a linear head "
-            f"{{'out': {{'kernel', 'bias'}}}} (HF's classifier is one linear layer)"
-        )
-    if head is not None and any(path == "pooler" for path, _ in items):
-        raise ValueError("save_peft_adapter: ViTForImageClassification has no pooler to adapt")
-    if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
-        raise ValueError(
-            f"save_peft_adapter: folder {folder!r} exists and is not empty; pass overwrite=True "
-            f"to write into it"
-        )
-    from safetensors.numpy import save_file
-
-    config = lora_config_for(
-        adapter,
-        naming,
-        base_model_name_or_path=base_model_name_or_path,
-        with_classifier=head is not None,
-    )
-    prefix = _PREFIX + ("vit." if head is not None else "")
-    tensors = {}
-    for path, node in items:
-        module = prefix + peft_module_name(path, naming)
-        tensors[f"{module}.lora_A.weight"] = _float32(node["lora_a"]).T
-        tensors[f"{module}.lora_B.weight"] = _float32(node["lora_b"]).T
-    if head is not None:
-        tensors[f"{_PREFIX}classifier.weight"] = _float32(head["out"]["kernel"]).T
-        tensors[f"{_PREFIX}classifier.bias"] = _float32(head["out"]["bias"])
-    os.makedirs(folder, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    save_file(tensors, os.path.join(folder, WEIGHTS_FILE))
-    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def _float32(x) -> np.ndarray:
-    return np.asarray(jnp.asarray(x, jnp.float32))

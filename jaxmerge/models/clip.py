@@ -6,7 +6,7 @@
 Two families share the module: "clip" (OpenAI CLIP, Hugging Face `CLIPVisionModel` /
 `CLIPVisionModelWithProjection`) and "siglip" (big_vision SigLIP image towers). They differ in
 four switches, fixed by the family's variants and by the checkpoint loaders
-(`jaxmerge.interop.clip`):
+(`load_hf`, `load_siglip_npz`):
 
     | switch       | clip                               | siglip                             |
     | pool         | "cls": class token                 | "map": attention pooling (MAPHead) |
@@ -36,15 +36,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import lora
+from jaxmerge.interop import bigvision, files
+from jaxmerge.interop import clip as clip_io
 from jaxmerge.models import registry
+from jaxmerge.models.blocks import ACTIVATIONS, LayerNorm, embed_patches, encoder_blocks, mlp
 from jaxmerge.models.layers import LORA_COMPUTES, LoraDense
-from jaxmerge.models.vit import (
-    ACTIVATIONS,
-    LayerNorm,
-    embed_patches,
-    encoder_blocks,
-    mlp,
-)
+from jaxmerge.models.names import NameMap
 
 POOLS = ("cls", "map")
 # OpenAI CLIP's pixel normalisation (its preprocessor_config.json); SigLIP scales to [-1, 1].
@@ -88,6 +85,41 @@ TARGET_PRESETS = {
     "mlp": _BLOCK + r"mlp/(fc1|fc2)$",
     "all": _BLOCK + r"(attention/(query|key|value|out)|mlp/(fc1|fc2))$",
 }
+
+# The one table of Hugging Face names (CLIP and SigLIP alike; transformers 4.x and 5.x alike),
+# read and written: `[vision_model.]encoder.layers.N.self_attn.q_proj`, ...
+_BLOCK_NAMES = {
+    path: {"v4": name, "v5": name}
+    for path, name in {
+        "attention/query": "self_attn.q_proj",
+        "attention/key": "self_attn.k_proj",
+        "attention/value": "self_attn.v_proj",
+        "attention/out": "self_attn.out_proj",
+        "mlp/fc1": "mlp.fc1",
+        "mlp/fc2": "mlp.fc2",
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+    }.items()
+}
+HF_NAMES = NameMap(
+    layers={"v4": "encoder.layers", "v5": "encoder.layers"},
+    blocks=_BLOCK_NAMES,
+    top={
+        "patch_embed": "embeddings.patch_embedding",
+        "pre_norm": "pre_layrnorm",
+        "encoder_norm": "post_layernorm",
+        "projection": "visual_projection",
+        "map_head/attention/out": "head.attention.out_proj",
+        "map_head/norm": "head.layernorm",
+        "map_head/mlp/fc1": "head.mlp.fc1",
+        "map_head/mlp/fc2": "head.mlp.fc2",
+    },
+    strip=("vision_model.",),
+    # CLIPVisionModel and SiglipVisionModel hold the tower as `vision_model` in transformers
+    # 4.x, at the top in 5.x. No classifier_prefix: transformers' CLIPForImageClassification
+    # reads mean patch tokens, not the feature jaxmerge's heads read.
+    prefix={"v4": "vision_model."},
+)
 
 # ViT knobs that `config_lib.model_kwargs` passes to every family; a tower's family fixes them.
 _VIT_ONLY = ("pool", "pooler", "gelu_approximate")
@@ -273,6 +305,53 @@ def init_params(model: VisionTower, key: jax.Array) -> dict:
     return jax.jit(model.init)(key, images)["params"]
 
 
+# ----------------------------------------------------------------------------- pretrained
+
+
+def check_params(kwargs: dict, params, source: str, names: dict | None = None) -> None:
+    """Raises a ValueError naming the first tensor missing, extra or of the wrong shape for
+    `VisionTower(**kwargs)`."""
+    model = VisionTower(**kwargs)
+    images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels), "f4")
+    expected = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    files.check_shapes(expected, params, source, names, "this tower")
+
+
+def load_hf(folder: str, *, dtype=jnp.float32) -> tuple[dict, dict, None]:
+    """Loads the image tower of a Hugging Face CLIP or SigLIP folder (config.json, safetensors;
+    `interop.clip`).
+
+    Returns:
+      (kwargs, params, None): `VisionTower(**kwargs)` is the tower (projection_dim > 0 for
+      CLIPVisionModelWithProjection and CLIPModel), `params` its tree in `dtype`; no classifier.
+
+    Raises:
+      ValueError: a missing file, an unknown architecture, activation or tensor, or a tensor
+        whose shape does not match the config (naming it).
+    """
+    kwargs, params, names = clip_io.read_hf_tower(folder, HF_NAMES)
+    check_params(kwargs, params, f"Hugging Face checkpoint {folder!r}", names)
+    return kwargs, files.as_jax(params, dtype), None
+
+
+def load_siglip_npz(
+    path: str, *, image_size: int | None = None, dtype=jnp.float32
+) -> tuple[dict, dict, None]:
+    """Loads the image tower of a big_vision SigLIP `.npz` (`interop.bigvision`), position
+    embeddings resampled to `image_size` (None: the trained size); returns as `load_hf`."""
+    kwargs, params = bigvision.read_siglip_npz(path, image_size=image_size)
+    check_params(kwargs, params, f"big_vision checkpoint {path!r}")
+    return kwargs, files.as_jax(params, dtype), None
+
+
+def load_pretrained(source: str, path: str, model) -> tuple[dict, dict]:
+    """(tower kwargs, params) of a pretrained base: "hf", a CLIP or SigLIP folder; "bigvision",
+    a SigLIP `.npz` at `config.model` `model`'s image_size."""
+    if source == "bigvision":
+        return load_siglip_npz(path, image_size=model.image_size)[:2]
+    return load_hf(path)[:2]
+
+
 registry.register(
     registry.Family(
         "clip",
@@ -283,10 +362,23 @@ registry.register(
         init_params,
         pixel_mean=CLIP_MEAN,
         pixel_std=CLIP_STD,
+        names=HF_NAMES,
+        sources=("hf",),
+        load_pretrained=load_pretrained,
+        images_in_compute_dtype=True,
     )
 )
 registry.register(
     registry.Family(
-        "siglip", VisionTower, siglip_variant, ARCHITECTURE_KEYS, TARGET_PRESETS, init_params
+        "siglip",
+        VisionTower,
+        siglip_variant,
+        ARCHITECTURE_KEYS,
+        TARGET_PRESETS,
+        init_params,
+        names=HF_NAMES,
+        sources=("hf", "bigvision"),
+        load_pretrained=load_pretrained,
+        images_in_compute_dtype=True,
     )
 )

@@ -1,10 +1,10 @@
 """CLIP's text tower (flax linen): Hugging Face `CLIPTextModel` and its `text_projection`.
 
-    kwargs, params, extras = interop.clip.load_hf_clip_text("clip-vit-base-patch32")
+    kwargs, params, extras = load_hf("clip-vit-base-patch32")   # a CLIPModel folder
     out = TextTower(**kwargs).apply({"params": params}, input_ids, attention_mask)
 
 The maths of transformers' `CLIPTextTransformer`: token plus position embeddings, `depth`
-pre-norm blocks of causal self-attention (the ViT's `vit.Block`, given a mask), a final
+pre-norm blocks of causal self-attention (`blocks.Block`, given a mask), a final
 LayerNorm, the feature at each prompt's end-of-text token, then `projection` (no bias). Padding
 tokens (attention_mask 0) are masked as keys, as transformers does; with causal attention and
 padding on the right they cannot change the pooled feature anyway.
@@ -26,7 +26,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmerge.models.vit import ACTIVATIONS, LayerNorm, encoder_blocks
+from jaxmerge.interop import clip_text as text_io
+from jaxmerge.interop import files
+from jaxmerge.models import clip
+from jaxmerge.models.blocks import ACTIVATIONS, LayerNorm, encoder_blocks
+from jaxmerge.models.names import NameMap
+
+# transformers' names of the text tower inside `text_model.`: the image towers' blocks.
+HF_NAMES = NameMap(
+    layers=clip.HF_NAMES.layers,
+    blocks=clip.HF_NAMES.blocks,
+    top={"encoder_norm": "final_layer_norm"},
+    strip=("text_model.",),
+    prefix={"v4": "text_model.", "v5": "text_model."},
+)
 
 # The eos_token_id of the configs saved before transformers PR #24773 (openai's own CLIP
 # checkpoints among them): transformers then pools at the largest token id instead.
@@ -115,3 +128,39 @@ def init_params(model: TextTower, key: jax.Array, length: int = 8) -> dict:
     """Random parameters for `model` (tests)."""
     ids = jnp.zeros((1, min(length, model.max_length)), jnp.int32)
     return jax.jit(model.init)(key, ids)["params"]
+
+
+def check_params(kwargs: dict, params, source: str, names: dict | None = None) -> None:
+    """Raises a ValueError naming the first text tensor missing, extra or of the wrong shape."""
+    model = TextTower(**kwargs)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    expected = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    files.check_shapes(expected, params, source, names, "this text tower")
+
+
+def load_hf(folder: str, *, dtype=jnp.float32) -> tuple[dict, dict, dict]:
+    """Loads the text tower of a Hugging Face `CLIPModel` folder (config.json, safetensors).
+
+    Returns:
+      (kwargs, params, extras): `TextTower(**kwargs)` is the tower, `params` its tree in
+      `dtype`, `extras` the rest of what zero-shot classification needs, as float32 numpy:
+      `logit_scale` (a scalar; CLIP's temperature is its exp) and `visual_projection`
+      (width of the image tower, projection_dim), as (in, out).
+
+    Raises:
+      ValueError: a missing file, a config without a text tower, an unknown activation or
+        tensor, a missing one, or a tensor whose shape does not match the config (naming it).
+    """
+    source = f"Hugging Face checkpoint {folder!r}"
+    kwargs, params, extras, names = text_io.read_hf_clip_text(folder, HF_NAMES)
+    check_params(kwargs, params, source, names)
+    for key in ("logit_scale", "visual_projection"):
+        if key not in extras:
+            raise ValueError(f"{source}: tensor {key!r} is missing")
+    if extras["visual_projection"].shape[1] != kwargs["projection_dim"]:
+        raise ValueError(
+            f"{source}: tensor 'visual_projection.weight' projects to "
+            f"{extras['visual_projection'].shape[1]}; the config implies "
+            f"projection_dim={kwargs['projection_dim']}"
+        )
+    return kwargs, files.as_jax(params, dtype), extras

@@ -4,10 +4,10 @@ Sources (`config.base.source`):
   random      fresh parameters from `config.seed` (tests; pretraining from scratch)
   checkpoint  a jaxmerge run folder trained with mode "full" (e.g. `configs/pretrain.py`);
               its metadata names the ViT it holds
-  hf          a Hugging Face ViTModel / ViTForImageClassification folder (family "vit"), or a
-              CLIP / SigLIP folder (families "clip", "siglip": `interop.clip`)
-  bigvision   a big_vision / vision_transformer .npz (position embeddings resampled to
-              `config.model.image_size`); a SigLIP .npz with its MAP head for "siglip"
+  hf, bigvision, ...  a pretrained checkpoint, read by the family's own `load_pretrained`
+              (`Family.sources` lists what it reads): a Hugging Face ViTModel folder or a
+              big_vision .npz for "vit", a CLIP / SigLIP folder for "clip" and "siglip", a
+              SigLIP .npz for "siglip"
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
     """(model, base params, architecture kwargs) for the config's base source."""
     source, path = config.base.source, os.path.expanduser(config.base.path)
     family = family_of(config)
+    family.check_source(source)
     wants_folder = source in ("checkpoint", "hf")
     if source != "random" and not (os.path.isdir(path) if wants_folder else os.path.isfile(path)):
         kind = "a folder" if wants_folder else "an .npz file"
@@ -70,32 +71,8 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
                 f"from a run with mode 'full' (e.g. configs/pretrain.py)"
             )
         params, kwargs = params["base"], metadata["model"]
-    elif source == "hf" and family.name in ("clip", "siglip"):
-        from jaxmerge.interop import clip
-
-        kwargs, params = clip.load_hf_clip(path)[:2]
-    elif source == "hf":
-        from jaxmerge.interop import hf
-
-        kwargs, params = hf.load_hf_vit(path)[:2]
-        if kwargs["pooler"] and not config.model.pooler:
-            # Heads read the class token, as ViTForImageClassification's classifier does; a
-            # ViTModel checkpoint's pooler (dense + tanh) is left out unless asked for.
-            params = {k: v for k, v in params.items() if k != "pooler"}
-            kwargs = {**kwargs, "pooler": False}
-        elif config.model.pooler and not kwargs["pooler"]:
-            raise ValueError(
-                f"config.model.pooler: True, but the checkpoint {path!r} has no pooler; "
-                "allowed: False"
-            )
-    elif family.name == "siglip":
-        from jaxmerge.interop import clip
-
-        kwargs, params = clip.load_siglip_npz(path, image_size=config.model.image_size)[:2]
     else:
-        from jaxmerge.interop import bigvision
-
-        kwargs, params = bigvision.load_bigvision_npz(path, image_size=config.model.image_size)[:2]
+        kwargs, params = family.load_pretrained(source, path, config.model)
     kwargs = {k: (v.item() if hasattr(v, "item") else v) for k, v in kwargs.items()}
     keys = family.architecture_keys
     return build(kwargs, config), params, {k: kwargs[k] for k in keys if k in kwargs}

@@ -8,10 +8,13 @@ from typing import Any
 
 import flax.linen as nn
 
+from jaxmerge.models.names import NameMap
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A model family: its module, named variants and what LoRA targets look like in it.
+    """A model family: its module, named variants, what LoRA targets look like in it, its
+    loader of pretrained weights and its names in Hugging Face / PEFT.
 
     Attributes:
       name: registry key (`config.model.family`).
@@ -23,6 +26,16 @@ class Family:
       pixel_mean, pixel_std: the normalisation the family's checkpoints were pretrained with;
         images enter the model as `(x / 255 - mean) / std` per channel. The default, 0.5 and
         0.5, scales to [-1, 1] (HF ViT, big_vision, SigLIP).
+      names: the two-way `NameMap` of jaxmerge paths and transformers module names, which
+        reads checkpoints and PEFT adapters and writes them (`export_peft`); None: none.
+      sources: the `config.base.source` values besides "random" and "checkpoint" that
+        `load_pretrained` reads, e.g. ("hf", "bigvision").
+      load_pretrained: `load_pretrained(source, path, config.model) -> (kwargs, params)`, the
+        base parameters of a pretrained checkpoint (numpy or jax arrays).
+      save_hf: `save_hf(folder, kwargs, params, naming)` writes a backbone as a Hugging Face
+        model folder (`export_hf`); None where the family has no such export.
+      images_in_compute_dtype: the module casts the images to its compute dtype before
+        anything else reads them (a patch embedding), so bfloat16 images give the same result.
 
     The module's adapted layers are `layers.LoraDense`; it has `width` (the pooled feature's
     size) and `image_size` attributes, takes `dtype`, `lora_dropout`, `lora_compute` and
@@ -38,6 +51,25 @@ class Family:
     init_params: Callable[[nn.Module, Any], Any]
     pixel_mean: tuple[float, ...] = (0.5,)
     pixel_std: tuple[float, ...] = (0.5,)
+    names: NameMap | None = None
+    sources: tuple[str, ...] = ()
+    load_pretrained: Callable[[str, str, Any], tuple[dict, Any]] | None = None
+    save_hf: Callable[..., str] | None = None
+    images_in_compute_dtype: bool = False
+
+    def target_regex(self, targets: str) -> str:
+        """The regex `LoraConfig.targets` takes for `targets`: a preset of this family (e.g.
+        "qv") or a regex, returned as it is."""
+        return self.target_presets.get(targets, targets)
+
+    def check_source(self, source: str) -> None:
+        """Raises ValueError unless the family loads a base from `config.base.source`."""
+        allowed = ("random", "checkpoint", *self.sources)
+        if source not in allowed:
+            raise ValueError(
+                f"config.base.source: got {source!r} for model family {self.name!r}; allowed: "
+                f"{allowed}"
+            )
 
 
 FAMILIES: dict[str, Family] = {}

@@ -26,8 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxmerge import lora
-from jaxmerge.models import cpu_kernels, registry
+from jaxmerge.interop import bigvision, files, hf
+from jaxmerge.models import registry
+from jaxmerge.models.blocks import LayerNorm, embed_patches, encoder_blocks
 from jaxmerge.models.layers import LORA_COMPUTES, LoraDense
+from jaxmerge.models.names import NameMap
 
 # width, depth, mlp_dim, num_heads; the table big_vision and the ViT papers use.
 _SIZES = {
@@ -65,11 +68,10 @@ ARCHITECTURE_KEYS = (
     "gelu_approximate",
 )
 
-# The one table of Hugging Face names: jaxmerge path inside a block -> the transformers module
-# name inside `<layers>.N.`, per naming. "v4": transformers 4.x and the Hub's files (5.x writes
-# them on save too); "v5": transformers 5.x in memory.
-HF_LAYERS = {"v4": "encoder.layer", "v5": "layers"}
-HF_BLOCK_NAMES = {
+# The one table of Hugging Face names, read and written: "v4" is transformers 4.x and the
+# Hub's files (5.x writes them on save too); "v5" transformers 5.x in memory. The top names hold
+# parameters of their own (cls_token) and the classifier ("head/out", a jaxmerge head).
+_BLOCK_NAMES = {
     "attention/query": {"v4": "attention.attention.query", "v5": "attention.q_proj"},
     "attention/key": {"v4": "attention.attention.key", "v5": "attention.k_proj"},
     "attention/value": {"v4": "attention.attention.value", "v5": "attention.v_proj"},
@@ -79,15 +81,22 @@ HF_BLOCK_NAMES = {
     "norm1": {"v4": "layernorm_before", "v5": "layernorm_before"},
     "norm2": {"v4": "layernorm_after", "v5": "layernorm_after"},
 }
-# Outside the blocks (after a "vit." prefix, which ViTForImageClassification adds).
-HF_TOP_NAMES = {
-    "embeddings.cls_token": "cls",
-    "embeddings.position_embeddings": "pos_embedding",
-    "embeddings.patch_embeddings.projection": "patch_embed",
-    "layernorm": "encoder_norm",
-    "pooler.dense": "pooler",
-    "classifier": "head/out",
-}
+HF_NAMES = NameMap(
+    layers={"v4": "encoder.layer", "v5": "layers"},
+    blocks=_BLOCK_NAMES,
+    top={
+        "cls": "embeddings.cls_token",
+        "pos_embedding": "embeddings.position_embeddings",
+        "patch_embed": "embeddings.patch_embeddings.projection",
+        "encoder_norm": "layernorm",
+        "pooler": "pooler.dense",
+        "head/out": "classifier",
+    },
+    strip=("vit.",),  # ViTForImageClassification's
+    classifier_prefix="vit.",
+    without_classifier=("pooler",),
+    peft_targets=r"block_\d+/(attention/(query|key|value|out)|mlp/(fc1|fc2))|pooler",
+)
 
 
 def variant(name: str, **overrides: Any) -> dict[str, Any]:
@@ -111,184 +120,6 @@ def variant(name: str, **overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
-
-
-class LayerNorm(nn.Module):
-    """Layer normalisation with flax's parameter names (`scale`, `bias`)."""
-
-    epsilon: float = 1e-6
-    kernels: str = "auto"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        return cpu_kernels.norm_and_gelu(self.kernels)[0](x, scale, bias, self.epsilon)
-
-
-class Attention(nn.Module):
-    num_heads: int
-    lora_dropout: float = 0.0
-    lora_compute: str = "branch"
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
-    ) -> jax.Array:
-        """Multihead self-attention of x (B, T, D); `mask`, boolean and broadcastable to
-        (B, heads, T, T), is True where a query may attend to a key (None: everywhere)."""
-        batch, tokens, width = x.shape
-        head_dim = width // self.num_heads
-        x = x.astype(self.dtype or x.dtype)
-        layers = [
-            LoraDense(width, width, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=n)
-            for n in ("query", "key", "value", "out")
-        ]
-        # One (width, 3 * width) matmul for query, key and value: XLA:CPU runs narrow matmuls
-        # far below its peak.
-        kernels, biases = zip(*(layer.weights(train, x.dtype) for layer in layers[:3]))
-        qkv = jnp.split(x @ jnp.concatenate(kernels, 1) + jnp.concatenate(biases), 3, axis=-1)
-        for i, layer in enumerate(layers[:3]):
-            if (update := layer.branch(x, train)) is not None:
-                qkv[i] = qkv[i] + update
-        # (batch, heads, tokens, head_dim) with plain batched matmuls: on XLA:CPU this is twice
-        # as fast, forward and backward, as einsums over (batch, tokens, heads, head_dim).
-        q, k, v = (t.reshape(batch, tokens, self.num_heads, head_dim) for t in qkv)
-        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
-        logits = (q @ k) * jnp.asarray(head_dim**-0.5, q.dtype)
-        # Softmax in float32 whatever the compute dtype: bf16 logits lose the small weights.
-        logits = logits.astype(jnp.float32)
-        if mask is not None:  # the most negative float, as transformers: a row never all -inf
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        context = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, width)
-        return layers[3](context, train)
-
-
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
-
-
-def activation_fn(name: str, kernels: str = "auto"):
-    """The MLP nonlinearity by name: gelu (erf; HF ViT), gelu_tanh (big_vision, SigLIP) or
-    quick_gelu, x * sigmoid(1.702 x) (OpenAI CLIP)."""
-    if name == "gelu":
-        return cpu_kernels.norm_and_gelu(kernels)[1]
-    if name == "gelu_tanh":
-        return lambda h: nn.gelu(h, approximate=True)
-    if name == "quick_gelu":
-        return lambda h: h * jax.nn.sigmoid(jnp.asarray(1.702, h.dtype) * h)
-    raise ValueError(f"activation: got {name!r}; allowed: {ACTIVATIONS}")
-
-
-class Mlp(nn.Module):
-    mlp_dim: int
-    activation: str = "gelu"
-    lora_dropout: float = 0.0
-    lora_compute: str = "branch"
-    dtype: Any = None
-    kernels: str = "auto"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        width = x.shape[-1]
-        dense = lambda n_in, n_out, name: LoraDense(  # noqa: E731
-            n_in, n_out, self.lora_dropout, self.lora_compute, dtype=self.dtype, name=name
-        )
-        h = dense(width, self.mlp_dim, "fc1")(x, train)
-        h = activation_fn(self.activation, self.kernels)(h)
-        return dense(self.mlp_dim, width, "fc2")(h, train)
-
-
-def mlp(module: nn.Module, activation: str, name: str) -> Mlp:
-    """An `Mlp` with `module`'s sizes and settings (a `Block`, a tower's MAP head)."""
-    return Mlp(
-        module.mlp_dim,
-        activation,
-        module.lora_dropout,
-        module.lora_compute,
-        module.dtype,
-        module.kernels,
-        name=name,
-    )
-
-
-class Block(nn.Module):
-    """x + attention(norm1(x)), then + mlp(norm2(x)): the pre-norm block of ViT, CLIP and
-    SigLIP (and CLIP's text tower, with a causal `mask`; see `Attention`). The residual stream
-    keeps its dtype (float32) whatever the compute dtype."""
-
-    num_heads: int
-    mlp_dim: int
-    layer_norm_eps: float = 1e-6
-    activation: str = "gelu"
-    lora_dropout: float = 0.0
-    lora_compute: str = "branch"
-    dtype: Any = None
-    kernels: str = "auto"
-
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
-    ) -> jax.Array:
-        norm = lambda name: LayerNorm(self.layer_norm_eps, self.kernels, name=name)  # noqa: E731
-        attention = Attention(
-            self.num_heads, self.lora_dropout, self.lora_compute, self.dtype, name="attention"
-        )
-        x = x + attention(norm("norm1")(x), train, mask).astype(x.dtype)
-        return x + mlp(self, self.activation, "mlp")(norm("norm2")(x), train).astype(x.dtype)
-
-
-def embed_patches(
-    module: nn.Module, images: jax.Array, train: bool, class_token_init=None
-) -> jax.Array:
-    """The token sequence entering the first block, with its parameters in `module`'s own
-    scope (`patch_embed`, `cls`, `pos_embedding`): patch embeddings, a class token in front
-    when `class_token_init` is given, plus position embeddings. float32 whatever the compute
-    dtype (big_vision's `dtype_mm`): matmuls run in `module.dtype` and add to float32 sums,
-    so rounding does not pile up over the depth of the network."""
-    batch, height, width, channels = images.shape
-    p = module.patch_size
-    # Patchify as a reshape + dense: the same maths as a stride-p convolution with a
-    # (p, p, C, D) kernel flattened in (row, column, channel) order.
-    patches = images.reshape(batch, height // p, p, width // p, p, channels)
-    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p * p * channels)
-    x = LoraDense(
-        p * p * channels,
-        module.width,
-        module.lora_dropout,
-        module.lora_compute,
-        dtype=module.dtype,
-        name="patch_embed",
-    )(patches, train)
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    if class_token_init is not None:
-        cls = module.param("cls", class_token_init, (1, 1, module.width))
-        x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
-    pos = module.param(
-        "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], module.width)
-    )
-    return x + pos.astype(x.dtype)
-
-
-def encoder_blocks(
-    module: nn.Module, x: jax.Array, train: bool, activation: str, mask: jax.Array | None = None
-) -> jax.Array:
-    """`module.depth` blocks `block_0` ... with `module`'s sizes and settings; `mask` as in
-    `Attention`."""
-    for i in range(module.depth):
-        x = Block(
-            module.num_heads,
-            module.mlp_dim,
-            module.layer_norm_eps,
-            activation,
-            module.lora_dropout,
-            module.lora_compute,
-            module.dtype,
-            module.kernels,
-            name=f"block_{i}",
-        )(x, train, mask)
-    return x
 
 
 class ViT(nn.Module):
@@ -355,22 +186,7 @@ class ViT(nn.Module):
         return {"pooled": pooled.astype(jnp.float32), "tokens": tokens.astype(jnp.float32)}
 
 
-def resample_pos_embedding(pos_embedding: jax.Array, num_patches: int, has_cls: bool) -> jax.Array:
-    """Bilinearly resizes a (1, [1 +] N, D) position embedding to `num_patches` patch positions.
-
-    The class token's embedding, if any, is kept as it is; the patch grid is resized.
-    """
-    cls, grid = (pos_embedding[:, :1], pos_embedding[:, 1:]) if has_cls else (None, pos_embedding)
-    old_side, new_side = int(round(grid.shape[1] ** 0.5)), int(round(num_patches**0.5))
-    if old_side**2 != grid.shape[1] or new_side**2 != num_patches:
-        raise ValueError(
-            f"resample_pos_embedding: grids must be square; got {grid.shape[1]} -> {num_patches}"
-        )
-    if old_side != new_side:
-        grid = grid.reshape(1, old_side, old_side, -1)
-        grid = jax.image.resize(grid, (1, new_side, new_side, grid.shape[-1]), "bilinear")
-        grid = grid.reshape(1, num_patches, -1)
-    return grid if cls is None else jnp.concatenate([cls, grid], axis=1)
+resample_pos_embedding = files.resample_pos_embedding
 
 
 def init_params(model: ViT, key: jax.Array) -> dict:
@@ -379,7 +195,93 @@ def init_params(model: ViT, key: jax.Array) -> dict:
     return jax.jit(model.init)(key, images)["params"]
 
 
+# ----------------------------------------------------------------------------- pretrained
+
+
+def check_params(kwargs: dict, params, source: str, names: dict | None = None) -> None:
+    """Raises a ValueError naming the first parameter missing, extra or of the wrong shape for
+    `ViT(**kwargs)`; `names` maps paths to the checkpoint's tensor names, quoted as well."""
+    model = ViT(**kwargs)
+    images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels), "f4")
+    expected = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    files.check_shapes(expected, params, source, names, f"ViT({kwargs})")
+
+
+def load_hf(folder: str, *, dtype=jnp.float32) -> tuple[dict, dict, dict | None]:
+    """Loads a Hugging Face `ViTModel` or `ViTForImageClassification` folder.
+
+    Reads `config.json` and `model.safetensors` (or its shards); tensor names by `HF_NAMES`.
+
+    Returns:
+      (vit_kwargs, params, head): `ViT(**vit_kwargs)` is the matching model (pooler=True iff
+      the checkpoint has one), `params` its parameter tree in `dtype`, and `head` the
+      classifier (`{"out": {"kernel", "bias"}}`, for `heads.MlpHead(hidden=0, ...)`) or None.
+
+    Raises:
+      ValueError: a missing file (naming the path), an unknown architecture or parameter, or a
+        parameter whose shape does not match the config (naming the parameter).
+    """
+    kwargs, params, head, names = hf.read_hf_vit(folder, HF_NAMES)
+    check_params(kwargs, params, f"Hugging Face checkpoint {folder!r}", names)
+    return kwargs, files.as_jax(params, dtype), None if head is None else files.as_jax(head, dtype)
+
+
+def load_bigvision(
+    path: str, *, image_size: int | None = None, dtype=jnp.float32
+) -> tuple[dict, dict, dict | None]:
+    """Loads a big_vision / vision_transformer ViT `.npz` (`interop.bigvision`), position
+    embeddings resampled to `image_size` (None: the trained size); returns as `load_hf`."""
+    kwargs, params, head = bigvision.read_bigvision_npz(path, image_size=image_size)
+    check_params(kwargs, params, f"big_vision checkpoint {path!r}")
+    return kwargs, files.as_jax(params, dtype), None if head is None else files.as_jax(head, dtype)
+
+
+def load_pretrained(source: str, path: str, model) -> tuple[dict, dict]:
+    """(ViT kwargs, params) of a pretrained base: `source` "hf" (a ViTModel folder) or
+    "bigvision" (an .npz), for `config.model` `model` (its image_size; its pooler: a ViTModel
+    checkpoint's pooler is left out unless asked for, as heads read the class token, as
+    ViTForImageClassification's classifier does)."""
+    if source == "bigvision":
+        return load_bigvision(path, image_size=model.image_size)[:2]
+    kwargs, params = load_hf(path)[:2]
+    if kwargs["pooler"] and not model.pooler:
+        params = {k: v for k, v in params.items() if k != "pooler"}
+        kwargs = {**kwargs, "pooler": False}
+    elif model.pooler and not kwargs["pooler"]:
+        raise ValueError(
+            f"config.model.pooler: True, but the checkpoint {path!r} has no pooler; allowed: False"
+        )
+    return kwargs, params
+
+
+def save_hf(folder: str, kwargs: dict, params, naming: str = "v4") -> str:
+    """Writes a ViT backbone (an adapter folded in, if any) as a Hugging Face `ViTModel` folder,
+    `config.json` and `model.safetensors`, that `transformers.ViTModel.from_pretrained` loads
+    (add `add_pooling_layer=False` when the ViT has no pooler). `naming` "v4" writes the Hub's
+    tensor names, which transformers 4.x and 5.x both read; "v5" the 5.x module names.
+
+    Raises:
+      ValueError: a ViT that `ViTModel` cannot express (mean pooling, a channel count other
+        than 3), an unknown naming, a folder that exists and is not empty, or parameters
+        that do not fit `kwargs`.
+    """
+    check_params(dict(kwargs), params, "save_hf")
+    return hf.save_hf_vit(folder, kwargs, params, HF_NAMES, naming)
+
+
 # The family entry that `models.get("vit")` returns.
 registry.register(
-    registry.Family("vit", ViT, variant, ARCHITECTURE_KEYS, TARGET_PRESETS, init_params)
+    registry.Family(
+        "vit",
+        ViT,
+        variant,
+        ARCHITECTURE_KEYS,
+        TARGET_PRESETS,
+        init_params,
+        names=HF_NAMES,
+        sources=("hf", "bigvision"),
+        load_pretrained=load_pretrained,
+        save_hf=save_hf,
+        images_in_compute_dtype=True,
+    )
 )
