@@ -65,7 +65,7 @@ def run(args) -> dict:
     import jax
     import numpy as np
 
-    from jaxmerge import heads, lora, merging, multitask
+    from jaxmerge import adapter_stack, fusion, heads, lora, merging, mixed_batch, multitask
     from jaxmerge.models import vit
 
     model, base = load_model(args)
@@ -85,6 +85,11 @@ def run(args) -> dict:
     images = np.random.default_rng(0).normal(size=(args.batch, size, size, 3)).astype(np.float32)
     images = jax.device_put(images)
     single = multitask.make_single_task_predictor(model, head_defs[0])
+    one_backbone = lora.fold_into_base(base, adapters[0])
+    one_adapter_s = median_seconds(
+        lambda: single(one_backbone, head_params[0], images), args.repeats
+    )
+    fused_forward = jax.jit(fusion.fused_forward, static_argnums=(0, 1))
     results = []
     for n in counts:
         names = [f"task{i}" for i in range(n)]
@@ -99,6 +104,23 @@ def run(args) -> dict:
             lambda bs=backbones, hs=head_params[:n]: [single(b, h, images) for b, h in zip(bs, hs)],
             args.repeats,
         )
+        stacked = adapter_stack.stack(adapters[:n])
+        router = jax.tree.map(lambda x: x + 0.01, fusion.init_gates(stacked, "router"))
+        fused = fusion.fused_tree(stacked, router, "router")
+        fused_s = median_seconds(
+            lambda t=fused, hd=tuple(head_defs[:n]), hp=head_params[:n]: fused_forward(
+                model, hd, base, t, hp, images
+            ),
+            args.repeats,
+        )
+        server = mixed_batch.make_server(
+            model,
+            base,
+            dict(zip(names, adapters[:n])),
+            {t: (h, p) for t, h, p in zip(names, head_defs, head_params)},
+        )
+        requests = [names[i % n] for i in range(args.batch)]
+        mixed_s = median_seconds(lambda s=server, r=requests: s.forward(images, r), args.repeats)
         results.append(
             {
                 "tasks": n,
@@ -106,6 +128,11 @@ def run(args) -> dict:
                 "separate_ms": round(1e3 * separate_s, 2),
                 "speedup": round(separate_s / merged_s, 2),
                 "merged_images_per_s": round(args.batch / merged_s, 1),
+                "fused_ms": round(1e3 * fused_s, 2),
+                "fused_over_merged": round(fused_s / merged_s, 2),
+                "mixed_ms": round(1e3 * mixed_s, 2),
+                "one_adapter_ms": round(1e3 * one_adapter_s, 2),
+                "mixed_over_one_adapter_images_per_s": round(one_adapter_s / mixed_s, 2),
             }
         )
     return {
@@ -125,9 +152,11 @@ def main():
         print(json.dumps(out))
         return
     print(f"model {out['model']} at {out['image_size']} px, batch {out['batch']}, {out['devices']}")
-    print(f"{'tasks':>5} {'merged ms':>10} {'separate ms':>12} {'speedup':>8}")
+    columns = ("tasks", "merged_ms", "separate_ms", "speedup", "fused_ms", "fused_over_merged")
+    columns += ("mixed_ms", "one_adapter_ms", "mixed_over_one_adapter_images_per_s")
+    print(" ".join(f"{c:>12}" for c in columns))
     for r in out["results"]:
-        print(f"{r['tasks']:>5} {r['merged_ms']:>10} {r['separate_ms']:>12} {r['speedup']:>8}")
+        print(" ".join(f"{r[c]:>12}" for c in columns))
 
 
 if __name__ == "__main__":

@@ -201,6 +201,11 @@ def delta_of(node: Mapping) -> jax.Array:
     """The (in, out) update of one target node: `scale * lora_a @ lora_b`, or its `delta`."""
     if "delta" in node:
         return node["delta"]
+    if "gate_expand" in node:  # a gate would be dropped without a word
+        raise ValueError(
+            "adapter: a target holds a stack of gated adapters; allowed: factors or a delta "
+            "(adapter_stack.fold_gates turns static gates into factors)"
+        )
     product = jnp.matmul(node["lora_a"], node["lora_b"], precision=jax.lax.Precision.HIGHEST)
     return (node["scale"] * product).astype(node["lora_a"].dtype)
 

@@ -27,6 +27,11 @@ class LoraDense(nn.Module):
         with r. The default: it trained faster in `benchmarks/train_speed.py` (RESULTS.md).
       fold: `x @ (kernel + scale * a @ b)`, one wide matmul instead of four skinny ones. Falls
         back to `branch` while LoRA dropout is active, since dropout acts on the branch's input.
+
+    A stack of adapters (`jaxmerge.adapter_stack`) also holds a gate on the rank axis, so that
+    `y += scale * ((x @ a) * gate) @ b`: `gate` (R,) or (B, R) per example, or a router's,
+    `gate = (mean_tokens(x) @ router_kernel + router_bias) @ gate_expand` per image. A gated
+    branch is never folded, since its gate may differ between the examples of a batch.
     """
 
     in_features: int
@@ -51,7 +56,26 @@ class LoraDense(nn.Module):
         return a, b, scale
 
     def _folds_factors(self, train: bool) -> bool:
-        return self.lora_compute == "fold" and not (train and self.lora_dropout > 0)
+        gated = self.has_variable("lora", "gate") or self.has_variable("lora", "router_kernel")
+        return self.lora_compute == "fold" and not (train and self.lora_dropout > 0 or gated)
+
+    def _gate(self, x: jax.Array, h: jax.Array) -> jax.Array | None:
+        """The rank-axis gate of a stacked adapter (see the class docstring), shaped to
+        broadcast against h (B, ..., R), or None for a plain adapter."""
+        if self.has_variable("lora", "router_kernel"):
+            # The router reads the layer's own input, averaged over the tokens: one gate per
+            # image, so every token of an image takes the same mixture of adapters.
+            feature = x.mean(axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
+            logits = feature @ self.get_variable("lora", "router_kernel").astype(x.dtype)
+            logits = logits + self.get_variable("lora", "router_bias").astype(x.dtype)
+            gate = logits @ self.get_variable("lora", "gate_expand").astype(x.dtype)
+        elif self.has_variable("lora", "gate"):
+            gate = self.get_variable("lora", "gate").astype(h.dtype)
+        else:
+            return None
+        if gate.ndim == 2:  # one row per example: (B, R) -> (B, 1, ..., R)
+            gate = gate.reshape(gate.shape[:1] + (1,) * (h.ndim - 2) + gate.shape[1:])
+        return gate.astype(h.dtype)
 
     def weights(self, train: bool, dtype) -> tuple[jax.Array, jax.Array]:
         """(kernel, bias) in `dtype`, with every update that can be folded in added."""
@@ -69,8 +93,9 @@ class LoraDense(nn.Module):
         if factors is None or self._folds_factors(train):
             return None
         a, b, scale = factors
-        h = self.dropout(x, deterministic=not train)
-        return ((h @ a) @ b) * scale
+        h = self.dropout(x, deterministic=not train) @ a
+        gate = self._gate(x, h)
+        return ((h if gate is None else h * gate) @ b) * scale
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.astype(self.dtype or x.dtype)
