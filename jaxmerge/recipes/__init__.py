@@ -27,6 +27,7 @@ from jaxmerge.recipes.registry import (
 # package a user imports first.
 # isort: off
 from jaxmerge.recipes import learned
+from jaxmerge.recipes import regmean  # noqa: F401
 # isort: on
 
 __all__ = [
