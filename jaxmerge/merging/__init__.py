@@ -37,6 +37,7 @@ from jaxmerge.merging.registry import METHODS, MergeMethod, merge, register, val
 # isort: off
 from jaxmerge.merging import peft
 from jaxmerge.merging import delta
+from jaxmerge.merging import wudi
 # isort: on
 
-__all__ = ["METHODS", "MergeMethod", "merge", "register", "validate", "peft", "delta"]
+__all__ = ["METHODS", "MergeMethod", "merge", "register", "validate", "peft", "delta", "wudi"]
