@@ -17,7 +17,7 @@ from PIL import Image
 from jaxmerge import checkpoint, learned, lora, merging, model_folder, multitask, predict, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import common, prepare
-from jaxmerge.interop import hf, peft
+from jaxmerge.interop import peft
 from jaxmerge.models import vit
 from tests.tiny import tiny_config
 

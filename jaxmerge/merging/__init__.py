@@ -41,6 +41,17 @@ from jaxmerge.merging.registry import METHODS, MergeMethod, merge, register, val
 from jaxmerge.merging import peft
 from jaxmerge.merging import delta
 from jaxmerge.merging import spectral
+from jaxmerge.merging import wudi
 # isort: on
 
-__all__ = ["METHODS", "MergeMethod", "merge", "register", "validate", "peft", "delta", "spectral"]
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "merge",
+    "register",
+    "validate",
+    "peft",
+    "delta",
+    "spectral",
+    "wudi",
+]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -186,6 +187,21 @@ def proportion(field, value):
 def number(field, value):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{field}: got {value!r}; allowed: a real number")
+
+
+def count(field, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{field}: got {value!r}; allowed: an integer >= 0")
+
+
+def positive(field, value):
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{field}: got {value!r}; allowed: a finite number > 0")
 
 
 SIGN_METHOD = choice("total", "frequency")

@@ -107,3 +107,15 @@ def factored_node(triplet, rank, svd_clamp, dtype):
     if svd_clamp is not None:
         a, b = fz.clamp_factors(a, b, svd_clamp)
     return adapter_node(a, b, dtype)
+
+
+def dense_output(adapters, paths, nodes, deltas, output, rank):
+    """The result tree of dense (in, out) float32 `deltas`, one per target: `{"delta": dW}`
+    nodes (output="delta"), or rank-`rank` factors (default: the largest input rank) of their
+    leading SVD found from each target's stacked `lora_a` (output="factored", `fz.top_svds`)."""
+    dtypes = [n[0]["lora_a"].dtype for n in nodes]
+    if output == "delta":
+        return tree(paths, [{"delta": d.astype(t)} for d, t in zip(deltas, dtypes)])
+    rank = rank or max_rank(adapters)
+    triplets = fz.top_svds(list(deltas), [stacked_a(n) for n in nodes], rank)
+    return tree(paths, [factored_node(tr, rank, None, t) for tr, t in zip(triplets, dtypes)])
