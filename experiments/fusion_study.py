@@ -28,8 +28,8 @@ from jax.sharding import PartitionSpec as P
 from experiments import study
 from experiments.configs import offline
 from experiments.report import scores as report_scores
-from jaxmerge import adapter_stack, evaluate, fusion, learned_runs, lora, scoring, train
-from jaxmerge.merging import learned
+from jaxmerge import adapter_stack, fusion, learned, lora, scoring, train
+from jaxmerge import runs as runs_lib
 
 ARGS = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ARGS.add_argument("--workdir", required=True)
@@ -50,8 +50,8 @@ def score_fused(scorer: scoring.Scorer, base, tree, head) -> dict[str, float]:
 
 def run_seed(args, config, seed: int, out_path: str, done: set) -> None:
     seed_dir = study.seed_dir(args.workdir, seed)
-    runs = {t: evaluate.load_run(train.run_dir(seed_dir, "lora", t)) for t in config.tasks}
-    model, base = evaluate.load_base_of(list(runs.values()))
+    runs = {t: runs_lib.load(train.run_dir(seed_dir, "lora", t)) for t in config.tasks}
+    model, base = runs_lib.base_of(list(runs.values()))
     scorers = {t: scoring.Scorer(r.task, r.head_def, model, r.config) for t, r in runs.items()}
     metric = {t: report_scores.main_metric(t)[0] for t in config.tasks}
     single = {t: scorers[t](lora.fold_into_base(base, r.adapter), r.head) for t, r in runs.items()}
@@ -60,7 +60,7 @@ def run_seed(args, config, seed: int, out_path: str, done: set) -> None:
     }
     inputs, targets = {}, {}
     for t, run in runs.items():
-        inputs[t] = learned_runs.adaptation_inputs(run, model, args.images, seed)[0]
+        inputs[t] = runs_lib.examples(run, model, args.images, seed)[0]
         targets[t] = learned.single_outputs(model, base, run.adapter, heads[t], inputs[t])
     gatings = args.gatings.split(",")
     sizes = [int(k) for k in args.sizes.split(",")]

@@ -13,7 +13,7 @@ live in an `adapter_stack`). Two gatings:
              layer's own input, one gate per image; K_l starts at 0 and c_l at the static
              gates, so the router starts where the static fusion ended
 
-Both are fitted label-free by output matching (as `merging.learned`'s objective="output_match"):
+Both are fitted label-free by output matching (as `learned`'s objective="output_match"):
 on each task's own training images x ~ X_t, task t's head on the fused backbone is pulled to
 the same head on the backbone with adapter t alone,
 
@@ -39,8 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmerge import adapter_stack, lora
-from jaxmerge.merging import learned
+from jaxmerge import adapter_stack, learned, lora
 
 Tree = Any
 F32 = jnp.float32

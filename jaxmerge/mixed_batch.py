@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from jaxmerge import adapter_stack, lora
+from jaxmerge import runs as runs_lib
 
 Tree = Any
 BASE_NAMES = (None, "__base__")  # PEFT's name for "no adapter" is accepted beside None
@@ -157,9 +158,8 @@ def from_runs(directories: Sequence[str], load_run: Callable | None = None) -> S
       ValueError: for runs on different bases or model settings, runs of one task twice, or a
         run without an adapter.
     """
-    from jaxmerge import evaluate  # here: evaluate imports the merging stack
 
-    runs = [(load_run or evaluate.load_run)(d) for d in directories]
+    runs = [(load_run or runs_lib.load)(d) for d in directories]
     for run in runs:
         if run.adapter is None:
             raise ValueError(f"runs: {run.directory!r} has no adapter; allowed: LoRA runs")
@@ -172,7 +172,7 @@ def from_runs(directories: Sequence[str], load_run: Callable | None = None) -> S
     names = [run.task.name for run in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"runs: tasks {names} repeat; allowed: one run per task")
-    model, base = evaluate.load_base_of(runs)
+    model, base = runs_lib.base_of(runs)
     return make_server(
         model,
         base,
