@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
+from tests.tiny import tiny_config
 
 from jaxmerge import checkpoint, config_lib, heads, scoring, tasks, train
 from jaxmerge.models import vit
