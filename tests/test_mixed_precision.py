@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.tiny import tiny_config
 
 from jaxmerge import checkpoint, config_lib, heads, scoring, tasks, train
 from jaxmerge.models import vit
+from tests.tiny import tiny_config
 
 MU = vit.variant("mu/4", image_size=16)
 
