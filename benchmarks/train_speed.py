@@ -224,6 +224,7 @@ def torch_speed(shape: dict, batch_size: int, args) -> dict:
         "train_cpu_ms_per_image": 1e3 * train_cpu / batch_size,
         "eval_cpu_ms_per_image": 1e3 * eval_cpu / batch_size,
         "threads": torch.get_num_threads(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"peft {peft.__version__}",
     }
@@ -259,6 +260,19 @@ def _run_side(side: str, python: str, model: str, args) -> dict:
 
 def _load() -> str:
     return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def _cpu_name() -> str:
+    """The CPU model: PyTorch's MKL runs AVX-512 kernels on Intel only, so the ratio depends on
+    the vendor, not only on the core count (benchmarks/RESULTS.md)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def _summary(values: list[float]) -> str:
@@ -298,7 +312,17 @@ def main():
             f"lora_compute={args.lora_compute}; {args.rounds} rounds; "
             f"XLA counts {jax_runs[0]['train_gflop_per_image']:.3f} GFLOP per training image"
         )
+        print(f"{_cpu_name()}, {os.cpu_count()} cores")
         print(f"load before and after each round: {'; '.join(loads)}")
+        busiest = max(float(load.split()[1]) for load in loads)
+        if busiest > os.cpu_count():
+            # PyTorch's OpenMP threads meet at a barrier in every parallel region; on busy
+            # cores each wait can cost a time slice, while jaxmerge's device threads do not
+            # wait for each other: the ratio then grows with the load (RESULTS.md).
+            print(
+                f"warning: a load of {busiest:.1f} on {os.cpu_count()} cores slows PyTorch "
+                "far more than jaxmerge; compare ratios measured below one task per core only"
+            )
         print("| | train img/s, median (range) | eval img/s, median (range) |")
         print("|---|---|---|")
         for side, name in (("jax", "jaxmerge"), ("torch", "PyTorch + PEFT")):
@@ -316,7 +340,11 @@ def main():
                 f"| jaxmerge / PyTorch | {ratio['train_images_per_s']:.2f}x | "
                 f"{ratio['eval_images_per_s']:.2f}x |"
             )
-            print(f"({runs['torch'][0]['versions']}, {runs['torch'][0]['threads']} threads)")
+            torch_run = runs["torch"][0]
+            print(
+                f"({torch_run['versions']}, {torch_run['threads']} threads, "
+                f"{torch_run.get('capability', '?')} kernels)"
+            )
 
 
 if __name__ == "__main__":
