@@ -7,10 +7,14 @@ step, and SHA-256 checksums of the arrays and of the metadata itself). Orbax res
 checkpoint with a flipped byte silently with wrong values; the checksums turn that into an
 error naming the path.
 
-Reading falls back: when the latest step is empty, half-written or corrupted, `restore` and
-`load` warn, move that step aside to `<run>/checkpoints_bad/<step>` (never deleted, so a person
-can inspect it) and take the newest step that verifies. A step asked for by number is never
-replaced by another. Reads never create folders.
+Reading falls back: when the latest step is empty, half-written or corrupted (a checksum that
+does not match, a truncated or missing file), `restore` and `load` warn and take the newest step
+that verifies. Only training's resume (`restore`) moves the bad step aside, to
+`<run>/checkpoints_bad/<step>` (never deleted, so a person can inspect it), so that it saves
+the step again; `load` (evaluate, merge, predict) leaves it where it is and writes nothing, so
+it reads read-only run folders. A step whose arrays have other shapes or another tree than the
+model asked for is not corrupted but another model (`ModelMismatch`): never moved, never
+skipped. A step asked for by number is never replaced by another. Reads never create folders.
 """
 
 from __future__ import annotations
@@ -175,6 +179,11 @@ class _Corrupted(CheckpointError):
     """A step that cannot be read or does not verify (as opposed to a wrong base)."""
 
 
+class ModelMismatch(CheckpointError):
+    """A step that holds another model than the one asked for (a changed lora.rank,
+    lora.targets or head): its files are intact, so it is never moved or skipped."""
+
+
 def _cause(error: BaseException) -> str:
     """One short line for an Orbax / TensorStore error (whose messages can be 60-line spec
     dumps): the kind of failure, then the first line of the message, cut to 160 characters."""
@@ -243,9 +252,9 @@ def _move_aside(mngr, step: int) -> str:
     return dest
 
 
-def _newest_good(mngr, step, read):
-    """`read(step)` for the step asked for, or else the newest step that verifies, moving the
-    bad ones aside with a warning."""
+def _newest_good(mngr, step, read, move_bad: bool):
+    """`read(step)` for the step asked for, or else the newest step that verifies, with a
+    warning for each bad one, which `move_bad` moves aside (training) and reads leave."""
     if step is not None:
         return read(step)
     steps = sorted(mngr.all_steps(), reverse=True)
@@ -257,10 +266,49 @@ def _newest_good(mngr, step, read):
             return read(candidate)
         except _Corrupted as error:
             causes.append(str(error))
-            dest = _move_aside(mngr, candidate)
-            logging.warning("%s; moved it to %s and trying the step before", error, dest)
-            mngr.reload()
+            if move_bad:
+                dest = _move_aside(mngr, candidate)
+                logging.warning("%s; moved it to %s and trying the step before", error, dest)
+                mngr.reload()
+            else:
+                logging.warning("%s; left as it is, reading the step before", error)
     raise CheckpointError(f"no step of {mngr.directory} verifies: {'; '.join(causes)}")
+
+
+def _shapes(tree: Tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def check_same_model(path: str, saved: Tree, wanted: Tree) -> None:
+    """Raises ModelMismatch naming the first array path whose presence or shape differs
+    between a step's saved params (`item_metadata`) and the params asked for."""
+    old, new = _shapes(saved), _shapes(wanted)
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            was = old.get(key, "absent")
+            now = new.get(key, "absent")
+            raise ModelMismatch(
+                f"checkpoint {path} holds another model than this config builds (params{key}: "
+                f"saved {was}, now {now}); the config differs from the one it was trained with "
+                f"(lora.rank, lora.targets, head...): use that config, or another --workdir"
+            )
+
+
+def read_metadata(mngr: ocp.CheckpointManager, step: int) -> dict | None:
+    """A step's metadata JSON if it is readable and matches its own checksum, else None
+    (reads no array: for checks before a restore)."""
+    path = os.path.join(str(mngr.directory), str(step), "metadata", "metadata")
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metadata, dict) or metadata.get("checksum_metadata") != _metadata_checksum(
+        metadata
+    ):
+        return None
+    return metadata
 
 
 def restore(
@@ -285,9 +333,31 @@ def restore(
         opt_state=ocp.args.StandardRestore(as_abstract(opt_state_like)),
         metadata=ocp.args.JsonRestore(),
     )
-    read = lambda s: _read_step(mngr, s, args, expected_base, ("params", "opt_state"))
-    restored = _newest_good(mngr, step, read)
+
+    def read(s):
+        # Orbax fails on a shape or tree that differs as on a broken file: compare first, so
+        # another model is named as such and never moved aside as corrupted.
+        check_same_model(_step_path(mngr, s), _saved_params(mngr, s), params_like)
+        return _read_step(mngr, s, args, expected_base, ("params", "opt_state"))
+
+    restored = _newest_good(mngr, step, read, move_bad=True)
     return restored.params, restored.opt_state, restored.metadata
+
+
+def _step_path(mngr, step: int) -> str:
+    return os.path.join(str(mngr.directory), str(step))
+
+
+def _saved_params(mngr, step: int) -> Tree:
+    """The saved params' tree of array metadata (shapes and dtypes, no values)."""
+    path = _step_path(mngr, step)
+    try:
+        saved = mngr.item_metadata(step)["params"]
+    except Exception as error:
+        raise _Corrupted(f"checkpoint {path} cannot be read: {_cause(error)}") from None
+    if saved is None or not jax.tree.leaves(saved):  # a step whose params never got written
+        raise _Corrupted(f"checkpoint {path} cannot be read: missing or half-written (no params)")
+    return saved
 
 
 def load(directory: str, step: int | None = None, expected_base: str | None = None):
@@ -302,18 +372,22 @@ def load(directory: str, step: int | None = None, expected_base: str | None = No
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def read(s):
-        path = os.path.join(str(mngr.directory), str(s))
         try:
-            saved = mngr.item_metadata(s)["params"]
             target = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                _saved_params(mngr, s),
             )
+        except _Corrupted:
+            raise
         except Exception as error:
-            raise _Corrupted(f"checkpoint {path} cannot be read: {_cause(error)}") from None
+            raise _Corrupted(
+                f"checkpoint {_step_path(mngr, s)} cannot be read: {_cause(error)}"
+            ) from None
         args = dict(params=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore())
         return _read_step(mngr, s, args, expected_base, ("params",))
 
-    restored = _newest_good(mngr, step, read)
+    # A read never moves or writes anything: a bad step is skipped (training moves it).
+    restored = _newest_good(mngr, step, read, move_bad=False)
     if "lora" in restored.params:  # checksums pass for an adapter saved with NaN in it
         where = os.path.join(str(mngr.directory), str(restored.metadata["step"]))
         lora.check_finite(restored.params["lora"], f"checkpoint {where} adapter")

@@ -2,13 +2,14 @@
 
     model = model_folder.load("digits_and_boxes")
     outputs = model.predict(images)  # {task: (B, outputs)}, one backbone pass for every task
-    rows = model.predict_images([load_rgb("a.png")])  # [{task: readable prediction}]
+    rows = model.predict_images([load_upright("a.png")])  # [{task: readable prediction}]
 
 A folder, written by `python -m jaxmerge.merge` (`save`), holds:
 
   model.json    the model family and architecture, each task (head kind, outputs, hidden size,
                 head module: `heads.to_record`, an MLP or a frozen zero-shot head; label
-                names, metric, target, loss spec), the preprocessing, the base fingerprint,
+                names, metric, target, loss spec, the input its dataset stores), the
+                preprocessing (`image_input`), the base fingerprint,
                 and the merge recipe (method, weights, parameters, a learned merge's record,
                 each source run's path with SHA-256 checksums of its adapter and head);
   checkpoints/0 an Orbax checkpoint (`jaxmerge.checkpoint`, checksummed) of
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmerge
-from jaxmerge import checkpoint, data, heads, lora, models, multitask
+from jaxmerge import checkpoint, data, heads, image_input, lora, models, multitask
 from jaxmerge import runs as runs_lib
 from jaxmerge.data import ops
 
@@ -67,12 +68,25 @@ class MultiTaskModel:
         outputs = self.predictor(self.backbone, dict(self.head_params), jnp.asarray(images))
         return {task: np.asarray(outputs[task]) for task in self.tasks}  # model.json's order
 
-    def predict_images(self, rgb_images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-        """Readable predictions (`outputs_to_predictions`) for uint8 (H, W, 3) images."""
-        prepare = preprocess_fn(self.info["preprocessing"])
-        batch = np.stack([prepare({"image": im}, None)["image"] for im in rgb_images])
-        shapes = [im.shape[:2] for im in rgb_images]
-        return outputs_to_predictions(self.predict(batch), self.tasks, shapes)
+    def predict_images(
+        self, rgb_images: Sequence[np.ndarray], batch_size: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Readable predictions (`outputs_to_predictions`) for upright uint8 (H, W, 3) images
+        (`datasets.common.load_upright`), each prepared as its task's training images were
+        (`image_input`): one backbone pass per distinct task input. `batch_size` pads the
+        batch, so repeated calls compile once."""
+        outputs = {}
+        for record, names in image_input.input_groups(self.tasks, self.info["preprocessing"]):
+            inputs = [
+                image_input.model_input(rgb, self.info["preprocessing"], record)
+                for rgb in rgb_images
+            ]
+            batch = np.zeros((max(batch_size or 0, len(inputs)), *inputs[0].shape), np.float32)
+            batch[: len(inputs)] = np.stack(inputs)
+            predicted = self.predict(batch)
+            outputs.update({name: predicted[name][: len(inputs)] for name in names})
+        shapes = [np.shape(rgb)[:2] for rgb in rgb_images]
+        return outputs_to_predictions(outputs, self.tasks, shapes)
 
 
 # ----------------------------------------------------------------------------- describing
@@ -108,6 +122,7 @@ def task_info(run) -> dict[str, Any]:
         "hidden": heads.to_record(run.head_def)["hidden"],
         "head": heads.to_record(run.head_def),
         "labels": label_names(task, data.data_dir(run.config)),
+        "input": image_input.dataset_input(task.dataset, data.data_dir(run.config)),
         "metric": task.head_kind.main_metric,
         "higher_is_better": task.head_kind.higher_is_better,
         "target": task.target,
@@ -118,27 +133,17 @@ def task_info(run) -> dict[str, Any]:
 
 
 def preprocessing_info(model_def, config) -> dict[str, Any]:
-    """`data.default_preprocess` at evaluation, as data: resize, RGB, then the base family's
-    pixel normalisation `(x / 255 - mean) / std`."""
-    normalization = data.normalization(config)
-    minus_one_one = all(v == 0.5 for v in normalization["mean"] + normalization["std"])
-    return {
-        "image_size": model_def.image_size,
-        "channels": model_def.channels,
-        "steps": ["resize", "to_rgb", "normalize"],
-        "resize": "bilinear, antialiased, to image_size x image_size (aspect ratio not kept)",
-        "normalisation": "[-1, 1]" if minus_one_one else "(x / 255 - mean) / std",
-        "mean": list(normalization["mean"]),
-        "std": list(normalization["std"]),
-    }
+    """model.json's "preprocessing" (`image_input.describe`): a file's steps, then
+    `data.image_steps` at evaluation with the run's normalisation."""
+    return image_input.describe(
+        model_def.image_size, model_def.channels, data.normalization(config)
+    )
 
 
 def preprocess_fn(preprocessing: Mapping[str, Any]) -> ops.Preprocess:
-    """`(example, rng) -> example` on {"image": uint8 (H, W, C)}, with the ops of training.
-    Folders written before `mean` and `std` were recorded scale to [-1, 1]."""
-    mean, std = preprocessing.get("mean", [0.5]), preprocessing.get("std", [0.5])
-    size = preprocessing["image_size"]
-    return ops.compose(ops.resize(size), ops.to_rgb(), ops.normalize(mean, std))
+    """`(example, rng) -> example` on a stored {"image": uint8 (H, W, C)}: the ops of
+    evaluation (`image_input.model_steps`)."""
+    return image_input.model_steps(preprocessing)
 
 
 def check_one_normalization(runs) -> None:
@@ -318,12 +323,12 @@ def outputs_to_predictions(
 
     classification: {"label": name (or index as text), "index", "probability": softmax max};
     regression: {"value": outputs * std + mean} (the loss standardised the target);
-    landmarks: {"points": [[x, y], ...]} in pixels of the input image, `x = u * width`,
-    `y = v * height` for the normalised (u, v) the head predicts (the resize kept no aspect).
+    landmarks: {"points": [[x, y], ...]} in pixels of the upright input image, mapped back
+    through the centre square the input was cut from (`image_input.points_in_image`).
 
     Args:
       outputs: {task: (B, outputs)}; tasks: model.json's task entries;
-      image_shapes: (height, width) of each of the B input images before resizing.
+      image_shapes: (height, width) of each of the B upright input images before cropping.
     """
     rows: list[dict[str, Any]] = [{} for _ in image_shapes]
     for task, info in tasks.items():
@@ -340,7 +345,7 @@ def outputs_to_predictions(
                 row[task] = {"value": float(v)}
         elif info["kind"] == "landmarks":
             for row, v, (height, width) in zip(rows, values, image_shapes):
-                points = v.reshape(-1, 2) * np.array([width, height], np.float64)
+                points = image_input.points_in_image(v.reshape(-1, 2), height, width)
                 row[task] = {"points": points.round(2).tolist()}
         else:
             raise ValueError(

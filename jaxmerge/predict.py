@@ -7,11 +7,14 @@
 `--model` is a model folder (`python -m jaxmerge.merge`) or one training run
 (WORKDIR/adapters/<task>, its adapter folded into its base). Paths are image files, folders
 (searched recursively for image suffixes, hidden files such as .DS_Store skipped) or globs.
-Images of any size and PIL mode (grey, RGBA, CMYK, 16-bit, ...) are decoded to RGB and
-preprocessed as the tasks were in training. Rows go to `--output` as JSONL or CSV (by suffix),
-or as JSONL to stdout: the path, then per task the class name and probability, the value, or
-the landmarks in the input image's pixels. An image that cannot be read gives one line on
-stderr and a row with an "error" field; the others go on.
+Images of any size and PIL mode (grey, RGBA, CMYK, 16-bit, ...) are decoded to RGB, turned
+upright by their EXIF orientation, and prepared exactly as `prepare` and training prepared each
+task's images (`jaxmerge.image_input`: the centre square, resized, as the task's dataset stores
+it). Rows go to `--output` as JSONL or CSV (by suffix), or as JSONL to stdout: the path, then
+per task the class name and probability, the value, or the landmarks in pixels of the image as
+a viewer shows it (upright, before the crop: `x = left + u * side` of the centre square). An
+image that cannot be read gives one line on stderr and a row with an "error" field; the others
+go on.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from absl import flags
 
 from jaxmerge import cli as cli_lib
@@ -84,31 +86,26 @@ def image_paths(patterns: Sequence[str]) -> list[str]:
     return unique
 
 
-def _read(path: str, prepare) -> tuple[np.ndarray, tuple[int, int]]:
-    rgb = common.load_rgb(path)
-    return prepare({"image": rgb}, None)["image"], rgb.shape[:2]
-
-
 def predict_paths(
     model: model_folder.MultiTaskModel, paths: Sequence[str], batch_size: int = 32
 ) -> Iterator[dict[str, Any]]:
     """One row per path, in order: {"path", task: prediction, ...} or {"path", "error"}.
 
-    A file that cannot be decoded gives one line on stderr naming it and the cause. Batches are
-    padded to `batch_size`, so the model compiles once.
+    Each file is read upright (its EXIF orientation applied) and prepared as prepare and
+    training prepared its task's images (`MultiTaskModel.predict_images`). A file that cannot
+    be decoded gives one line on stderr naming it and the cause. Batches are padded to
+    `batch_size`, so the model compiles once.
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size: got {batch_size}; allowed: an integer >= 1")
-    prepare = model_folder.preprocess_fn(model.info["preprocessing"])
-    size = model.info["preprocessing"]["image_size"]
     bar = logs.progress(total=len(paths), desc="predict", unit="img")
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         rows: list[dict[str, Any]] = [{"path": p} for p in chunk]
-        images, shapes, good = [], [], []
+        images, good = [], []
         for index, path in enumerate(chunk):
             try:
-                image, shape = _read(path, prepare)
+                images.append(common.load_upright(path))
             # Any decoder failure (PIL raises OSError, SyntaxError, ValueError, struct.error,
             # DecompressionBombError...) is this file's problem, never the run's.
             except Exception as error:
@@ -116,15 +113,9 @@ def predict_paths(
                 rows[index]["error"] = f"{type(error).__name__}: {cause}"
                 print(f"predict: skipped {path}: {rows[index]['error']}", file=sys.stderr)
                 continue
-            images.append(image)
-            shapes.append(shape)
             good.append(index)
         if images:
-            batch = np.zeros((batch_size, size, size, 3), np.float32)
-            batch[: len(images)] = np.stack(images)
-            outputs = model.predict(batch)
-            predictions = model_folder.outputs_to_predictions(outputs, model.tasks, shapes)
-            for index, prediction in zip(good, predictions):
+            for index, prediction in zip(good, model.predict_images(images, batch_size)):
                 rows[index].update(prediction)
         bar.update(len(chunk))
         yield from rows

@@ -159,11 +159,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     config_lib.validate(config)  # every value checked before anything compiles
     directory = run_dir(workdir, config.mode, config.task)
+    check_not_a_model_folder(workdir, directory)
     os.makedirs(directory, exist_ok=True)
     # Process 0 holds the lock for the whole multi-host job: on a shared filesystem the other
     # processes would find it taken by their own job.
     with run_lock.hold(directory) if logs.is_writer() else contextlib.nullcontext():
         return _train_and_evaluate(config, directory)
+
+
+def check_not_a_model_folder(workdir: str, directory: str) -> None:
+    """Refuses a workdir or run folder that is (or sits in) a model folder: its checkpoint is
+    no training step to resume, and a model folder holds the only copy of its model."""
+    from jaxmerge.model_folder import MODEL_FILE
+
+    folder = os.path.abspath(directory)
+    top = os.path.dirname(os.path.abspath(workdir))
+    while folder != top and folder != os.path.dirname(folder):
+        if os.path.isfile(os.path.join(folder, MODEL_FILE)):
+            raise ValueError(
+                f"--workdir: {folder} is a model folder ({MODEL_FILE}, written by "
+                f"jaxmerge.merge), not a training run; allowed: a workdir outside model folders"
+            )
+        folder = os.path.dirname(folder)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
@@ -195,6 +212,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
         "config": _config_record(config),
     }
     if mngr.all_steps():
+        # The config first, from the newest step's metadata alone: a changed lora.rank or head
+        # makes arrays of other shapes, which must be named as a changed config, not a
+        # corrupted step (`checkpoint.restore` also refuses them, without moving anything).
+        newest = checkpoint.read_metadata(mngr, max(mngr.all_steps()))
+        if newest is not None and not config.resume_with_changed_config:
+            config_lib.check_unchanged(newest.get("config", {}), metadata["config"], directory)
         params, opt_state, saved = checkpoint.restore(
             mngr, state.params, state.opt_state, expected_base=base_print
         )

@@ -61,7 +61,8 @@ within 1e-4 relative. It prints each check. The test suite re-imports these fold
 
 Hugging Face export check (default run, or alone with --hf-export-only): the TIES merge of
 a, b, c (weights 0.5, 0.3, 0.2, density 0.5) folded into hf_vit and written by jaxmerge's
-`vit.save_hf` (then `hf.save_hf_vit`) to tests/golden/hf_exports/folded_ties_{v4,v5}/, loaded by transformers'
+`vit.save_hf` (then `hf.save_hf_vit`) to tests/golden/hf_exports/folded_ties_{v4,v5}/,
+loaded by transformers'
 `ViTModel.from_pretrained`, must give jaxmerge's outputs and PEFT's own merge (ties_total).
 """
 

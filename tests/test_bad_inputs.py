@@ -184,23 +184,34 @@ BREAKAGES = {
 }
 
 
+def snapshot(folder) -> dict:
+    """Every file under `folder` with its size and modification time."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            stat = os.stat(os.path.join(root, name))
+            out[os.path.relpath(os.path.join(root, name), folder)] = (stat.st_size, stat.st_mtime)
+    return out
+
+
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
 def test_broken_latest_step_falls_back_to_the_newest_good_one(
     trained_run, tmp_path, breakage, caplog
 ):
+    """A read skips the bad step and leaves it: nothing moved or written (read-only folders)."""
     _, _, run = trained_run
     copy = str(tmp_path / "run")
     shutil.copytree(run, copy)
     checkpoints = os.path.join(copy, "checkpoints")
     good, _ = checkpoint.load(checkpoints, step=10)
     BREAKAGES[breakage](os.path.join(checkpoints, "20"))
+    before = snapshot(copy)
     params, metadata = checkpoint.load(checkpoints)
     assert metadata["step"] == 10
     jax.tree.map(np.testing.assert_array_equal, params, good)
-    aside = os.path.join(copy, "checkpoints_bad", "20")
-    assert os.path.isdir(aside) and not os.path.exists(os.path.join(checkpoints, "20"))
+    assert snapshot(copy) == before and not os.path.exists(os.path.join(copy, "checkpoints_bad"))
     assert any(
-        "checkpoints/20" in r.getMessage() and "moved it to" in r.getMessage()
+        "checkpoints/20" in r.getMessage() and "left as it is" in r.getMessage()
         for r in caplog.records
     )
 
@@ -217,7 +228,7 @@ def test_evaluate_on_a_broken_latest_step_prints_one_line(trained_run, tmp_path,
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "checkpoints/20" in lines[0] and "moved it to" in lines[0], lines
+    assert len(lines) == 1 and "checkpoints/20" in lines[0] and "left as it is" in lines[0], lines
     assert json.loads(done.stdout)["digits"]["examples"] > 0
 
 
@@ -233,6 +244,7 @@ def test_closed_loop_reports_are_dropped_and_every_other_report_passes():
 
 
 def test_resume_falls_back_too_and_reaches_the_same_step(trained_run, tmp_path):
+    """Training alone moves a corrupted step aside (it saves that step again)."""
     config, workdir, run = trained_run
     copy_workdir = str(tmp_path / "work")
     shutil.copytree(workdir, copy_workdir)
@@ -240,6 +252,46 @@ def test_resume_falls_back_too_and_reaches_the_same_step(trained_run, tmp_path):
     _flip_byte(os.path.join(copy, "checkpoints", "20"))
     result = train.train_and_evaluate(config, copy_workdir)
     assert result["step"] == 20 and os.path.isdir(os.path.join(copy, "checkpoints_bad", "20"))
+
+
+def test_a_changed_model_is_a_changed_config_and_nothing_moves(trained_run, tmp_path):
+    """Arrays of other shapes are another model, not corruption: the one-line config error
+    (or, resuming with a changed config allowed, the one-line model mismatch), nothing moved."""
+    config, workdir, _ = trained_run
+    copy_workdir = str(tmp_path / "work")
+    shutil.copytree(workdir, copy_workdir)
+    before = snapshot(copy_workdir)
+    for section, leaf, value, message in [
+        ("lora", "rank", 4, "lora.rank: 8 -> 4"),
+        ("lora", "targets", "all", "lora.targets: 'qv' -> 'all'"),
+        ("head", "hidden", 8, "head.hidden: 16 -> 8"),
+    ]:
+        changed = config.copy_and_resolve_references()
+        changed[section][leaf] = value
+        with pytest.raises(ValueError, match=f"differs from the checkpoint's in {message}; use"):
+            train.train_and_evaluate(changed, copy_workdir)
+    changed.resume_with_changed_config = True
+    with pytest.raises(checkpoint.ModelMismatch, match=r"checkpoints/20 holds another model"):
+        train.train_and_evaluate(changed, copy_workdir)
+    assert snapshot(copy_workdir) == before
+
+
+def test_training_into_a_model_folder_is_refused(trained_run, tmp_path):
+    config, _, run = trained_run
+    model = tmp_path / "model"  # a model folder's layout: model.json beside checkpoints/0
+    shutil.copytree(os.path.join(run, "checkpoints", "10"), model / "checkpoints" / "0")
+    (model / "model.json").write_text("{}")
+    before = snapshot(model)
+    for workdir in (model, model / "adapters" / "digits" / ".." / ".."):
+        with pytest.raises(ValueError, match=r"^--workdir: .*model is a model folder"):
+            train.train_and_evaluate(config, str(workdir))
+    os.makedirs(model / "adapters" / "digits")  # the run folder inside it
+    (model / "adapters" / "digits" / "model.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"^--workdir: .*digits is a model folder"):
+        train.train_and_evaluate(config, str(model))
+    os.remove(model / "adapters" / "digits" / "model.json")
+    os.removedirs(model / "adapters" / "digits")
+    assert snapshot(model) == before
 
 
 @pytest.mark.parametrize(

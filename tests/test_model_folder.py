@@ -12,10 +12,22 @@ import sys
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from jaxmerge import checkpoint, learned, lora, merging, model_folder, multitask, predict, train
+from jaxmerge import (
+    checkpoint,
+    data,
+    image_input,
+    learned,
+    lora,
+    merging,
+    model_folder,
+    multitask,
+    predict,
+    train,
+)
 from jaxmerge import runs as runs_lib
+from jaxmerge.data import sources
 from jaxmerge.datasets import common, prepare
 from jaxmerge.interop import peft
 from jaxmerge.models import vit
@@ -182,8 +194,8 @@ def test_peft_export_refuses_folded_models_and_dense_deltas(run_dirs, tmp_path):
 
 @pytest.mark.parametrize("naming", ["v4", "v5"])
 def test_golden_hf_export_of_a_folded_ties_merge_gives_pefts_merge(naming):
-    """scripts/make_golden.py wrote these with `save_hf_vit` (now `vit.save_hf`) and checked that transformers'
-    ViTModel loads them to jaxmerge's outputs (3e-7); here they must give PEFT's own TIES merge
+    """scripts/make_golden.py wrote these with `save_hf_vit` (now `vit.save_hf`) and checked
+    that transformers' ViTModel loads them to jaxmerge's outputs (3e-7); here they must give PEFT's own TIES merge
     of the same adapters (an independent truth)."""
     golden = os.path.join(ROOT, "tests", "golden")
     vit_kwargs, params, _ = vit.load_hf(os.path.join(golden, "hf_exports", f"folded_ties_{naming}"))
@@ -262,8 +274,9 @@ def test_outputs_to_predictions_are_in_task_units():
     assert rows[0]["kind"]["label"] == "dog" and rows[1]["kind"]["label"] == "cat"
     assert rows[0]["kind"]["probability"] == pytest.approx(np.exp(2) / (np.exp(2) + 2))
     assert rows[0]["age"]["value"] == pytest.approx(35.0) and rows[1]["age"]["value"] == 20.0
-    assert rows[0]["box"]["points"] == [[16.0, 24.0], [64.0, 48.0]]  # x * width, y * height
-    assert rows[1]["box"]["points"] == [[0.0, 0.0], [10.0, 5.0]]
+    # The input is the centre square: 48 px from x = 8 of the 64 x 48 image, 10 px from x = 5.
+    assert rows[0]["box"]["points"] == [[8 + 12.0, 24.0], [8 + 48.0, 48.0]]
+    assert rows[1]["box"]["points"] == [[5.0, 0.0], [10.0, 5.0]]
 
 
 @pytest.fixture(scope="module")
@@ -305,10 +318,14 @@ def test_predict_reads_odd_images_and_skips_broken_ones(ties_folder, odd_images,
     for same in ("rgba.png", "sixteen.png"):  # decoded to the same RGB pixels
         assert rows[same]["digits"] == grey["digits"]
         np.testing.assert_allclose(rows[same]["digit_box"]["points"], grey["digit_box"]["points"])
-    # The same picture read directly: pixel coordinates of the 64 x 48 original.
-    rgb = common.load_rgb(odd_images / "cmyk.jpg")
-    batch = model_folder.preprocess_fn(model.info["preprocessing"])({"image": rgb}, None)["image"]
-    box = model.predict(batch[None])["digit_box"][0].reshape(2, 2) * [64, 48]
+    # The same picture read directly: pixel coordinates of the 64 x 48 original, whose centre
+    # square (48 px from x = 8) the model saw.
+    rgb = common.load_upright(odd_images / "cmyk.jpg")
+    record = image_input.task_input(model.tasks["digit_box"], model.info["preprocessing"])
+    assert record == {"size": 32, "channels": 1, "encoding": "png"}  # as digit_box stores
+    assert model.tasks["digits"]["input"] == {"size": 8, "channels": 1, "encoding": "png"}
+    batch = image_input.model_input(rgb, model.info["preprocessing"], record)
+    box = model.predict(batch[None])["digit_box"][0].reshape(2, 2) * 48 + [8, 0]
     np.testing.assert_allclose(rows["cmyk.jpg"]["digit_box"]["points"], box, atol=0.01)
 
 
@@ -406,3 +423,102 @@ def test_runs_normalised_differently_cannot_share_a_folder():
     imagenet = run("c", pixel_mean=[0.485, 0.456, 0.406], pixel_std=[0.229, 0.224, 0.225])
     with pytest.raises(ValueError, match=r"^--run: runs trained on differently normalised"):
         model_folder.check_one_normalization([*same, imagenet])
+
+
+def _exif_rotated(pixels: np.ndarray, path) -> None:
+    """Saves `pixels` turned 90 degrees counter-clockwise, with EXIF orientation 6 (turn 90
+    degrees clockwise to show): a viewer shows `pixels`."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(pixels)).save(path, exif=exif)
+
+
+def _smooth(rng, height, width):
+    """Random colours on a 3 x 3 grid, bilinearly enlarged: pictures far apart from each other
+    that JPEG keeps within a few levels."""
+    grid = rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A 2-step LoRA run on an image_folder of 2 x 5 random non-square files, stored at 32 px
+    (the model takes 8 px), one of them EXIF-rotated."""
+    root = tmp_path_factory.mktemp("pics")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        for i in range(5):
+            height, width = (int(v) for v in rng.integers(20, 70, 2))
+            Image.fromarray(_smooth(rng, height, width)).save(root / name / f"{i}.png")
+    _exif_rotated(_smooth(rng, 30, 55), root / "a" / "5.png")
+    data_dir = tmp_path_factory.mktemp("pics_tfds")
+    prepare.prepare("image_folder/pics-size32", str(data_dir), str(root))
+    workdir = tmp_path_factory.mktemp("pics_work")
+    config = tiny_config(
+        data_dir,
+        task="pics",
+        steps=2,
+        warmup_steps=0,
+        checkpoint_every=2,
+        log_every=2,
+        **{"dataset.name": "image_folder/pics-size32"},
+    )
+    train.train_and_evaluate(config, str(workdir))
+    return root, config, str(workdir / "adapters" / "pics")
+
+
+def test_predict_on_a_file_is_the_model_on_what_prepare_stored_for_it(folder_run):
+    root, config, run_dir = folder_run
+    files = sorted(str(p) for p in root.glob("*/*.png"))
+    model = predict.open_model(run_dir)
+    assert model.tasks["pics"]["input"] == {"size": 32, "channels": 3, "encoding": "jpeg"}
+    rows = list(predict.predict_paths(model, files, batch_size=4))
+    run = runs_lib.load(run_dir)
+    steps = data.preprocess(run.task, 8, False, **data.normalization(config))
+    stored = [
+        example
+        for split in ("train", "test")
+        for example in sources.open_source("image_folder/pics-size32", split, config.data_dir)
+    ]
+    assert len(stored) == len(files) == 11
+    misses = []
+    for path, row in zip(files, rows):
+        # Which stored example is this file's: the nearest to its upright centre square (the
+        # pictures are far apart), found without the code under test.
+        with Image.open(path) as image:
+            upright = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), np.float32)
+        side = min(upright.shape[:2])
+        top, left = (upright.shape[0] - side) // 2, (upright.shape[1] - side) // 2
+        square = Image.fromarray(upright[top : top + side, left : left + side].astype(np.uint8))
+        near = np.asarray(square.resize((32, 32), Image.Resampling.BILINEAR), np.float32)
+        distances = [np.abs(np.asarray(ex["image"], np.float32) - near).mean() for ex in stored]
+        assert sorted(distances)[0] < 3 < sorted(distances)[1], (path, sorted(distances)[:2])
+        example = stored[int(np.argmin(distances))]
+        logits = model.predict(steps(dict(example), None)["image"][None])["pics"][0]
+        probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        assert row["pics"]["index"] == int(np.argmax(logits)), path
+        np.testing.assert_allclose(row["pics"]["probability"], probabilities.max(), atol=1e-6)
+        # What predict did before: the whole stored frame squashed to 8 x 8, no EXIF turn.
+        squashed = steps({"image": common.load_rgb(path), "label": 0}, None)["image"]
+        old = model.predict(squashed[None])["pics"][0]
+        misses.append(np.abs(old - logits).max())
+    assert max(misses) > 1e-3  # so the comparison above can fail
+
+
+def test_exif_rotated_files_predict_as_the_upright_picture(folder_run, ties_folder, tmp_path):
+    """A file with an EXIF orientation predicts what the same picture stored upright does, for
+    classes and for landmark points, which come back in the upright picture's pixels."""
+    pixels = _smooth(np.random.default_rng(1), 30, 55)
+    Image.fromarray(pixels).save(tmp_path / "upright.png")
+    _exif_rotated(pixels, tmp_path / "tagged.png")
+    assert Image.open(tmp_path / "tagged.png").size == (30, 55)  # stored sideways
+    paths = [str(tmp_path / "upright.png"), str(tmp_path / "tagged.png")]
+    for model in (predict.open_model(folder_run[2]), model_folder.load(ties_folder)):
+        upright, tagged = list(predict.predict_paths(model, paths))
+        for task in model.tasks:
+            assert upright[task] == tagged[task], task
+    points = np.asarray(upright["digit_box"]["points"])
+    # Read without its tag (the stored frame), the same pixels give other points.
+    sideways = model.predict_images([np.rot90(pixels)])[0]["digit_box"]["points"]
+    assert not np.allclose(points, sideways)

@@ -63,6 +63,14 @@ def get_config(arg: str | None = None):
         "dare_ties": {"density": 0.5},
         "task_arithmetic": {},
         "knots": {"density": 0.5},
+        # Data-free spectral and optimised merges (the 2025 frontier, FusionBench parity).
+        "iso_c": {},
+        "iso_cts": {},
+        "tsv": {},
+        "wudi": {},
+        # Closed form from each layer's input Gram on 256 unlabeled training images per task.
+        "regmean": {},
+        "regmean_plusplus": {},
         # Learned (jaxmerge.recipes.learned): coefficients fitted on each task's training images.
         "learned_output_match": {},  # label-free; 256 unlabeled images per task
     }

@@ -63,6 +63,21 @@ def normalization(config) -> dict[str, tuple[float, ...]]:
     return {"mean": family.pixel_mean, "std": family.pixel_std}
 
 
+def image_steps(
+    image_size: int,
+    mean: tuple[float, ...] = (0.5,),
+    std: tuple[float, ...] = (0.5,),
+    augmentation: tuple[ops.Preprocess, ...] = (),
+) -> ops.Preprocess:
+    """A stored uint8 image -> the model's input: resized to (image_size, image_size)
+    (antialiased bilinear; a no-op at that size), 3 channels, `augmentation`, then
+    `(x / 255 - mean) / std`. Training, evaluation and `jaxmerge.predict` (after
+    `datasets.common.file_image` and `as_stored`) all prepare images with it."""
+    return ops.compose(
+        ops.resize(image_size), ops.to_rgb(), *augmentation, ops.normalize(mean, std)
+    )
+
+
 def default_preprocess(
     task: tasks.Task,
     image_size: int,
@@ -71,17 +86,17 @@ def default_preprocess(
     mean: tuple[float, ...] = (0.5,),
     std: tuple[float, ...] = (0.5,),
 ):
-    """Resize to the model's size (squashed, no crop), 3 channels, training augmentation
-    (random crop with `crop_padding`, flips where the task allows them), then
-    `(x / 255 - mean) / std`: by default [-1, 1]."""
-    steps = [ops.resize(image_size), ops.to_rgb()]
+    """`image_steps` with training augmentation (random crop with `crop_padding`, flips where
+    the task allows them): by default [-1, 1]. Stored images are square (prepare crops the
+    centre square), so the resize keeps their aspect ratio."""
+    augmentation = []
     points = task.target if task.kind == "landmarks" else None  # moved with the image
     if train and crop_padding:
-        steps.append(ops.random_crop(crop_padding, points))
+        augmentation.append(ops.random_crop(crop_padding, points))
     if train and task.flip:
-        steps.append(ops.random_flip(task.flip_permutation, points))
-    steps += [ops.normalize(mean, std), ops.keep("image", task.target)]
-    return ops.compose(*steps)
+        augmentation.append(ops.random_flip(task.flip_permutation, points))
+    steps = image_steps(image_size, mean, std, tuple(augmentation))
+    return ops.compose(steps, ops.keep("image", task.target))
 
 
 def preprocess(

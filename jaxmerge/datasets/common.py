@@ -179,17 +179,49 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out[..., None] if squeeze else out
 
 
+def center_square_box(height: int, width: int) -> tuple[int, int, int]:
+    """(top, left, side) of the largest centred square in a height x width image."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side
+
+
 def center_square(image: np.ndarray) -> np.ndarray:
     """Crops the largest centred square out of an (H, W, ...) array."""
-    height, width = image.shape[:2]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
+    top, left, side = center_square_box(*image.shape[:2])
     return image[top : top + side, left : left + side]
 
 
 def square_resize(image: np.ndarray, size: int) -> np.ndarray:
     """Centre-crops to a square, then resizes to (size, size): no aspect distortion."""
     return resize(center_square(image), size, size)
+
+
+def load_upright(path) -> np.ndarray:
+    """A whole image file as a viewer shows it: `load_rgb` turned upright by its EXIF tag."""
+    return load_rgb(path, exif_orientation=True)
+
+
+def file_image(path, size: int) -> np.ndarray:
+    """The one way a whole image file becomes a square example, in `prepare` (image_folder,
+    utkface, firerisk) and in `jaxmerge.predict`: decoded to RGB (`to_rgb`), turned upright
+    by its EXIF orientation, centre-cropped to the largest square, resized (antialiased
+    bilinear) to (size, size). Returns uint8 (size, size, 3)."""
+    return square_resize(load_upright(path), size)
+
+
+def as_stored(image: np.ndarray, channels: int = 3, encoding: str | None = None) -> np.ndarray:
+    """A uint8 (H, W, 3) image as a prepared dataset stores and reads it back: grey
+    (PIL's "L" luma) for a 1-channel dataset, then encoded (`encode`) and decoded by TFDS's
+    own `Image` feature, which training reads with; `encoding` None: no round trip.
+    Returns uint8 (H, W, channels)."""
+    if channels == 1:
+        image = np.asarray(Image.fromarray(image).convert("L"))[..., None]
+    elif channels != 3:
+        raise ValueError(f"channels: got {channels}; allowed: 1 or 3")
+    if encoding is None:
+        return image
+    feature = image_feature(None, channels, encoding)
+    return feature.decode_example_np(encode(image, encoding))
 
 
 def crop_with_padding(image: np.ndarray, top: int, left: int, height: int, width: int):

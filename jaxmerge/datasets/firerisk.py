@@ -87,7 +87,7 @@ class Firerisk(tfds.core.GeneratorBasedBuilder):
                     f"{FINE_NAMES} (case and '-'/'_' ignored)"
                 )
             for path in common.image_files(class_dir):
-                image = common.square_resize(common.load_rgb(path), size)
+                image = common.file_image(path, size)
                 yield (
                     f"{fine}/{path.name}",
                     {

@@ -30,7 +30,8 @@ Images: decoded in any mode PIL reads (`common.to_rgb`), turned upright by their
 orientation; 16-bit grey and RGB are scaled to 8 bits (65535 -> 255, 32768 -> 128), CMYK and
 palettes converted, and transparent pixels (RGBA, LA, palettes or colour keys with
 transparency) blended onto a white background (`common.BACKGROUND`). Each image is then
-centre-cropped to a square and resized to the config's `image_size`.
+centre-cropped to a square and resized to the config's `image_size` (`common.file_image`,
+which `jaxmerge.predict` applies to your files too).
 
 Checks (`scan`, before anything is written): every unreadable image (empty, truncated, not an
 image) is an error, one line per path, unless skip_bad_files leaves them out; junk (names
@@ -292,11 +293,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         label_of = self.info.features["label"].str2int
         for class_name, paths in sorted(classes.items()):
             for path in paths:
-                image = common.load_rgb(path, exif_orientation=True)
                 yield (
                     f"{class_name}/{path.name}",
                     {
-                        "image": common.encode(common.square_resize(image, size), "jpeg"),
+                        "image": common.encode(common.file_image(path, size), "jpeg"),
                         "label": label_of(class_name),
                     },
                 )

@@ -94,7 +94,7 @@ class Utkface(tfds.core.GeneratorBasedBuilder):
         size = self.builder_config.image_size
         for file_name in file_names:
             age, gender, race = parse_name(file_name)
-            image = common.square_resize(common.load_rgb(image_dir / file_name), size)
+            image = common.file_image(image_dir / file_name, size)
             yield (
                 file_name,
                 {
