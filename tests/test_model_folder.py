@@ -195,8 +195,8 @@ def test_peft_export_refuses_folded_models_and_dense_deltas(run_dirs, tmp_path):
 @pytest.mark.parametrize("naming", ["v4", "v5"])
 def test_golden_hf_export_of_a_folded_ties_merge_gives_pefts_merge(naming):
     """scripts/make_golden.py wrote these with `save_hf_vit` (now `vit.save_hf`) and checked
-    that transformers' ViTModel loads them to jaxmerge's outputs (3e-7); here they must give PEFT's own TIES merge
-    of the same adapters (an independent truth)."""
+    that transformers' ViTModel loads them to jaxmerge's outputs (3e-7); here they must give
+    PEFT's own TIES merge of the same adapters (an independent truth)."""
     golden = os.path.join(ROOT, "tests", "golden")
     vit_kwargs, params, _ = vit.load_hf(os.path.join(golden, "hf_exports", f"folded_ties_{naming}"))
     arrays = np.load(os.path.join(golden, "outputs.npz"))
