@@ -16,7 +16,9 @@ def tiny():
     base = vit.init_params(model, jax.random.key(0))
     adapters = []
     for i in range(2):
-        adapter = lora.init_adapter(jax.random.key(i), base, lora.LoraConfig(2, 4.0, "qv"))
+        adapter = lora.init_adapter(
+            jax.random.key(i), base, lora.LoraConfig(2, 4.0, vit.TARGET_PRESETS["qv"])
+        )
         adapters.append(
             lora.map_targets(
                 lambda n, k=i: {

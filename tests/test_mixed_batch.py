@@ -14,7 +14,6 @@ import pytest
 from golden_files import rel_err
 
 from jaxmerge import adapter_stack, heads, lora, mixed_batch
-from jaxmerge.interop import hf
 from jaxmerge.interop import peft as peft_io
 from jaxmerge.models import vit
 
@@ -24,7 +23,7 @@ GOLDEN_ADAPTERS = ("a", "b", "rank8", "rslora", "patterns")
 
 @functools.cache
 def golden_model():
-    kwargs, params, _ = hf.load_hf_vit(os.path.join(golden_files.GOLDEN, "hf_vit"))
+    kwargs, params, _ = vit.load_hf(os.path.join(golden_files.GOLDEN, "hf_vit"))
     adapters = {
         name: peft_io.load_peft_adapter(os.path.join(golden_files.GOLDEN, "adapters", name))[0]
         for name in GOLDEN_ADAPTERS
@@ -55,7 +54,9 @@ def tiny():
     base = vit.init_params(model, jax.random.key(0))
     adapters = {}
     for i, (name, targets, rank) in enumerate([("x", "qv", 2), ("y", "all", 3), ("z", "mlp", 1)]):
-        adapter = lora.init_adapter(jax.random.key(i), base, lora.LoraConfig(rank, 4.0, targets))
+        adapter = lora.init_adapter(
+            jax.random.key(i), base, lora.LoraConfig(rank, 4.0, vit.TARGET_PRESETS[targets])
+        )
         adapters[name] = lora.map_targets(
             lambda n, k=i: {
                 **n,

@@ -22,7 +22,11 @@ SEED, COUNT = 0, 24
 
 
 def _adapter(seed, targets="qv"):
-    adapter = lora.init_adapter(jax.random.key(seed), BASE, lora.LoraConfig(2, targets=targets))
+    adapter = lora.init_adapter(
+        jax.random.key(seed),
+        BASE,
+        lora.LoraConfig(2, targets=vit.TARGET_PRESETS.get(targets, targets)),
+    )
     key = jax.random.key(seed + 50)
     return lora.map_targets(
         lambda n: {**n, "lora_b": jax.random.normal(key, n["lora_b"].shape)}, adapter
