@@ -7,7 +7,8 @@ experiments/README.md):
         --workdir ./workdir
 
 The full study (3 seeds, learned merges of pairs and triples and head refits; 46.7 min on 2
-shared CPU cores; the results committed under experiments/results/):
+quiet CPU cores before the six data-free and RegMean methods were added, 111.9 min with them
+on 2 busy shared CPU cores; the results committed under experiments/results/):
 
     python -m experiments.study --config experiments/configs/offline.py --workdir ./workdir
 
