@@ -210,6 +210,10 @@ def test_corrupted_checkpoint_is_named_and_earlier_ones_kept(data_dir, tmp_path)
 def test_other_base_is_refused(data_dir, tmp_path):
     train.train_and_evaluate(tiny_config(data_dir, steps=10), str(tmp_path))
     other = tiny_config(data_dir, steps=20, seed=1)  # another random base
+    with pytest.raises(ValueError, match="differs from the checkpoint's in seed: 0 -> 1"):
+        train.train_and_evaluate(other, str(tmp_path))
+    # Even with changed configs allowed, an adapter never resumes on another base.
+    other.resume_with_changed_config = True
     with pytest.raises(checkpoint.CheckpointError, match="trained on base"):
         train.train_and_evaluate(other, str(tmp_path))
 
