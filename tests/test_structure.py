@@ -37,10 +37,11 @@ def _module_file(name: str) -> str:
 
 
 def _imports(name: str) -> set[str]:
-    """The jaxmerge / experiments modules `name` imports at module level (not in functions)."""
+    """The jaxmerge / experiments modules `name` imports anywhere, inside functions too: a
+    lazy import inside a function hides a circle from Python but not from the layout."""
     tree = ast.parse(open(_module_file(name)).read())
     found = set()
-    for node in tree.body:
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
