@@ -1,0 +1,118 @@
+"""Writing and loading a model folder: model.json and its checkpoint, checksummed (see the
+package docstring for the layout)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxmerge import checkpoint, lora
+from jaxmerge import runs as runs_lib
+from jaxmerge.model_folder.describe import FORMAT, describe
+from jaxmerge.model_folder.model import MultiTaskModel, assemble, build_model
+
+Tree = Any
+MODEL_FILE, CHECKPOINTS = "model.json", "checkpoints"
+# checkpoint.save keeps an optimizer state and Orbax refuses an empty tree; a model has none.
+_NO_OPT_STATE = {"none": np.zeros((), np.int8)}
+
+
+def check_output_folder(folder: str, flag: str = "--output") -> None:
+    """Refuses a path that is a file or a non-empty folder (a model is never overwritten)."""
+    if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder)):
+        raise ValueError(
+            f"{flag}: {folder!r} exists and is not empty; allowed: a new or empty folder "
+            f"(remove it or choose another)"
+        )
+
+
+def save(folder: str, info: Mapping[str, Any], base: Tree, merged: Tree, head_params) -> str:
+    """Writes a model folder (see the module docstring); returns its absolute path.
+
+    With `info["folded"]`, the checkpoint holds `lora.fold_into_base(base, merged)` as "base"
+    and no "merged". Written to a hidden sibling folder, then renamed: a crash leaves no
+    half-written model.
+    """
+    folder = os.path.abspath(folder)
+    check_output_folder(folder)
+    params = {"heads": dict(head_params)}
+    if info["folded"]:
+        params["base"] = lora.fold_into_base(base, merged)
+    else:
+        params.update(base=base, merged=merged)
+    text = json.dumps(info, indent=2) + "\n"
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.partial-", dir=parent)
+    try:
+        with open(os.path.join(partial, MODEL_FILE), "w") as f:
+            f.write(text)
+        metadata = {"format": FORMAT, "model_json_sha256": _sha256(text.encode())}
+        mngr = checkpoint.manager(os.path.join(partial, CHECKPOINTS), max_to_keep=1)
+        checkpoint.save(mngr, 0, params, _NO_OPT_STATE, metadata)
+        mngr.close()
+        if os.path.isdir(folder):  # an empty folder the user made: take its place
+            os.rmdir(folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o777 & ~umask)  # mkdtemp's private 0o700 is for the partial only
+        os.rename(partial, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return folder
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def load(folder: str) -> MultiTaskModel:
+    """Reads a model folder, verified (array, metadata and model.json checksums).
+
+    Raises:
+      ValueError: not a model folder. checkpoint.CheckpointError: a corrupted checkpoint or a
+        model.json that does not match the checksum saved with the checkpoint.
+    """
+    path = os.path.join(folder, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"--model: {folder!r} is not a model folder (no {MODEL_FILE}); allowed: a folder "
+            f"written by `python -m jaxmerge.merge` or a run folder WORKDIR/adapters/<task>"
+        )
+    params, metadata = checkpoint.load(os.path.join(folder, CHECKPOINTS), step=0)
+    with open(path, "rb") as f:
+        content = f.read()
+    if metadata.get("model_json_sha256") != _sha256(content):
+        raise checkpoint.CheckpointError(
+            f"model folder {folder}: {MODEL_FILE} does not match the checksum saved with its "
+            f"checkpoint (edited or corrupted); write the model again with jaxmerge.merge"
+        )
+    info = json.loads(content)
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {info.get('format')!r}; allowed: {FORMAT!r}")
+    merged = params.get("merged")
+    backbone = params["base"] if info["folded"] else lora.fold_into_base(params["base"], merged)
+    return assemble(build_model(info["model"]), backbone, params["heads"], info, merged)
+
+
+def from_run(directory: str) -> MultiTaskModel:
+    """A single training run (WORKDIR/<mode>/<task>) as a one-task model, its adapter folded."""
+    run = runs_lib.load(directory)
+    if run.config.mode == "full":
+        raise ValueError(
+            f"--model: {directory!r} is a full-finetuning run; allowed: a LoRA or head run "
+            f"(WORKDIR/adapters/<task>, WORKDIR/heads/<task>) or a model folder"
+        )
+    model_def, base = runs_lib.base_of([run])
+    backbone = base if run.adapter is None else lora.fold_into_base(base, run.adapter)
+    recipe = {"method": None, "weights": None, "params": {}, "learned": None}
+    info = describe([run], model_def, recipe, fold=True)
+    return assemble(model_def, backbone, {run.task.name: run.head}, info, None)
