@@ -31,7 +31,7 @@ from typing import Any
 from absl import flags
 
 from jaxmerge import cli as cli_lib
-from jaxmerge import logs, model_folder
+from jaxmerge import heads, logs, model_folder
 from jaxmerge.datasets import common
 
 IMAGE_SUFFIXES = common.IMAGE_SUFFIXES + (".gif",)
@@ -123,31 +123,22 @@ def predict_paths(
 
 
 def csv_columns(tasks: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """path, then per task `task.label`, `task.probability` / `task.value` / `task.x0`,
-    `task.y0`, ..., then error."""
+    """path, then per task its head kind's fields (`HeadKind.columns`: `task.label`,
+    `task.probability` / `task.value` / `task.x0`, `task.y0`, ...), then error."""
     columns = ["path"]
     for task, info in tasks.items():
-        if info["kind"] == "classification":
-            columns += [f"{task}.label", f"{task}.probability"]
-        elif info["kind"] == "regression":
-            columns.append(f"{task}.value")
-        else:
-            for k in range(info["outputs"] // 2):
-                columns += [f"{task}.x{k}", f"{task}.y{k}"]
+        columns += [f"{task}.{c}" for c in heads.head_kind(info["kind"]).columns(info)]
     return columns + ["error"]
 
 
-def flat_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A row as `csv_columns` names its fields."""
+def flat_row(row: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A row as `csv_columns` names its fields (`HeadKind.flatten`); a row with an error
+    has only its path and the error."""
     flat = {"path": row["path"], "error": row.get("error", "")}
-    for task, prediction in row.items():
-        if not isinstance(prediction, dict):
-            continue
-        for field in ("label", "probability", "value"):
-            if field in prediction:
-                flat[f"{task}.{field}"] = prediction[field]
-        for k, (x, y) in enumerate(prediction.get("points", [])):
-            flat.update({f"{task}.x{k}": x, f"{task}.y{k}": y})
+    for task, info in tasks.items():
+        if task in row:
+            fields = heads.head_kind(info["kind"]).flatten(row[task])
+            flat.update({f"{task}.{name}": value for name, value in fields.items()})
     return flat
 
 
@@ -165,7 +156,7 @@ def write_rows(rows: Iterable[dict], output: str | None, tasks) -> int:
             if writer is None:
                 out.write(json.dumps(row) + "\n")
             else:
-                writer.writerow(flat_row(row))
+                writer.writerow(flat_row(row, tasks))
             count += 1
     return count
 

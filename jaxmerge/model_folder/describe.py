@@ -15,8 +15,9 @@ FORMAT = "jaxmerge.multitask_model/1"
 
 
 def label_names(task, data_dir: str) -> list[str] | None:
-    """The class names of a classification task's TFDS ClassLabel feature, or None."""
-    if task.kind != "classification" or not task.dataset:  # e.g. a PEFT folder's task
+    """The class names of a labelled task's (`HeadKind.labelled`) TFDS ClassLabel feature, or
+    None."""
+    if not task.head_kind.labelled or not task.dataset:  # e.g. a PEFT folder's task
         return None
     try:
         import tensorflow_datasets as tfds

@@ -75,46 +75,24 @@ def assemble(model_def, backbone, head_params, info, merged) -> MultiTaskModel:
     )
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 def outputs_to_predictions(
     outputs: Mapping[str, np.ndarray],
     tasks: Mapping[str, Mapping[str, Any]],
     image_shapes: Sequence[tuple[int, int]],
 ) -> list[dict[str, Any]]:
-    """Raw head outputs -> one {task: prediction} per image, in the task's own units.
-
-    classification: {"label": name (or index as text), "index", "probability": softmax max};
-    regression: {"value": outputs * std + mean} (the loss standardised the target);
-    landmarks: {"points": [[x, y], ...]} in pixels of the upright input image, mapped back
-    through the centre square the input was cut from (`image_input.points_in_image`).
+    """Raw head outputs -> one {task: prediction} per image, in the task's own units: each
+    task's head kind decodes its outputs (`heads.HeadKind.decode`: a class name and its
+    probability, a value, or landmark points in pixels of the upright input image, mapped back
+    through the centre square the input was cut from).
 
     Args:
       outputs: {task: (B, outputs)}; tasks: model.json's task entries;
       image_shapes: (height, width) of each of the B upright input images before cropping.
     """
+    crops = [image_input.input_crop(height, width) for height, width in image_shapes]
     rows: list[dict[str, Any]] = [{} for _ in image_shapes]
     for task, info in tasks.items():
         values = np.asarray(outputs[task], np.float64)[: len(image_shapes)]
-        if info["kind"] == "classification":
-            probabilities = _softmax(values)
-            for row, p in zip(rows, probabilities):
-                index = int(np.argmax(p))
-                label = info["labels"][index] if info.get("labels") else str(index)
-                row[task] = {"label": label, "index": index, "probability": float(p[index])}
-        elif info["kind"] == "regression":
-            spec = info["spec"]
-            for row, v in zip(rows, values[:, 0] * spec["std"] + spec["mean"]):
-                row[task] = {"value": float(v)}
-        elif info["kind"] == "landmarks":
-            for row, v, (height, width) in zip(rows, values, image_shapes):
-                points = image_input.points_in_image(v.reshape(-1, 2), height, width)
-                row[task] = {"points": points.round(2).tolist()}
-        else:
-            raise ValueError(
-                f"task {task!r}: head kind {info['kind']!r}; allowed: {sorted(heads.HEAD_KINDS)}"
-            )
+        for row, prediction in zip(rows, heads.head_kind(info["kind"]).decode(values, info, crops)):
+            row[task] = prediction
     return rows
