@@ -103,7 +103,8 @@ class HeadKind:
     `decode(outputs, task, crops)` turns (B, outputs) raw head outputs into one readable
     prediction per image; `columns(task)` names its CSV fields (after "TASK.") and `flatten`
     gives a prediction's values under those names; `outputs_rule` says which output counts the
-    kind can have (`check_outputs`); `labelled`: the outputs are classes with names.
+    kind can have (`check_outputs`); `labelled`: the outputs are classes with names;
+    `spec_keys`: the loss-spec entries `decode` needs.
     """
 
     loss: Callable[[jax.Array, dict, dict], jax.Array]
@@ -116,6 +117,7 @@ class HeadKind:
     outputs_allowed: Callable[[int], bool]
     outputs_rule: str
     labelled: bool = False
+    spec_keys: tuple[str, ...] = ()  # what `decode` reads from the task's "spec"
 
     def check_outputs(self, outputs: int, field: str) -> None:
         """ValueError naming `field` unless this kind can have `outputs` outputs."""
@@ -245,6 +247,7 @@ HEAD_KINDS = {
         flatten=lambda p: {"value": p["value"]},
         outputs_allowed=lambda n: n == 1,
         outputs_rule="1 output (one value)",
+        spec_keys=("mean", "std"),
     ),
     "landmarks": HeadKind(
         _landmark_loss,

@@ -1,13 +1,21 @@
 """Model folders against odd inputs: head kinds as one unit (decoding and CSV columns), an
 edited and re-checksummed model.json, odd `--output` places, huge images, file modes."""
 
+import copy
 import csv
 import dataclasses
+import hashlib
 import io
+import json
+import os
+import re
 
+import jax
 import numpy as np
+import pytest
 
-from jaxmerge import heads, model_folder, predict
+from jaxmerge import checkpoint, heads, image_input, lora, model_folder, models, predict
+from jaxmerge.models import vit
 
 
 def test_a_new_head_kind_is_decoded_and_written_without_touching_callers(monkeypatch):
@@ -47,3 +55,122 @@ def test_landmark_columns_follow_the_points():
     assert predict.flat_row(row, tasks) == {
         "path": "p", "error": "", "box.x0": 1.0, "box.y0": 2.0, "box.x1": 3.0, "box.y1": 4.0,
     }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- a tiny folder
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """A random mu/4 ViT with a rank-2 adapter and two heads (3 classes; 2 landmark points),
+    and the model.json content that describes them: no training needed."""
+    model_def = vit.ViT(**vit.variant("mu/4", image_size=8))
+    base = vit.init_params(model_def, jax.random.key(0))
+    config = lora.LoraConfig(rank=2, targets=vit.TARGET_PRESETS["qv"])
+    merged = lora.init_adapter(jax.random.key(1), base, config)
+    feature = np.zeros((1, model_def.width), np.float32)
+    head_defs = {"digits": heads.MlpHead(8, 3), "box": heads.MlpHead(0, 4)}
+    head_params = {
+        t: h.init(jax.random.key(2 + i), feature)["params"]
+        for i, (t, h) in enumerate(head_defs.items())
+    }
+
+    def task(kind, head_def, **extra):
+        record = heads.to_record(head_def)
+        return {
+            "kind": kind, "outputs": head_def.outputs, "hidden": record["hidden"],
+            "head": record, "labels": None, "input": None,
+            "metric": heads.HEAD_KINDS[kind].main_metric, "spec": {}, **extra,
+        }  # fmt: skip
+
+    keys = models.get("vit").architecture_keys
+    info = {
+        "format": model_folder.FORMAT,
+        "model": {
+            "family": "vit",
+            "kwargs": {k: getattr(model_def, k) for k in keys},
+            "dtype": "float32",
+        },
+        "tasks": {
+            "digits": task("classification", head_defs["digits"], labels=["a", "b", "c"]),
+            "box": task("landmarks", head_defs["box"], spec={"norm_points": [0, 1]}),
+        },
+        "preprocessing": image_input.describe(8, 3, {"mean": [0.5], "std": [0.5]}),
+        "folded": False,
+        "merge": {"method": "cat", "runs": []},
+    }
+    return info, base, merged, head_params
+
+
+def _write_edited(folder, parts, edit) -> str:
+    """A folder of `parts`' arrays whose model.json is `edit`ed and checksummed anew, as
+    someone who edits the file and fixes the checksum makes it (what `save` writes)."""
+    info, base, merged, head_params = parts
+    info = copy.deepcopy(info)
+    edit(info)
+    os.makedirs(folder)
+    text = json.dumps(info, indent=2) + "\n"
+    with open(os.path.join(folder, model_folder.MODEL_FILE), "w") as f:
+        f.write(text)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    metadata = {"format": model_folder.FORMAT, "model_json_sha256": sha}
+    manager = checkpoint.manager(os.path.join(folder, model_folder.CHECKPOINTS), max_to_keep=1)
+    params = {"base": base, "merged": merged, "heads": head_params}
+    checkpoint.save(manager, 0, params, {"none": np.zeros((), np.int8)}, metadata)
+    manager.close()
+    return folder
+
+
+def test_a_described_folder_loads_and_predicts(parts, tmp_path):
+    info, base, merged, head_params = parts
+    model = model_folder.load(
+        model_folder.save(str(tmp_path / "m"), info, base, merged, head_params)
+    )
+    outputs = model.predict(np.zeros((2, 8, 8, 3), np.float32))
+    assert outputs["digits"].shape == (2, 3) and outputs["box"].shape == (2, 4)
+
+
+def _set(path, value):
+    def edit(info):
+        *parents, leaf = path
+        target = info
+        for key in parents:
+            target = target[key]
+        target[leaf] = value
+
+    return edit
+
+
+def _drop_box(info):
+    del info["tasks"]["box"]
+
+
+def _five_classes(info):
+    digits = info["tasks"]["digits"]
+    digits["outputs"] = digits["head"]["outputs"] = 5
+    digits["labels"] = None
+
+
+EDITS = {
+    "regression kind": (_set(("tasks", "digits", "kind"), "regression"), "tasks.digits.outputs"),
+    "classification kind": (_set(("tasks", "box", "kind"), "classification"), "tasks.box.kind"),
+    "unknown kind": (_set(("tasks", "box", "kind"), "boxes"), "tasks.box.kind"),
+    "a head dropped": (_drop_box, "tasks"),
+    "classes, record too": (_five_classes, "tasks.digits.outputs"),
+    "classes, task only": (_set(("tasks", "digits", "outputs"), 4), "tasks.digits.head.outputs"),
+    "hidden": (_set(("tasks", "digits", "head", "hidden"), 4), "tasks.digits.head.hidden"),
+    "labels": (_set(("tasks", "digits", "labels"), ["a", "b"]), "tasks.digits.labels"),
+    "width": (_set(("model", "kwargs", "width"), 48), "model.kwargs"),
+    "folded": (_set(("folded",), True), "folded"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_an_edited_and_rechecksummed_model_json_is_refused_naming_the_field(parts, tmp_path, case):
+    """Saved anew (so model.json's checksum matches) with one field changed: refused on load
+    with one line naming that field, not a KeyError or nonsense predictions."""
+    edit, field = EDITS[case]
+    folder = _write_edited(str(tmp_path / "m"), parts, edit)
+    with pytest.raises(ValueError, match=rf"model\.json: {re.escape(field)}: ") as caught:
+        model_folder.load(folder)
+    assert "\n" not in str(caught.value) and "write the model again" in str(caught.value)

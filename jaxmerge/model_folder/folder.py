@@ -15,8 +15,9 @@ import numpy as np
 
 from jaxmerge import checkpoint, lora
 from jaxmerge import runs as runs_lib
+from jaxmerge.model_folder import checks
 from jaxmerge.model_folder.describe import FORMAT, describe
-from jaxmerge.model_folder.model import MultiTaskModel, assemble, build_model
+from jaxmerge.model_folder.model import MultiTaskModel, assemble
 
 Tree = Any
 MODEL_FILE, CHECKPOINTS = "model.json", "checkpoints"
@@ -98,9 +99,10 @@ def load(folder: str) -> MultiTaskModel:
     info = json.loads(content)
     if info.get("format") != FORMAT:
         raise ValueError(f"{path}: format {info.get('format')!r}; allowed: {FORMAT!r}")
+    model_def, head_defs = checks.check_against_arrays(path, info, params)
     merged = params.get("merged")
     backbone = params["base"] if info["folded"] else lora.fold_into_base(params["base"], merged)
-    return assemble(build_model(info["model"]), backbone, params["heads"], info, merged)
+    return assemble(model_def, backbone, params["heads"], info, merged, head_defs)
 
 
 def from_run(directory: str) -> MultiTaskModel:

@@ -65,10 +65,13 @@ def build_model(model: Mapping[str, Any]):
     return family.module(**model["kwargs"], dtype=jnp.dtype(model["dtype"]))
 
 
-def assemble(model_def, backbone, head_params, info, merged) -> MultiTaskModel:
+def assemble(model_def, backbone, head_params, info, merged, head_defs=None) -> MultiTaskModel:
+    """The model of `info` (model.json's content) over its arrays; `head_defs` default to
+    `heads.from_record` of each task's record."""
     tasks = info["tasks"]
-    # Folders written before head records held "hidden" and "outputs" only: MLP heads.
-    head_defs = {t: heads.from_record(v.get("head", v)) for t, v in tasks.items()}
+    if head_defs is None:
+        # Folders written before head records held "hidden" and "outputs" only: MLP heads.
+        head_defs = {t: heads.from_record(v.get("head", v)) for t, v in tasks.items()}
     predictor = multitask.make_predictor(model_def, head_defs)
     return MultiTaskModel(
         model_def, backbone, head_defs, head_params, tasks, info, merged, predictor
