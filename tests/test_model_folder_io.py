@@ -4,11 +4,17 @@ edited and re-checksummed model.json, odd `--output` places, huge images, file m
 import copy
 import csv
 import dataclasses
+import errno
 import hashlib
+import importlib
 import io
 import json
 import os
 import re
+import socket
+import subprocess
+import tempfile
+import time
 
 import jax
 import numpy as np
@@ -174,3 +180,142 @@ def test_an_edited_and_rechecksummed_model_json_is_refused_naming_the_field(part
     with pytest.raises(ValueError, match=rf"model\.json: {re.escape(field)}: ") as caught:
         model_folder.load(folder)
     assert "\n" not in str(caught.value) and "write the model again" in str(caught.value)
+
+
+# ----------------------------------------------------------------------------- --output places
+
+merge_cli = importlib.import_module("jaxmerge.merge")  # the command (jaxmerge.merge is a function)
+TIES = dict(method="ties", weights=[0.5, 0.5], params={"density": 0.5})
+
+
+def _save(parts, folder):
+    info, base, merged, head_params = parts
+    return model_folder.save(str(folder), info, base, merged, head_params)
+
+
+def _hidden(folder):
+    return sorted(p for p in os.listdir(folder) if p.startswith("."))
+
+
+def test_a_symlink_to_an_empty_folder_receives_the_model(parts, tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    written = _save(parts, tmp_path / "link")
+    assert written == str(tmp_path / "target") and (tmp_path / "link").is_symlink()
+    assert sorted(os.listdir(tmp_path / "link")) == ["checkpoints", "model.json"]
+    model_folder.load(str(tmp_path / "link"))
+    assert _hidden(tmp_path) == []
+
+
+def test_a_mount_point_or_an_unwritable_parent_is_refused_before_anything(
+    parts, tmp_path, monkeypatch
+):
+    (tmp_path / "mnt").mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: p == str(tmp_path / "mnt") or real_ismount(p))
+    with pytest.raises(ValueError, match=r"^--output: .*mnt' is a mount point"):
+        merge_cli.merge_to_folder(["no/such/run"], output=str(tmp_path / "mnt"), **TIES)
+    monkeypatch.undo()
+    (tmp_path / "ok").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: p != str(tmp_path) and real_access(p, m))
+    with pytest.raises(ValueError, match=r"^--export_hf: cannot write in .*no write permission"):
+        merge_cli.merge_to_folder(
+            ["no/such/run"], output=str(tmp_path / "ok" / "new" / "m"),
+            export_hf=str(tmp_path / "hf"), **TIES,
+        )  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["mnt", "ok"] and os.listdir(tmp_path / "ok") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_parent_is_refused(parts, tmp_path):
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    with pytest.raises(ValueError, match=r"^--output: cannot write in"):
+        _save(parts, tmp_path / "ro" / "m")
+
+
+def test_a_failing_write_or_rename_is_one_line_and_leaves_nothing(parts, tmp_path, monkeypatch):
+    """The checks cannot see everything (a read-only file system, a mount point that reports
+    itself as an ordinary folder): the partial folder's creation and the final rename fail in
+    one line, and nothing is left behind."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "mkdtemp", refuse)
+        with pytest.raises(ValueError, match=r"^--output: cannot write beside .*Read-only"):
+            _save(parts, tmp_path / "m")
+    (tmp_path / "busy").mkdir()
+    real_rename = os.rename
+
+    def busy(source, target):
+        if target == str(tmp_path / "busy"):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return real_rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", busy)
+        with pytest.raises(ValueError, match=r"^--output: could not put .*a mount point\?"):
+            _save(parts, tmp_path / "busy")
+    assert os.listdir(tmp_path / "busy") == [] and _hidden(tmp_path) == []
+
+
+def test_a_concurrent_merge_into_the_same_folder_is_one_line(parts, tmp_path):
+    """Two writers staged at once: the second rename meets the first's model (ENOTEMPTY)."""
+    target = tmp_path / "m"
+    with pytest.raises(ValueError, match=r"^--output: could not put .* another process") as e:
+        with model_folder.staging.stage([("--output", str(target))]) as partials:
+            _save(parts, target)  # the other merge finishes first
+            open(os.path.join(partials["--output"], "model.json"), "w").close()
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(target)) == ["checkpoints", "model.json"] and _hidden(tmp_path) == []
+    model_folder.load(str(target))  # the first model is intact
+
+
+def test_output_and_export_at_one_place_are_refused_before_anything(tmp_path):
+    for export in ("export_peft", "export_hf"):
+        for place in ("m", "m/inside"):
+            with pytest.raises(
+                ValueError, match=rf"^--{export}: .* is, or is inside, the --output"
+            ):
+                merge_cli.merge_to_folder(
+                    ["no/such/run"], output=str(tmp_path / "m"),
+                    **{export: str(tmp_path / place)}, **TIES,
+                )  # fmt: skip
+    assert os.listdir(tmp_path) == []
+
+
+def test_stale_partials_of_dead_merges_are_removed(parts, tmp_path):
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = {
+        "dead": f".m.partial-{host}-{dead.pid}-abc",
+        "alive": f".m.partial-{host}-{os.getpid()}-abc",
+        "other host": f".m.partial-elsewhere-{dead.pid}-abc",
+        "old format, old": ".m.partial-k2j3h4",
+        "old format, fresh": ".n.partial-x9y8z7",
+        "not ours": ".partial-notes",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    day_ago = time.time() - 86400
+    os.utime(tmp_path / names["old format, old"], (day_ago, day_ago))
+    _save(parts, tmp_path / "m")
+    kept = {label for label, name in names.items() if (tmp_path / name).exists()}
+    assert kept == {"alive", "other host", "old format, fresh", "not ours"}
+
+
+def test_exports_are_written_whole_through_a_partial(parts, tmp_path, monkeypatch):
+    folder = _save(parts, tmp_path / "m")
+    seen = []
+    real_write = model_folder.export.write_peft
+    monkeypatch.setattr(
+        model_folder.export, "write_peft", lambda m, d, *a: seen.append(d) or real_write(m, d, *a)
+    )
+    exported = model_folder.export_peft(folder, str(tmp_path / "peft"))
+    assert os.path.basename(seen[0]).startswith(".peft.partial-")
+    assert exported == str(tmp_path / "peft") and "adapter_config.json" in os.listdir(exported)
+    assert _hidden(tmp_path) == []

@@ -20,11 +20,12 @@ The checkpoint's metadata holds the SHA-256 of model.json, so an edited or corru
 is refused on load just as a corrupted array is.
 
 The package's modules: `describe` (model.json's content), `folder` (write, load, checksums),
-`model` (the loaded `MultiTaskModel` and its readable predictions), `multitask` (the one-pass
-forward of every head), `export` (PEFT and Hugging Face exports).
+`checks` (model.json against its arrays), `staging` (checked, then written whole or not at
+all), `model` (the loaded `MultiTaskModel` and its readable predictions), `multitask` (the
+one-pass forward of every head), `export` (PEFT and Hugging Face exports).
 """
 
-from jaxmerge.model_folder import multitask
+from jaxmerge.model_folder import multitask, staging
 from jaxmerge.model_folder.describe import (
     FORMAT,
     check_one_normalization,
@@ -39,6 +40,8 @@ from jaxmerge.model_folder.export import (
     check_peft_exportable,
     export_hf,
     export_peft,
+    write_hf,
+    write_peft,
 )
 from jaxmerge.model_folder.folder import (
     CHECKPOINTS,
@@ -47,6 +50,7 @@ from jaxmerge.model_folder.folder import (
     from_run,
     load,
     save,
+    write,
 )
 from jaxmerge.model_folder.model import (
     MultiTaskModel,
@@ -77,5 +81,9 @@ __all__ = [
     "preprocess_fn",
     "preprocessing_info",
     "save",
+    "staging",
     "task_info",
+    "write",
+    "write_hf",
+    "write_peft",
 ]

@@ -3,11 +3,11 @@ Hugging Face model folder."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from jaxmerge import lora, models
-from jaxmerge.model_folder.folder import check_output_folder, load
+from jaxmerge.model_folder import staging
+from jaxmerge.model_folder.folder import load
 from jaxmerge.model_folder.model import MultiTaskModel
 
 Tree = Any
@@ -29,24 +29,31 @@ def check_peft_exportable(merged: Tree | None, folded: bool, method: str | None)
         )
 
 
-def export_peft(model: MultiTaskModel | str, directory: str, naming: str = "v5") -> str:
-    """Writes a model's merged adapter as a PEFT LoRA folder (`interop.peft_export`), module
-    names by the family's own `NameMap` (`Family.names`: CLIPVisionModel's for CLIP, ViTModel's
-    for a ViT); `model` is a loaded model or a model folder. Returns the folder written."""
+def write_peft(model: MultiTaskModel, directory: str, naming: str = "v5") -> None:
+    """Writes a model's merged adapter as a PEFT LoRA folder into the existing empty
+    `directory` (`interop.peft_export`), module names by the family's own `NameMap`
+    (`Family.names`: CLIPVisionModel's for CLIP, ViTModel's for a ViT)."""
     from jaxmerge.interop import peft_export
 
-    model = load(model) if isinstance(model, str) else model
     check_peft_exportable(model.merged, model.info["folded"], model.info["merge"]["method"])
     family = models.get(model.info["model"]["family"])
     if family.names is None:
         raise ValueError(f"--export_peft: family {family.name!r} has no Hugging Face names")
-    check_output_folder(directory, "--export_peft")
     base = model.info.get("base", {})
     name = base.get("path") if base.get("source") == "hf" else None  # a Hub / HF folder name
     peft_export.save_peft_adapter(
         directory, model.merged, naming=naming, base_model_name_or_path=name, names=family.names
     )
-    return os.path.abspath(directory)
+
+
+def export_peft(model: MultiTaskModel | str, directory: str, naming: str = "v5") -> str:
+    """`write_peft` into a new folder `directory`, written whole or not at all
+    (`staging.stage`); `model` is a loaded model or a model folder. Returns the folder."""
+    model = load(model) if isinstance(model, str) else model
+    check_peft_exportable(model.merged, model.info["folded"], model.info["merge"]["method"])
+    with staging.stage([("--export_peft", directory)]) as partials:
+        write_peft(model, partials["--export_peft"], naming)
+    return staging.resolve(directory)
 
 
 def check_hf_exportable(model_def, family: str) -> None:
@@ -61,11 +68,19 @@ def check_hf_exportable(model_def, family: str) -> None:
         )
 
 
-def export_hf(model: MultiTaskModel | str, directory: str, naming: str = "v4") -> str:
+def write_hf(model: MultiTaskModel, directory: str, naming: str = "v4") -> None:
     """Writes a model's backbone (merged adapter folded in) by the family's `save_hf` (the
-    ViT's writes a `ViTModel` folder); `model` is a loaded model or a model folder."""
-    model = load(model) if isinstance(model, str) else model
+    ViT's writes a `ViTModel` folder) into the existing empty `directory`."""
     family = models.get(model.info["model"]["family"])
     check_hf_exportable(model.model_def, family.name)
-    check_output_folder(directory, "--export_hf")
-    return family.save_hf(directory, model.info["model"]["kwargs"], model.backbone, naming)
+    family.save_hf(directory, model.info["model"]["kwargs"], model.backbone, naming)
+
+
+def export_hf(model: MultiTaskModel | str, directory: str, naming: str = "v4") -> str:
+    """`write_hf` into a new folder `directory`, written whole or not at all
+    (`staging.stage`); `model` is a loaded model or a model folder. Returns the folder."""
+    model = load(model) if isinstance(model, str) else model
+    check_hf_exportable(model.model_def, model.info["model"]["family"])
+    with staging.stage([("--export_hf", directory)]) as partials:
+        write_hf(model, partials["--export_hf"], naming)
+    return staging.resolve(directory)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +13,7 @@ import numpy as np
 
 from jaxmerge import checkpoint, lora
 from jaxmerge import runs as runs_lib
-from jaxmerge.model_folder import checks
+from jaxmerge.model_folder import checks, staging
 from jaxmerge.model_folder.describe import FORMAT, describe
 from jaxmerge.model_folder.model import MultiTaskModel, assemble
 
@@ -26,49 +24,37 @@ _NO_OPT_STATE = {"none": np.zeros((), np.int8)}
 
 
 def check_output_folder(folder: str, flag: str = "--output") -> None:
-    """Refuses a path that is a file or a non-empty folder (a model is never overwritten)."""
-    if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder)):
-        raise ValueError(
-            f"{flag}: {folder!r} exists and is not empty; allowed: a new or empty folder "
-            f"(remove it or choose another)"
-        )
+    """Refuses, in one line naming `flag`, a path where a new folder cannot go: a file, a
+    non-empty folder (a model is never overwritten), a mount point, a parent this user cannot
+    write (`staging.check_target`)."""
+    staging.check_target(folder, flag)
 
 
-def save(folder: str, info: Mapping[str, Any], base: Tree, merged: Tree, head_params) -> str:
-    """Writes a model folder (see the module docstring); returns its absolute path.
-
-    With `info["folded"]`, the checkpoint holds `lora.fold_into_base(base, merged)` as "base"
-    and no "merged". Written to a hidden sibling folder, then renamed: a crash leaves no
-    half-written model.
-    """
-    folder = os.path.abspath(folder)
-    check_output_folder(folder)
+def write(directory: str, info: Mapping[str, Any], base: Tree, merged: Tree, head_params):
+    """Writes a model folder's content into the existing empty `directory` (a partial folder
+    of `staging.stage`). With `info["folded"]`, the checkpoint holds
+    `lora.fold_into_base(base, merged)` as "base" and no "merged"."""
     params = {"heads": dict(head_params)}
     if info["folded"]:
         params["base"] = lora.fold_into_base(base, merged)
     else:
         params.update(base=base, merged=merged)
     text = json.dumps(info, indent=2) + "\n"
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.partial-", dir=parent)
-    try:
-        with open(os.path.join(partial, MODEL_FILE), "w") as f:
-            f.write(text)
-        metadata = {"format": FORMAT, "model_json_sha256": _sha256(text.encode())}
-        mngr = checkpoint.manager(os.path.join(partial, CHECKPOINTS), max_to_keep=1)
-        checkpoint.save(mngr, 0, params, _NO_OPT_STATE, metadata)
-        mngr.close()
-        if os.path.isdir(folder):  # an empty folder the user made: take its place
-            os.rmdir(folder)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o777 & ~umask)  # mkdtemp's private 0o700 is for the partial only
-        os.rename(partial, folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return folder
+    with open(os.path.join(directory, MODEL_FILE), "w") as f:
+        f.write(text)
+    metadata = {"format": FORMAT, "model_json_sha256": _sha256(text.encode())}
+    mngr = checkpoint.manager(os.path.join(directory, CHECKPOINTS), max_to_keep=1)
+    checkpoint.save(mngr, 0, params, _NO_OPT_STATE, metadata)
+    mngr.close()
+
+
+def save(folder: str, info: Mapping[str, Any], base: Tree, merged: Tree, head_params) -> str:
+    """Writes a model folder (see the package docstring); returns its absolute path. Written
+    to a hidden sibling folder, then renamed (`staging.stage`): a crash leaves no half-written
+    model, and a folder that cannot be written is refused before anything is."""
+    with staging.stage([("--output", folder)]) as partials:
+        write(partials["--output"], info, base, merged, head_params)
+    return staging.resolve(folder)
 
 
 def _sha256(content: bytes) -> str:
