@@ -13,8 +13,9 @@ task's images (`jaxmerge.image_input`: the centre square, resized, as the task's
 it). Rows go to `--output` as JSONL or CSV (by suffix), or as JSONL to stdout: the path, then
 per task the class name and probability, the value, or the landmarks in pixels of the image as
 a viewer shows it (upright, before the crop: `x = left + u * side` of the centre square). An
-image that cannot be read gives one line on stderr and a row with an "error" field; the others
-go on.
+image that cannot be read (or has more than `datasets.common.MAX_PIXELS` pixels) gives one line
+on stderr and a row with an "error" field; the others go on. The exit status is 1 when no image
+was predicted.
 """
 
 from __future__ import annotations
@@ -167,15 +168,17 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 
 
-def main(argv):
-    args = flags.FLAGS
-    patterns = argv[1:]
+def predict_files(
+    model_path: str, patterns: Sequence[str], output: str | None, batch_size: int = 32
+) -> int:
+    """The command's work: predicts every image, writes the rows, prints a summary on stderr.
+    Returns the exit status: 0, or 1 when no image was predicted (every file failed)."""
     if not patterns:
         raise ValueError("PATHS: give image files, folders or globs after the flags")
-    if args.output and not args.output.lower().endswith((".jsonl", ".csv")):
-        raise ValueError(f"--output: got {args.output!r}; allowed: a .jsonl or .csv file")
+    if output and not output.lower().endswith((".jsonl", ".csv")):
+        raise ValueError(f"--output: got {output!r}; allowed: a .jsonl or .csv file")
     paths = image_paths(patterns)
-    model = open_model(args.model)
+    model = open_model(model_path)
     skipped = []
 
     def noting_errors(rows):
@@ -184,13 +187,24 @@ def main(argv):
                 skipped.append(row["path"])
             yield row
 
-    rows = noting_errors(predict_paths(model, paths, args.batch_size))
-    count = write_rows(rows, args.output, model.tasks)
+    rows = noting_errors(predict_paths(model, paths, batch_size))
+    count = write_rows(rows, output, model.tasks)
     print(
         f"predict: {count} images, {count - len(skipped)} predicted, {len(skipped)} skipped; "
-        f"tasks {', '.join(model.tasks)}; rows in {args.output or 'stdout'}",
+        f"tasks {', '.join(model.tasks)}; rows in {output or 'stdout'}",
         file=sys.stderr,
     )
+    if count == len(skipped):
+        print(f"error: no image was predicted: all {count} files failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv):
+    args = flags.FLAGS
+    status = predict_files(args.model, argv[1:], args.output, args.batch_size)
+    if status:
+        sys.exit(status)
 
 
 def cli():

@@ -12,15 +12,20 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import tempfile
 import time
+import tracemalloc
+import zlib
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from jaxmerge import checkpoint, heads, image_input, lora, model_folder, models, predict
+from jaxmerge.datasets import common
 from jaxmerge.models import vit
 
 
@@ -319,3 +324,73 @@ def test_exports_are_written_whole_through_a_partial(parts, tmp_path, monkeypatc
     assert os.path.basename(seen[0]).startswith(".peft.partial-")
     assert exported == str(tmp_path / "peft") and "adapter_config.json" in os.listdir(exported)
     assert _hidden(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- predict, exports
+
+
+def test_predict_exits_1_when_no_image_was_predicted(parts, tmp_path, capsys):
+    folder = _save(parts, tmp_path / "m")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "fine.png")
+    rows = str(tmp_path / "rows.jsonl")
+    assert predict.predict_files(folder, [str(tmp_path / "junk.png")], rows) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: no image was predicted: all 1 files failed"
+    )
+    paths = [str(tmp_path / "junk.png"), str(tmp_path / "fine.png")]
+    assert predict.predict_files(folder, paths, rows) == 0
+
+
+def _png_header_only(path, width, height, bit_depth=16):
+    """A grey PNG that says it is width x height, with one row of data: what `Image.open`
+    sees is a huge image, though the file is a few hundred bytes."""
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    row = zlib.compress(b"\x00" * (1 + width * bit_depth // 8))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
+    )
+
+
+def test_a_huge_image_is_refused_from_its_header_naming_its_pixels(tmp_path):
+    _png_header_only(tmp_path / "scan.png", 13300, 13300)
+    bound = f"{common.MAX_PIXELS:,}"
+    with pytest.raises(ValueError, match=rf"13300 x 13300 = 176,890,000 pixels; .*most {bound}"):
+        common.load_rgb(tmp_path / "scan.png")
+    _png_header_only(tmp_path / "bomb.png", 20000, 20000)  # over PIL's own error bound
+    with pytest.raises(ValueError, match=r"400000000 pixels.*allowed: at most"):
+        common.load_upright(tmp_path / "bomb.png")
+    row = next(predict.predict_paths(None, [str(tmp_path / "scan.png")]))
+    assert "176,890,000 pixels" in row["error"]
+
+
+def test_16_bit_levels_are_scaled_in_a_uint32_buffer():
+    levels = np.arange(65536, dtype=np.uint16)
+    np.testing.assert_array_equal(common.scale_16_to_8(levels), np.round(levels / 257))
+    scan = np.tile(levels[::65], (1000, 2))  # 1000 x 2018 16-bit pixels
+    tracemalloc.start()
+    common.scale_16_to_8(scan)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 6 * scan.size  # int64 temporaries took 16 bytes a pixel and more
+    with pytest.raises(ValueError, match="grey levels span 0..70000"):
+        common.scale_16_to_8(np.array([0, 70000], np.int32))
+
+
+def test_hf_export_files_follow_the_umask(parts, tmp_path):
+    folder = _save(parts, tmp_path / "m")
+    umask = os.umask(0o027)
+    try:
+        exported = model_folder.export_hf(folder, str(tmp_path / "hf"))
+    finally:
+        os.umask(umask)
+    modes = {
+        name: os.stat(os.path.join(exported, name)).st_mode & 0o777 for name in os.listdir(exported)
+    }
+    assert modes == {"config.json": 0o640, "model.safetensors": 0o640}
+    assert os.stat(exported).st_mode & 0o777 == 0o750

@@ -3,6 +3,7 @@ Hugging Face model folder."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from jaxmerge import lora, models
@@ -74,6 +75,17 @@ def write_hf(model: MultiTaskModel, directory: str, naming: str = "v4") -> None:
     family = models.get(model.info["model"]["family"])
     check_hf_exportable(model.model_def, family.name)
     family.save_hf(directory, model.info["model"]["kwargs"], model.backbone, naming)
+    _modes_by_umask(directory)
+
+
+def _modes_by_umask(directory: str) -> None:
+    """Gives the files under `directory` the umask's mode (0o666 & ~umask), as `open` does:
+    safetensors writes its files 0600, unreadable by the group a model is shared with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(directory):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def export_hf(model: MultiTaskModel | str, directory: str, naming: str = "v4") -> str:
