@@ -65,7 +65,8 @@ def run(args) -> dict:
     import jax
     import numpy as np
 
-    from jaxmerge import adapter_stack, fusion, heads, lora, merging, mixed_batch, multitask
+    from jaxmerge import adapter_stack, fusion, heads, lora, merging, mixed_batch
+    from jaxmerge.model_folder import multitask
     from jaxmerge.models import vit
 
     model, base = load_model(args)

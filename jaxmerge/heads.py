@@ -4,18 +4,21 @@ A head is the paper's 2-layer MLP on the pooled ViT feature (head type "mlp"), o
 frozen zero-shot classifier from class-name text embeddings (type "zero_shot",
 `jaxmerge.zero_shot`). Heads are never merged: a merged backbone carries every task's own
 head. Each head kind fixes the output layout, the training loss and the evaluation metrics, as
-pure functions of (outputs, batch).
+pure functions of (outputs, batch), and how its outputs read as predictions (`decode`) and CSV
+fields (`columns`, `flatten`), so no caller branches on a kind's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxmerge import zero_shot
@@ -86,15 +89,40 @@ def from_record(record: dict) -> nn.Module:
     raise ValueError(f"head record: type {kind!r}; allowed: {HEAD_TYPES}")
 
 
+# A model folder's task entry (`model_folder.task_info`): "outputs", "labels", "spec", ...
+TaskRecord = Mapping[str, Any]
+# (top, left, side) of the square each model input was cut from in its image.
+Crop = tuple[int, int, int]
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadKind:
-    """How a head's outputs are read. `loss` returns one value per example; `metrics` returns
-    per-example values that `evaluate` averages over the unmasked examples."""
+    """How a head's outputs are trained and read. `loss` returns one value per example;
+    `metrics` returns per-example values that `evaluate` averages over the unmasked examples.
+
+    `decode(outputs, task, crops)` turns (B, outputs) raw head outputs into one readable
+    prediction per image; `columns(task)` names its CSV fields (after "TASK.") and `flatten`
+    gives a prediction's values under those names; `outputs_rule` says which output counts the
+    kind can have (`check_outputs`); `labelled`: the outputs are classes with names;
+    `spec_keys`: the loss-spec entries `decode` needs.
+    """
 
     loss: Callable[[jax.Array, dict, dict], jax.Array]
     metrics: Callable[[jax.Array, dict, dict], dict[str, jax.Array]]
     main_metric: str
     higher_is_better: bool
+    decode: Callable[[np.ndarray, TaskRecord, Sequence[Crop]], list[dict[str, Any]]]
+    columns: Callable[[TaskRecord], list[str]]
+    flatten: Callable[[Mapping[str, Any]], dict[str, Any]]
+    outputs_allowed: Callable[[int], bool]
+    outputs_rule: str
+    labelled: bool = False
+    spec_keys: tuple[str, ...] = ()  # what `decode` reads from the task's "spec"
+
+    def check_outputs(self, outputs: int, field: str) -> None:
+        """ValueError naming `field` unless this kind can have `outputs` outputs."""
+        if not self.outputs_allowed(outputs):
+            raise ValueError(f"{field}: got {outputs}; allowed: {self.outputs_rule}")
 
 
 def _classification_loss(logits, batch, spec):
@@ -153,10 +181,85 @@ def _landmark_metrics(outputs, batch, spec):
     }
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _decode_classes(outputs, task, crops):
+    """{"label": class name (or the index as text), "index", "probability": softmax max}."""
+    del crops
+    rows = []
+    for p in _softmax(np.asarray(outputs, np.float64)):
+        index = int(np.argmax(p))
+        label = task["labels"][index] if task.get("labels") else str(index)
+        rows.append({"label": label, "index": index, "probability": float(p[index])})
+    return rows
+
+
+def _decode_value(outputs, task, crops):
+    """{"value": outputs * std + mean}: the loss standardised the target."""
+    del crops
+    spec = task["spec"]
+    values = np.asarray(outputs, np.float64)[:, 0] * spec["std"] + spec["mean"]
+    return [{"value": float(v)} for v in values]
+
+
+def _decode_points(outputs, task, crops):
+    """{"points": [[x, y], ...]} in pixels of the image: `x = left + u * side` for the
+    (u, v) in [0, 1] of the square input cut from it at (top, left, side)."""
+    del task
+    rows = []
+    for values, (top, left, side) in zip(np.asarray(outputs, np.float64), crops):
+        points = values.reshape(-1, 2) * side + np.array([left, top], np.float64)
+        rows.append({"points": points.round(2).tolist()})
+    return rows
+
+
+def _point_columns(task):
+    return [f"{axis}{k}" for k in range(task["outputs"] // 2) for axis in "xy"]
+
+
+def _flat_points(prediction):
+    return {f"{a}{k}": v for k, xy in enumerate(prediction["points"]) for a, v in zip("xy", xy)}
+
+
 HEAD_KINDS = {
-    "classification": HeadKind(_classification_loss, _classification_metrics, "accuracy", True),
-    "regression": HeadKind(_regression_loss, _regression_metrics, "mae", False),
-    "landmarks": HeadKind(_landmark_loss, _landmark_metrics, "nme", False),
+    "classification": HeadKind(
+        _classification_loss,
+        _classification_metrics,
+        "accuracy",
+        True,
+        decode=_decode_classes,
+        columns=lambda task: ["label", "probability"],
+        flatten=lambda p: {"label": p["label"], "probability": p["probability"]},
+        outputs_allowed=lambda n: n >= 2,
+        outputs_rule="at least 2 classes",
+        labelled=True,
+    ),
+    "regression": HeadKind(
+        _regression_loss,
+        _regression_metrics,
+        "mae",
+        False,
+        decode=_decode_value,
+        columns=lambda task: ["value"],
+        flatten=lambda p: {"value": p["value"]},
+        outputs_allowed=lambda n: n == 1,
+        outputs_rule="1 output (one value)",
+        spec_keys=("mean", "std"),
+    ),
+    "landmarks": HeadKind(
+        _landmark_loss,
+        _landmark_metrics,
+        "nme",
+        False,
+        decode=_decode_points,
+        columns=_point_columns,
+        flatten=_flat_points,
+        outputs_allowed=lambda n: n >= 2 and n % 2 == 0,
+        outputs_rule="an even count >= 2 (x, y per point)",
+    ),
 }
 
 

@@ -105,8 +105,7 @@ def model_input(rgb: np.ndarray, preprocessing, record: Mapping[str, Any]) -> np
     return model_steps(preprocessing)({"image": stored}, None)["image"]
 
 
-def points_in_image(relative: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(K, 2) (u, v) in [0, 1] of the model input -> (x, y) pixels of the upright image the
-    input was cut from: `x = left + u * side`, `y = top + v * side` for its centre square."""
-    top, left, side = common.center_square_box(height, width)
-    return np.asarray(relative, np.float64) * side + np.array([left, top], np.float64)
+def input_crop(height: int, width: int) -> tuple[int, int, int]:
+    """(top, left, side) of the centre square a model input is cut from in an upright
+    height x width image (`common.center_square_box`)."""
+    return common.center_square_box(height, width)

@@ -58,6 +58,8 @@ def check_request(
             "adapter folder"
         )
     model_folder.check_output_folder(output)
+    outputs = [("--output", output), ("--export_peft", export_peft), ("--export_hf", export_hf)]
+    model_folder.staging.check_distinct(outputs)
     recipes.check(method, params, weights)
     if export_peft is not None:
         if fold:
@@ -109,6 +111,33 @@ def load_peft_run(folder: str, base: str | None) -> runs_lib.Run:
     )
 
 
+def _merge_runs(
+    directories, peft_folders, base, method, weights, params, seed, fold, export_peft, export_hf
+):
+    """Loads the runs (and PEFT folders), checks they can share a model folder and the
+    exports asked for, and merges: (runs, merged, recipe, model_def, base)."""
+    runs = [runs_lib.load(d) for d in directories]
+    runs += [load_peft_run(folder, base) for folder in peft_folders]
+    headless = [r.directory for r in runs if r.adapter is None]
+    if headless:
+        raise ValueError(
+            f"--run: {headless[0]!r} has no adapter (a head or full run); allowed: LoRA runs "
+            f"WORKDIR/adapters/<task>"
+        )
+    names = [run.task.name for run in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--run: task(s) {twice} given twice; allowed: one run per task")
+    model_def, base_params = runs_lib.base_of(runs)
+    model_folder.check_one_normalization(runs)
+    if export_hf is not None:  # refused before anything is written
+        model_folder.check_hf_exportable(model_def, load.family_of(runs[0].config).name)
+    merged, recipe = recipes.merge_runs(runs, model_def, base_params, method, weights, params, seed)
+    if export_peft is not None:  # refused before anything is written
+        model_folder.check_peft_exportable(merged, fold, method)
+    return runs, merged, recipe, model_def, base_params
+
+
 def merge_to_folder(
     directories: Sequence[str],
     method: str,
@@ -129,33 +158,35 @@ def merge_to_folder(
     weights = None if weights is None else [float(w) for w in weights]
     sources = [*directories, *peft_folders]
     check_request(sources, method, weights, fold, output, export_peft, export_hf, params)
-    runs = [runs_lib.load(d) for d in directories]
-    runs += [load_peft_run(folder, base) for folder in peft_folders]
-    headless = [r.directory for r in runs if r.adapter is None]
-    if headless:
-        raise ValueError(
-            f"--run: {headless[0]!r} has no adapter (a head or full run); allowed: LoRA runs "
-            f"WORKDIR/adapters/<task>"
+    requests = [("--output", output), ("--export_peft", export_peft), ("--export_hf", export_hf)]
+    # The partial folders are made now, before any compute: a place that cannot be written
+    # fails here, and a failed or killed merge leaves nothing at the targets.
+    with model_folder.staging.stage(requests) as partials:
+        runs, merged, recipe, model_def, base = _merge_runs(
+            directories,
+            peft_folders,
+            base,
+            method,
+            weights,
+            params,
+            seed,
+            fold,
+            export_peft,
+            export_hf,
         )
+        info = model_folder.describe(runs, model_def, recipe, fold)
+        heads = {run.task.name: run.head for run in runs}
+        model_folder.write(partials["--output"], info, base, merged, heads)
+        if export_peft is not None or export_hf is not None:
+            model = model_folder.load(partials["--output"])
+        if export_peft is not None:
+            model_folder.write_peft(model, partials["--export_peft"])
+        if export_hf is not None:
+            model_folder.write_hf(model, partials["--export_hf"])
+    folder = model_folder.staging.resolve(output)
+    exported = None if export_peft is None else model_folder.staging.resolve(export_peft)
+    exported_hf = None if export_hf is None else model_folder.staging.resolve(export_hf)
     names = [run.task.name for run in runs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"--run: task(s) {twice} given twice; allowed: one run per task")
-    model_def, base = runs_lib.base_of(runs)
-    model_folder.check_one_normalization(runs)
-    if export_hf is not None:  # refused before anything is written
-        model_folder.check_hf_exportable(model_def, load.family_of(runs[0].config).name)
-    merged, recipe = recipes.merge_runs(runs, model_def, base, method, weights, params, seed)
-    if export_peft is not None:  # refused before anything is written
-        model_folder.check_peft_exportable(merged, fold, method)
-    info = model_folder.describe(runs, model_def, recipe, fold)
-    heads = {run.task.name: run.head for run in runs}
-    folder = model_folder.save(output, info, base, merged, heads)
-    exported = exported_hf = None
-    if export_peft is not None:
-        exported = model_folder.export_peft(model_folder.load(folder), export_peft)
-    if export_hf is not None:
-        exported_hf = model_folder.export_hf(model_folder.load(folder), export_hf)
     return {
         "output": folder,
         "tasks": names,

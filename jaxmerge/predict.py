@@ -13,8 +13,9 @@ task's images (`jaxmerge.image_input`: the centre square, resized, as the task's
 it). Rows go to `--output` as JSONL or CSV (by suffix), or as JSONL to stdout: the path, then
 per task the class name and probability, the value, or the landmarks in pixels of the image as
 a viewer shows it (upright, before the crop: `x = left + u * side` of the centre square). An
-image that cannot be read gives one line on stderr and a row with an "error" field; the others
-go on.
+image that cannot be read (or has more than `datasets.common.MAX_PIXELS` pixels) gives one line
+on stderr and a row with an "error" field; the others go on. The exit status is 1 when no image
+was predicted.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 from absl import flags
 
 from jaxmerge import cli as cli_lib
-from jaxmerge import logs, model_folder
+from jaxmerge import heads, logs, model_folder
 from jaxmerge.datasets import common
 
 IMAGE_SUFFIXES = common.IMAGE_SUFFIXES + (".gif",)
@@ -123,31 +124,22 @@ def predict_paths(
 
 
 def csv_columns(tasks: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """path, then per task `task.label`, `task.probability` / `task.value` / `task.x0`,
-    `task.y0`, ..., then error."""
+    """path, then per task its head kind's fields (`HeadKind.columns`: `task.label`,
+    `task.probability` / `task.value` / `task.x0`, `task.y0`, ...), then error."""
     columns = ["path"]
     for task, info in tasks.items():
-        if info["kind"] == "classification":
-            columns += [f"{task}.label", f"{task}.probability"]
-        elif info["kind"] == "regression":
-            columns.append(f"{task}.value")
-        else:
-            for k in range(info["outputs"] // 2):
-                columns += [f"{task}.x{k}", f"{task}.y{k}"]
+        columns += [f"{task}.{c}" for c in heads.head_kind(info["kind"]).columns(info)]
     return columns + ["error"]
 
 
-def flat_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A row as `csv_columns` names its fields."""
+def flat_row(row: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A row as `csv_columns` names its fields (`HeadKind.flatten`); a row with an error
+    has only its path and the error."""
     flat = {"path": row["path"], "error": row.get("error", "")}
-    for task, prediction in row.items():
-        if not isinstance(prediction, dict):
-            continue
-        for field in ("label", "probability", "value"):
-            if field in prediction:
-                flat[f"{task}.{field}"] = prediction[field]
-        for k, (x, y) in enumerate(prediction.get("points", [])):
-            flat.update({f"{task}.x{k}": x, f"{task}.y{k}": y})
+    for task, info in tasks.items():
+        if task in row:
+            fields = heads.head_kind(info["kind"]).flatten(row[task])
+            flat.update({f"{task}.{name}": value for name, value in fields.items()})
     return flat
 
 
@@ -165,7 +157,7 @@ def write_rows(rows: Iterable[dict], output: str | None, tasks) -> int:
             if writer is None:
                 out.write(json.dumps(row) + "\n")
             else:
-                writer.writerow(flat_row(row))
+                writer.writerow(flat_row(row, tasks))
             count += 1
     return count
 
@@ -176,15 +168,17 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 
 
-def main(argv):
-    args = flags.FLAGS
-    patterns = argv[1:]
+def predict_files(
+    model_path: str, patterns: Sequence[str], output: str | None, batch_size: int = 32
+) -> int:
+    """The command's work: predicts every image, writes the rows, prints a summary on stderr.
+    Returns the exit status: 0, or 1 when no image was predicted (every file failed)."""
     if not patterns:
         raise ValueError("PATHS: give image files, folders or globs after the flags")
-    if args.output and not args.output.lower().endswith((".jsonl", ".csv")):
-        raise ValueError(f"--output: got {args.output!r}; allowed: a .jsonl or .csv file")
+    if output and not output.lower().endswith((".jsonl", ".csv")):
+        raise ValueError(f"--output: got {output!r}; allowed: a .jsonl or .csv file")
     paths = image_paths(patterns)
-    model = open_model(args.model)
+    model = open_model(model_path)
     skipped = []
 
     def noting_errors(rows):
@@ -193,13 +187,24 @@ def main(argv):
                 skipped.append(row["path"])
             yield row
 
-    rows = noting_errors(predict_paths(model, paths, args.batch_size))
-    count = write_rows(rows, args.output, model.tasks)
+    rows = noting_errors(predict_paths(model, paths, batch_size))
+    count = write_rows(rows, output, model.tasks)
     print(
         f"predict: {count} images, {count - len(skipped)} predicted, {len(skipped)} skipped; "
-        f"tasks {', '.join(model.tasks)}; rows in {args.output or 'stdout'}",
+        f"tasks {', '.join(model.tasks)}; rows in {output or 'stdout'}",
         file=sys.stderr,
     )
+    if count == len(skipped):
+        print(f"error: no image was predicted: all {count} files failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv):
+    args = flags.FLAGS
+    status = predict_files(args.model, argv[1:], args.output, args.batch_size)
+    if status:
+        sys.exit(status)
 
 
 def cli():

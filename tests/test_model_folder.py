@@ -22,7 +22,6 @@ from jaxmerge import (
     lora,
     merging,
     model_folder,
-    multitask,
     predict,
     train,
 )
@@ -30,6 +29,7 @@ from jaxmerge import runs as runs_lib
 from jaxmerge.data import sources
 from jaxmerge.datasets import common, prepare
 from jaxmerge.interop import peft
+from jaxmerge.model_folder import multitask
 from jaxmerge.models import vit
 from tests.tiny import tiny_config
 

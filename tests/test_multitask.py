@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmerge import heads, lora, merging, multitask
+from jaxmerge import heads, lora, merging
+from jaxmerge.model_folder import multitask
 from jaxmerge.models import vit
 
 TASKS = {"a": 10, "b": 1, "c": 4}

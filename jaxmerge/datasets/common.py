@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -100,17 +101,25 @@ _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 def scale_16_to_8(values: np.ndarray) -> np.ndarray:
     """Maps 16-bit levels to 8 bits by rounding `v * 255 / 65535` (65535 -> 255, 32768 -> 128).
 
+    Computed in one uint32 buffer (65535 * 255 + 32767 < 2**32), in place: 4 bytes a pixel
+    besides the uint8 result, not the 16 of int64 temporaries (a 13300 x 13300 scan).
+
     Raises:
       ValueError: a value outside 0..65535 (a 32-bit image, which has no fixed range).
     """
-    values = np.asarray(values, np.int64)
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high > 65535:
-        raise ValueError(
-            f"grey levels span {low}..{high}; allowed: 16-bit levels 0..65535 (a 32-bit image "
-            f"has no fixed white level: convert it to 8 or 16 bits first)"
-        )
-    return ((values * 255 + 32767) // 65535).astype(np.uint8)
+    values = np.asarray(values)
+    if values.dtype != np.uint16:  # PIL's "I" mode reads as int32: check the range first
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"grey levels span {low}..{high}; allowed: 16-bit levels 0..65535 (a 32-bit "
+                f"image has no fixed white level: convert it to 8 or 16 bits first)"
+            )
+    scaled = values.astype(np.uint32)
+    scaled *= 255
+    scaled += 32767
+    scaled //= 65535
+    return scaled.astype(np.uint8)
 
 
 def composite(rgba: np.ndarray, background=BACKGROUND) -> np.ndarray:
@@ -154,8 +163,24 @@ def to_rgb(image: Image.Image, background=BACKGROUND) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+# The most pixels a file may have: above the 100-megapixel cameras (11648 x 8736 = 101.8 M),
+# below the 16-bit 13300 x 13300 scans that cost 4 GB to decode and reach a model as a few
+# hundred pixels anyway. Checked from the header, before anything is decoded.
+MAX_PIXELS = 2**27
+
+
+def check_pixel_count(path, width: int, height: int) -> None:
+    """Raises ValueError naming the file, its pixel count and `MAX_PIXELS` when it is over."""
+    if width * height > MAX_PIXELS:
+        raise ValueError(
+            f"{path}: {width} x {height} = {width * height:,} pixels; allowed: at most "
+            f"{MAX_PIXELS:,} pixels (decoding it would need several GB; scale it down first)"
+        )
+
+
 def load_rgb(path, *, exif_orientation: bool = False, background=BACKGROUND) -> np.ndarray:
-    """Reads an image file as a uint8 (H, W, 3) RGB array (`to_rgb` over any mode).
+    """Reads an image file as a uint8 (H, W, 3) RGB array (`to_rgb` over any mode); a file of
+    more than `MAX_PIXELS` pixels is refused from its header, before it is decoded.
 
     Args:
       path: the image file.
@@ -164,7 +189,14 @@ def load_rgb(path, *, exif_orientation: bool = False, background=BACKGROUND) -> 
         annotations (expw, wflw) give coordinates on the stored pixel grid.
       background: the RGB colour transparent pixels are blended onto.
     """
-    with Image.open(path) as image:
+    with warnings.catch_warnings():  # PIL's own bomb warning: MAX_PIXELS is the bound here
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as error:  # over twice PIL's bound, from the header
+            raise ValueError(f"{path}: {error}; allowed: at most {MAX_PIXELS:,} pixels") from None
+    with image:
+        check_pixel_count(path, *image.size)
         image.load()
         if exif_orientation:
             image = ImageOps.exif_transpose(image)
