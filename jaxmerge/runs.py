@@ -34,6 +34,9 @@ class Run:
     adapter: Tree | None
     base_fingerprint: str
     trained_base: Tree | None = None  # a full-finetuning run's own backbone
+    # The architecture the run trained (metadata "model": width, depth, layer_norm_eps, ...);
+    # None where it is not recorded (PEFT adapters: their base folder fixes it).
+    architecture: dict | None = None
 
 
 def load(directory: str) -> Run:
@@ -51,11 +54,48 @@ def load(directory: str) -> Run:
         params.get("lora"),
         metadata["base_fingerprint"],
         params.get("base"),
+        metadata.get("model"),
     )
 
 
+def model_definition(run: Run) -> dict[str, Any] | None:
+    """What fixes the function a run's backbone computes: its family, architecture and compute
+    dtype (not dropout or how LoRA and kernels are computed, which leave it unchanged); None
+    where the run does not record its architecture."""
+    architecture = getattr(run, "architecture", None)
+    if architecture is None:
+        return None
+    model = run.config.get("model", {})
+    return {
+        "family": model.get("family", "vit"),
+        **architecture,
+        "dtype": model.get("dtype", "float32"),
+    }
+
+
+def check_one_model(runs: Sequence[Run]) -> None:
+    """Refuses runs that define different models: one model computes every run, and on a random
+    base `gelu_approximate` or `layer_norm_eps` change it without changing the parameters (and
+    so the fingerprint)."""
+    defined = [(run, model_definition(run)) for run in runs]
+    defined = [(run, definition) for run, definition in defined if definition is not None]
+    if not defined:
+        return
+    first_run, first = defined[0]
+    for run, definition in defined[1:]:
+        for field in sorted(first.keys() | definition.keys()):
+            if first.get(field) != definition.get(field):
+                raise ValueError(
+                    f"--run: runs define different models and cannot be merged or scored on one: "
+                    f"model.{field} is {first.get(field, '<absent>')!r} in {first_run.directory} "
+                    f"but {definition.get(field, '<absent>')!r} in {run.directory}"
+                )
+
+
 def base_of(runs: Sequence[Run]):
-    """(model, base) the runs were trained on; all runs must share one base."""
+    """(model, base) the runs were trained on; all runs must share one base and one model
+    definition (`check_one_model`)."""
+    check_one_model(runs)
     prints = {run.base_fingerprint for run in runs}
     if len(prints) != 1:
         listing = ", ".join(f"{r.directory} ({r.base_fingerprint})" for r in runs)

@@ -1,0 +1,86 @@
+"""Bad configs, names and folders: each refused in one line naming the field (exit 2 at the
+command line) before anything is trained, written or read outside where it belongs. The
+commands run in-process (`run_command`): a subprocess costs a JAX import each."""
+
+import os
+import sys
+
+import pytest
+from absl import flags
+
+from jaxmerge import cli, runs, train
+from tests.tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = ["--config.model.variant=mu/4", "--config.model.image_size=8"]
+
+
+def run_command(module, argv, capsys, monkeypatch) -> tuple[int, list[str]]:
+    """(exit status, stderr lines) of `module.cli()` on `argv`, in this process; the flags it
+    defines are removed again, so the next command can define its own."""
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: True)  # the test process's malloc
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    before = set(flags.FLAGS)
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            module.cli()
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+    return exited.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def train_argv(workdir, *extra, arg="task=digits"):
+    return [
+        "--config",
+        f"{ROOT}/configs/adapter.py:{arg}",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        *extra,
+    ]
+
+
+# ----------------------------------------------------------------------------- model definitions
+
+
+@pytest.fixture(scope="module")
+def runs_by_model(data_dir, tmp_path_factory):
+    """Three 10-step digits runs on the one random base: as trained by default, with tanh GELU
+    and with another LayerNorm epsilon (same parameters, so the same base fingerprint)."""
+    out = {}
+    for name, overrides in [
+        ("plain", {}),
+        ("gelu", {"model.gelu_approximate": True}),
+        ("eps", {"model.layer_norm_eps": 1e-5}),
+    ]:
+        workdir = tmp_path_factory.mktemp(name)
+        config = tiny_config(data_dir, steps=10, checkpoint_every=10, **overrides)
+        train.train_and_evaluate(config, str(workdir))
+        out[name] = train.run_dir(str(workdir), "lora", "digits")
+    return out
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ("gelu", ("gelu_approximate", "False", "True")),
+        ("eps", ("layer_norm_eps", "1e-06", "1e-05")),
+    ],
+)
+def test_runs_of_different_models_are_refused_in_either_order(runs_by_model, other, message):
+    """Merged or scored on one model, the result depended on the order of `--run`."""
+    field, plain_value, other_value = message
+    plain, changed = runs.load(runs_by_model["plain"]), runs.load(runs_by_model[other])
+    assert plain.base_fingerprint == changed.base_fingerprint  # the check that let them pass
+    for first, second, a, b, a_name, b_name in [
+        (plain, changed, plain_value, other_value, "plain", other),
+        (changed, plain, other_value, plain_value, other, "plain"),
+    ]:
+        expected = (
+            rf"^--run: runs define different models .*: model.{field} is {a} in "
+            rf"\S*{a_name}\d*/adapters/digits but {b} in \S*{b_name}\d*/adapters/digits$"
+        )
+        with pytest.raises(ValueError, match=expected):
+            runs.base_of([first, second])
+    runs.base_of([plain, runs.load(runs_by_model["plain"])])  # one model: accepted
