@@ -346,10 +346,19 @@ def _int_list(field: str, text: str, example: str) -> tuple[int, ...] | None:
 def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig:
     """The LoraConfig of a training config, `lora.targets` resolved by the model family (a
     preset name or a regex; LoraConfig's own validation names the bad field)."""
+    family = models.get(c.model.family)
+    # An empty regex is found in every path: it would adapt every dense layer, the patch
+    # embedding too, where the user meant none or forgot the value.
+    _check(
+        isinstance(c.lora.targets, str) and bool(c.lora.targets.strip()),
+        "lora.targets",
+        c.lora.targets,
+        f"a preset {sorted(family.target_presets)} or a non-empty regex of layer paths",
+    )
     return lora.LoraConfig(
         rank=c.lora.rank,
         alpha=float(c.lora.alpha),
-        targets=models.get(c.model.family).target_regex(c.lora.targets),
+        targets=family.target_regex(c.lora.targets),
         use_rslora=c.lora.use_rslora,
         dropout=c.lora.dropout,
     )

@@ -84,3 +84,24 @@ def test_runs_of_different_models_are_refused_in_either_order(runs_by_model, oth
         with pytest.raises(ValueError, match=expected):
             runs.base_of([first, second])
     runs.base_of([plain, runs.load(runs_by_model["plain"])])  # one model: accepted
+
+
+# ----------------------------------------------------------------------------- the train command
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--config.lora.targets="],
+            "error: config.lora.targets: got ''; allowed: a preset ['all', 'attention', 'mlp', "
+            "'qkv', 'qv'] or a non-empty regex of layer paths",
+        ),
+        (["--config.lora.targets= "], "error: config.lora.targets: got ' '; allowed: a preset"),
+    ],
+    ids=["empty targets", "blank targets"],
+)
+def test_train_refuses_in_one_line(tmp_path, capsys, monkeypatch, extra, message):
+    status, lines = run_command(train, train_argv(tmp_path, *extra), capsys, monkeypatch)
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+    assert not os.path.exists(tmp_path / "adapters")  # refused before any folder is made
