@@ -304,8 +304,48 @@ def _check_head(head: ml_collections.ConfigDict, task: tasks.Task) -> None:
     )
 
 
+def check_plain_name(field: str, name) -> None:
+    """Refuses a name that is not one plain path component: a task name is joined into run
+    paths (`WORKDIR/adapters/<task>`), where `../x` or `/x` would write outside the workdir."""
+    plain = (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and name == name.strip()
+    )
+    _check(plain, field, name, "a plain name: no '/', no '..', not absolute")
+
+
+def check_dataset_name(name) -> None:
+    """A dataset name is `builder[/config][:version]`, each part a plain name (TFDS makes
+    folders of them under data_dir)."""
+    text = name if isinstance(name, str) else ""
+    builder_and_config, _, version = text.partition(":")
+    parts = builder_and_config.split("/")
+    plain = (
+        isinstance(name, str)
+        and len(parts) <= 2
+        and (not version or re.fullmatch(r"[\w.]+", version))
+    )
+    if plain:
+        for part in parts:
+            try:
+                check_plain_name("dataset.name", part)
+            except ValueError:
+                plain = False
+    _check(
+        bool(plain),
+        "dataset.name",
+        name,
+        "builder[/config][:version], each part a plain name (no '..', not absolute)",
+    )
+
+
 def task_of(c: ml_collections.ConfigDict) -> tasks.Task:
     """The run's task: the registered `config.task`, or the one `config.dataset` defines."""
+    check_plain_name("task", c.task)
+    if c.dataset.name:
+        check_dataset_name(c.dataset.name)
     if not c.dataset.name:
         return tasks.get(c.task)
     from jaxmerge import data

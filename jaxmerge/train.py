@@ -48,6 +48,7 @@ class TrainState(NamedTuple):
 
 def run_dir(workdir: str, mode: str, task: str) -> str:
     """Where one run's checkpoints and metrics live: adapters/, heads/ or full/ per task."""
+    config_lib.check_plain_name("task", task)  # never a path out of the workdir
     return os.path.join(workdir, {"lora": "adapters", "head": "heads", "full": "full"}[mode], task)
 
 

@@ -3,6 +3,7 @@ command line) before anything is trained, written or read outside where it belon
 commands run in-process (`run_command`): a subprocess costs a JAX import each."""
 
 import os
+import re
 import sys
 
 import pytest
@@ -105,3 +106,37 @@ def test_train_refuses_in_one_line(tmp_path, capsys, monkeypatch, extra, message
     status, lines = run_command(train, train_argv(tmp_path, *extra), capsys, monkeypatch)
     assert status == 2 and len(lines) == 1 and lines[0].startswith(message), lines
     assert not os.path.exists(tmp_path / "adapters")  # refused before any folder is made
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("task", "../../x", "config.task: got '../../x'; allowed: a plain name"),
+        ("task", "/abs", "config.task: got '/abs'; allowed: a plain name"),
+        ("task", "..", "config.task: got '..'; allowed: a plain name"),
+        ("dataset.name", "image_folder/../../x", "config.dataset.name: got 'image_folder/../../x'"),
+        ("dataset.name", "/abs/x", "config.dataset.name: got '/abs/x'; allowed: builder[/config]"),
+        ("dataset.name", "image_folder/..", "config.dataset.name: got 'image_folder/..'"),
+    ],
+)
+def test_task_and_dataset_names_are_plain_path_components(
+    data_dir, tmp_path, field, value, message
+):
+    """`task=../../x` wrote its run outside `--workdir`, `task=/abs` anywhere."""
+    overrides = {"dataset.name": "sklearn_digits", "task": "mine", field: value}
+    config = tiny_config(data_dir, **overrides)
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match=r"^config.task: got '../x'"):
+        train.run_dir(str(tmp_path), "lora", "../x")
+
+
+def test_a_task_named_by_path_is_refused_at_the_command_line(tmp_path, capsys, monkeypatch):
+    argv = train_argv(tmp_path / "work", arg="dataset=sklearn_digits,task=../../escaped")
+    status, lines = run_command(train, argv, capsys, monkeypatch)
+    assert status == 2 and lines == [
+        "error: config.task: got '../../escaped'; allowed: a plain name: no '/', no '..', "
+        "not absolute"
+    ]
+    assert not os.path.exists(tmp_path / "escaped") and not os.path.exists(tmp_path / "work")
