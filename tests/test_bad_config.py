@@ -4,6 +4,7 @@ commands run in-process (`run_command`): a subprocess costs a JAX import each.""
 
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -140,3 +141,28 @@ def test_a_task_named_by_path_is_refused_at_the_command_line(tmp_path, capsys, m
         "not absolute"
     ]
     assert not os.path.exists(tmp_path / "escaped") and not os.path.exists(tmp_path / "work")
+
+
+# ----------------------------------------------------------------------------- annotation files
+
+
+@pytest.mark.parametrize("name", ["../../outside.jpg", "ABSOLUTE", "1--Event/../../../outside.jpg"])
+def test_a_wflw_annotation_cannot_read_outside_the_images_folder(tmp_path, name):
+    """The image named is a real, readable photo: without the check it was cropped and stored."""
+    from jaxmerge.datasets import fakes, prepare, wflw
+
+    raw = tmp_path / "deep" / "raw"
+    fakes.wflw(raw, train_faces=1, test_faces=1)
+    outside = tmp_path / "deep" / "outside.jpg"  # WFLW_images/../../outside.jpg
+    shutil.copy(raw / "WFLW_images/1--Event/a.jpg", outside)
+    name = str(outside) if name == "ABSOLUTE" else name
+    line = fakes.wflw_line(fakes.wflw_landmarks(), fakes.WFLW_BOX, (0,) * 6, name)
+    annotations = raw / "WFLW_annotations/list_98pt_rect_attr_train_test"
+    (annotations / "list_98pt_rect_attr_test.txt").write_text(line + "\n")
+    expected = (
+        rf"^WFLW {re.escape(str(annotations))}/list_98pt_rect_attr_test.txt line 1: image "
+        rf"{re.escape(repr(name))} is outside {re.escape(str(raw / 'WFLW_images'))}; allowed"
+    )
+    with pytest.raises(ValueError, match=expected):
+        prepare.prepare("wflw/size32", str(tmp_path / "data"), str(raw))
+    assert wflw.find_files(raw)[1] == raw / "WFLW_images"
