@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -141,13 +142,25 @@ def _drop_advice(record) -> bool:
     return not any(text in message for text in NOT_ABOUT_THE_RUN)
 
 
+def _without_traceback(message: str) -> str:
+    """A flag error in one line: ml_collections reports an error raised by a config file's
+    `get_config` (a typo in `--config file.py:tsak=digits`) with the whole traceback; keep
+    the flag and the error's own message."""
+    if "Traceback (most recent call last)" not in message:
+        return message
+    flag = message.splitlines()[0].split(": Error whilst parsing")[0]
+    last = [line for line in message.splitlines() if line.strip()][-1].strip()
+    raised = re.fullmatch(r"[\w.]+(?:Error|Exception): (.*)", last)
+    return f"{flag}: {raised.group(1) if raised else last}"
+
+
 def _parse_in_one_line(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every bad flag (an unknown `--config.field`, a value of the
     wrong type) reported in one line and exit status 2 instead of a traceback."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        message = str(error)
+        message = _without_traceback(str(error))
     except (AttributeError, KeyError) as error:  # ml_collections on an unknown field
         name = str(error).strip("'\"")
         flag = next(

@@ -18,6 +18,7 @@ from jaxmerge.models import cpu_kernels, layers
 BASE_SOURCES = ("random", "checkpoint", "hf", "bigvision")
 MODES = ("lora", "head", "full")
 DTYPES = ("float32", "bfloat16")
+MAX_SEED = 2**32 - 1 - 10_000  # see `validate`
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -176,7 +177,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     task = task_of(c)
     _check(c.mode in MODES, "mode", c.mode, str(MODES))
-    _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
+    # JAX keeps the low 32 bits of a seed (seed 2**32 is seed 0) and the base's key is seed +
+    # 10000: a larger seed would silently repeat a smaller one, or overflow in JAX.
+    _check(
+        isinstance(c.seed, int) and not isinstance(c.seed, bool) and 0 <= c.seed <= MAX_SEED,
+        "seed",
+        c.seed,
+        f"an integer from 0 to {MAX_SEED}",
+    )
     family = models.get(c.model.family)
     family.variant(c.model.variant)
     _check(c.model.pool in ("cls", "mean"), "model.pool", c.model.pool, "('cls', 'mean')")

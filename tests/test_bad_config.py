@@ -2,6 +2,7 @@
 command line) before anything is trained, written or read outside where it belongs. The
 commands run in-process (`run_command`): a subprocess costs a JAX import each."""
 
+import errno
 import os
 import re
 import shutil
@@ -166,3 +167,57 @@ def test_a_wflw_annotation_cannot_read_outside_the_images_folder(tmp_path, name)
     with pytest.raises(ValueError, match=expected):
         prepare.prepare("wflw/size32", str(tmp_path / "data"), str(raw))
     assert wflw.find_files(raw)[1] == raw / "WFLW_images"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--config.seed=18446744073709551616"],
+            "error: config.seed: got 18446744073709551616; allowed: an integer from 0 to "
+            "4294957295",
+        ),
+        (["--config.seed=4294967296"], "error: config.seed: got 4294967296; allowed"),
+        (["--config.seed=-1"], "error: config.seed: got -1; allowed"),
+    ],
+    ids=["2**64", "2**32 (the same key as seed 0)", "negative"],
+)
+def test_a_seed_jax_cannot_keep_is_refused(tmp_path, capsys, monkeypatch, argv, message):
+    status, lines = run_command(train, train_argv(tmp_path, *argv), capsys, monkeypatch)
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_a_typo_inside_the_config_argument_is_one_line(tmp_path, capsys, monkeypatch):
+    status, lines = run_command(train, train_argv(tmp_path, arg="tsak=digits"), capsys, monkeypatch)
+    assert status == 2
+    assert lines == [
+        f"error: flag --config={ROOT}/configs/adapter.py:tsak=digits: configs/adapter.py: "
+        "unknown arguments ['tsak']; known: task, dataset, mode, base"
+    ]
+
+
+def test_a_read_only_workdir_is_one_line(tmp_path, capsys, monkeypatch):
+    """Root writes through chmod; a read-only mount answers EROFS, which this fakes."""
+    workdir = tmp_path / "mounted"
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(workdir))
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    status, lines = run_command(train, train_argv(workdir), capsys, monkeypatch)
+    assert status == 2 and lines == [
+        f"error: --workdir: cannot write the run folder {workdir}/adapters/digits "
+        "(Read-only file system); allowed: a writable folder"
+    ]
+
+
+def test_a_run_folder_without_write_permission_is_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    config = tiny_config(tmp_path)
+    with pytest.raises(ValueError, match=r"^--workdir: cannot write .* \(Permission denied\)"):
+        train.train_and_evaluate(config, str(tmp_path))
