@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import difflib
 import os
 import re
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser as config_file_parser
 
 CPU_DEVICES = 8
 
@@ -154,6 +156,53 @@ def _without_traceback(message: str) -> str:
     return f"{flag}: {raised.group(1) if raised else last}"
 
 
+def _config_of(argv: list[str]):
+    """The ConfigDict that `--config FILE[:ARG]` (or `--config=...`) in argv names, or None."""
+    for flag, value in zip(argv, [*argv[1:], ""]):
+        path = value if flag == "--config" else flag.partition("=")[2]
+        if flag == "--config" or flag.startswith("--config="):
+            try:
+                return config_file_parser("config").parse(path)
+            except Exception:  # the file's own error is reported where it is parsed
+                return None
+    return None
+
+
+def _unknown_config_field(argv: list[str], error: Exception) -> str:
+    """The `--config.a.b` flag that names no field of the parsed config, and the closest field.
+
+    ml_collections' own message is a KeyError holding its quoted text and a suggestion of the
+    last name alone ('rnak' for `--config.lora.rnak`): the flag is found by walking each
+    `--config.` flag's path through the config instead."""
+    config = _config_of(argv)
+    for arg in argv[1:]:
+        if config is None or not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].split("=")[0].split(".")
+        node = config
+        for depth, part in enumerate(path):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if part in fields:
+                node = node[part]
+                continue
+            parents = path[:depth]
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = (
+                f"did you mean --config.{'.'.join([*parents, *close])}? (fields are listed in "
+                f"the config file)"
+                if close
+                else "see the config file for its fields"
+            )
+            return (
+                f"--config.{'.'.join(path)}: unknown config field "
+                f"{'.'.join(path[: depth + 1])!r}; {hint}"
+            )
+    name = re.findall(r"\w+", str(error))
+    return (
+        f"--config: unknown config field {name[0] if name else str(error)!r}; see the config file"
+    )
+
+
 def _parse_in_one_line(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every bad flag (an unknown `--config.field`, a value of the
     wrong type) reported in one line and exit status 2 instead of a traceback."""
@@ -162,11 +211,7 @@ def _parse_in_one_line(argv: list[str]) -> list[str]:
     except flags.Error as error:
         message = _without_traceback(str(error))
     except (AttributeError, KeyError) as error:  # ml_collections on an unknown field
-        name = str(error).strip("'\"")
-        flag = next(
-            (a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a), ""
-        )
-        message = f"{flag or '--config'}: unknown config field {name!r}; see the config file"
+        message = _unknown_config_field(argv, error)
     except (TypeError, ValueError) as error:
         message = str(error).splitlines()[0]
     print(f"error: {message}", file=sys.stderr)

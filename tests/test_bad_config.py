@@ -221,3 +221,29 @@ def test_a_run_folder_without_write_permission_is_one_line(tmp_path, monkeypatch
     config = tiny_config(tmp_path)
     with pytest.raises(ValueError, match=r"^--workdir: cannot write .* \(Permission denied\)"):
         train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (
+            "--config.crop_paddng=3",
+            "error: --config.crop_paddng: unknown config field 'crop_paddng'; did you mean "
+            "--config.crop_padding? (fields are listed in the config file)",
+        ),
+        (
+            "--config.lora.rnak=3",
+            "error: --config.lora.rnak: unknown config field 'lora.rnak'; did you mean "
+            "--config.lora.rank? (fields are listed in the config file)",
+        ),
+        (
+            "--config.foo=1",
+            "error: --config.foo: unknown config field 'foo'; see the config file for its fields",
+        ),
+    ],
+)
+def test_a_typo_in_a_config_flag_names_the_flag_and_the_field(
+    tmp_path, capsys, monkeypatch, flag, message
+):
+    status, lines = run_command(train, train_argv(tmp_path, flag), capsys, monkeypatch)
+    assert status == 2 and lines == [message]
