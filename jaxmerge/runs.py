@@ -39,8 +39,45 @@ class Run:
     architecture: dict | None = None
 
 
+RUN_SEARCH_DEPTH = 3  # WORKDIR/<mode>/<task>, and one level above (a study's seed folders)
+
+
+def runs_under(folder: str, depth: int = RUN_SEARCH_DEPTH) -> list[str]:
+    """The run folders (those holding checkpoints/) under `folder`, at most `depth` levels
+    down, as paths relative to it, sorted."""
+    found = []
+    for root, dirs, _ in os.walk(folder):
+        level = os.path.relpath(root, folder).count(os.sep) + (root != folder)
+        if "checkpoints" in dirs and root != folder:
+            found.append(os.path.relpath(root, folder))
+            dirs.clear()  # a run folder's own subfolders hold no runs
+        elif level >= depth:
+            dirs.clear()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(found)
+
+
+def check_run_folder(directory: str, flag: str = "--run") -> None:
+    """ValueError naming `flag` unless `directory` is a run folder: it does not exist, is a
+    file, or holds no checkpoints/ (then the runs under it are listed, e.g. for a workdir)."""
+    if not os.path.exists(directory):
+        raise ValueError(f"{flag}: {directory!r} does not exist")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{flag}: {directory!r} is a file, not a run folder")
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        return
+    inside = runs_under(directory)
+    shown = ", ".join(inside[:10]) + (f" and {len(inside) - 10} more" if len(inside) > 10 else "")
+    listing = f"the runs under it: {shown}" if inside else "no run folder is under it"
+    raise ValueError(
+        f"{flag}: {directory!r} is not a run folder (it holds no checkpoints/); {listing}; "
+        f"allowed: a run folder WORKDIR/<mode>/<task>, e.g. WORKDIR/adapters/digits"
+    )
+
+
 def load(directory: str) -> Run:
     """Loads the latest verified checkpoint of a run folder (`workdir/<mode>/<task>`)."""
+    check_run_folder(directory)
     params, metadata = checkpoint.load(os.path.join(directory, "checkpoints"))
     config = ml_collections.ConfigDict(metadata["config"])
     task = tasks.registry.of_run(metadata["task"], metadata.get("task_definition"))

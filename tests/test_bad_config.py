@@ -3,6 +3,7 @@ command line) before anything is trained, written or read outside where it belon
 commands run in-process (`run_command`): a subprocess costs a JAX import each."""
 
 import errno
+import importlib
 import os
 import re
 import shutil
@@ -247,3 +248,51 @@ def test_a_typo_in_a_config_flag_names_the_flag_and_the_field(
 ):
     status, lines = run_command(train, train_argv(tmp_path, flag), capsys, monkeypatch)
     assert status == 2 and lines == [message]
+
+
+# ----------------------------------------------------------------------------- folders given
+
+
+def test_a_folder_that_is_not_a_run_lists_the_runs_under_it(runs_by_model, capsys, monkeypatch):
+    from jaxmerge import evaluate
+
+    workdir = os.path.dirname(os.path.dirname(runs_by_model["plain"]))
+    os.makedirs(os.path.join(workdir, "notes"), exist_ok=True)  # a folder that is no run
+    expected = (
+        f"error: --run: {workdir!r} is not a run folder (it holds no checkpoints/); the runs "
+        "under it: adapters/digits; allowed: a run folder WORKDIR/<mode>/<task>, e.g. "
+        "WORKDIR/adapters/digits"
+    )
+    for module in (evaluate, importlib.import_module("jaxmerge.merge")):
+        argv = ["--run", runs_by_model["gelu"], "--run", workdir]
+        if module is not evaluate:
+            argv += ["--method", "task_arithmetic", f"--output={workdir}/merged"]
+        status, lines = run_command(module, argv, capsys, monkeypatch)
+        assert status == 2 and lines == [expected], lines
+    assert not os.path.exists(f"{workdir}/merged")
+
+
+@pytest.mark.parametrize("where", ["missing", "file", "empty"])
+def test_a_run_folder_that_is_missing_or_empty_says_so(tmp_path, where):
+    target = tmp_path / where
+    if where == "file":
+        target.write_text("")
+    if where == "empty":
+        target.mkdir()
+    message = {
+        "missing": "does not exist$",
+        "file": "is a file, not a run folder$",
+        "empty": r"is not a run folder \(it holds no checkpoints/\); no run folder is under it",
+    }[where]
+    with pytest.raises(ValueError, match=f"^--run: {re.escape(repr(str(target)))} {message}"):
+        runs.load(str(target))
+
+
+def test_a_missing_model_folder_says_it_does_not_exist(tmp_path, capsys, monkeypatch):
+    from jaxmerge import predict
+    from jaxmerge.datasets import fakes
+
+    missing, image = str(tmp_path / "no_such_model"), tmp_path / "x.png"
+    fakes.save_image(image, fakes.solid(8, 8, (10, 20, 30)), "PNG")
+    status, lines = run_command(predict, ["--model", missing, str(image)], capsys, monkeypatch)
+    assert status == 2 and lines == [f"error: --model: {missing!r} does not exist"], lines
