@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import difflib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser as config_file_parser
 
 CPU_DEVICES = 8
 
@@ -141,19 +144,74 @@ def _drop_advice(record) -> bool:
     return not any(text in message for text in NOT_ABOUT_THE_RUN)
 
 
+def _without_traceback(message: str) -> str:
+    """A flag error in one line: ml_collections reports an error raised by a config file's
+    `get_config` (a typo in `--config file.py:tsak=digits`) with the whole traceback; keep
+    the flag and the error's own message."""
+    if "Traceback (most recent call last)" not in message:
+        return message
+    flag = message.splitlines()[0].split(": Error whilst parsing")[0]
+    last = [line for line in message.splitlines() if line.strip()][-1].strip()
+    raised = re.fullmatch(r"[\w.]+(?:Error|Exception): (.*)", last)
+    return f"{flag}: {raised.group(1) if raised else last}"
+
+
+def _config_of(argv: list[str]):
+    """The ConfigDict that `--config FILE[:ARG]` (or `--config=...`) in argv names, or None."""
+    for flag, value in zip(argv, [*argv[1:], ""]):
+        path = value if flag == "--config" else flag.partition("=")[2]
+        if flag == "--config" or flag.startswith("--config="):
+            try:
+                return config_file_parser("config").parse(path)
+            except Exception:  # the file's own error is reported where it is parsed
+                return None
+    return None
+
+
+def _unknown_config_field(argv: list[str], error: Exception) -> str:
+    """The `--config.a.b` flag that names no field of the parsed config, and the closest field.
+
+    ml_collections' own message is a KeyError holding its quoted text and a suggestion of the
+    last name alone ('rnak' for `--config.lora.rnak`): the flag is found by walking each
+    `--config.` flag's path through the config instead."""
+    config = _config_of(argv)
+    for arg in argv[1:]:
+        if config is None or not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].split("=")[0].split(".")
+        node = config
+        for depth, part in enumerate(path):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if part in fields:
+                node = node[part]
+                continue
+            parents = path[:depth]
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = (
+                f"did you mean --config.{'.'.join([*parents, *close])}? (fields are listed in "
+                f"the config file)"
+                if close
+                else "see the config file for its fields"
+            )
+            return (
+                f"--config.{'.'.join(path)}: unknown config field "
+                f"{'.'.join(path[: depth + 1])!r}; {hint}"
+            )
+    name = re.findall(r"\w+", str(error))
+    return (
+        f"--config: unknown config field {name[0] if name else str(error)!r}; see the config file"
+    )
+
+
 def _parse_in_one_line(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every bad flag (an unknown `--config.field`, a value of the
     wrong type) reported in one line and exit status 2 instead of a traceback."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        message = str(error)
+        message = _without_traceback(str(error))
     except (AttributeError, KeyError) as error:  # ml_collections on an unknown field
-        name = str(error).strip("'\"")
-        flag = next(
-            (a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a), ""
-        )
-        message = f"{flag or '--config'}: unknown config field {name!r}; see the config file"
+        message = _unknown_config_field(argv, error)
     except (TypeError, ValueError) as error:
         message = str(error).splitlines()[0]
     print(f"error: {message}", file=sys.stderr)

@@ -18,6 +18,7 @@ from jaxmerge.models import cpu_kernels, layers
 BASE_SOURCES = ("random", "checkpoint", "hf", "bigvision")
 MODES = ("lora", "head", "full")
 DTYPES = ("float32", "bfloat16")
+MAX_SEED = 2**32 - 1 - 10_000  # see `validate`
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -176,7 +177,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     task = task_of(c)
     _check(c.mode in MODES, "mode", c.mode, str(MODES))
-    _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
+    # JAX keeps the low 32 bits of a seed (seed 2**32 is seed 0) and the base's key is seed +
+    # 10000: a larger seed would silently repeat a smaller one, or overflow in JAX.
+    _check(
+        isinstance(c.seed, int) and not isinstance(c.seed, bool) and 0 <= c.seed <= MAX_SEED,
+        "seed",
+        c.seed,
+        f"an integer from 0 to {MAX_SEED}",
+    )
     family = models.get(c.model.family)
     family.variant(c.model.variant)
     _check(c.model.pool in ("cls", "mean"), "model.pool", c.model.pool, "('cls', 'mean')")
@@ -304,8 +312,48 @@ def _check_head(head: ml_collections.ConfigDict, task: tasks.Task) -> None:
     )
 
 
+def check_plain_name(field: str, name) -> None:
+    """Refuses a name that is not one plain path component: a task name is joined into run
+    paths (`WORKDIR/adapters/<task>`), where `../x` or `/x` would write outside the workdir."""
+    plain = (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and name == name.strip()
+    )
+    _check(plain, field, name, "a plain name: no '/', no '..', not absolute")
+
+
+def check_dataset_name(name) -> None:
+    """A dataset name is `builder[/config][:version]`, each part a plain name (TFDS makes
+    folders of them under data_dir)."""
+    text = name if isinstance(name, str) else ""
+    builder_and_config, _, version = text.partition(":")
+    parts = builder_and_config.split("/")
+    plain = (
+        isinstance(name, str)
+        and len(parts) <= 2
+        and (not version or re.fullmatch(r"[\w.]+", version))
+    )
+    if plain:
+        for part in parts:
+            try:
+                check_plain_name("dataset.name", part)
+            except ValueError:
+                plain = False
+    _check(
+        bool(plain),
+        "dataset.name",
+        name,
+        "builder[/config][:version], each part a plain name (no '..', not absolute)",
+    )
+
+
 def task_of(c: ml_collections.ConfigDict) -> tasks.Task:
     """The run's task: the registered `config.task`, or the one `config.dataset` defines."""
+    check_plain_name("task", c.task)
+    if c.dataset.name:
+        check_dataset_name(c.dataset.name)
     if not c.dataset.name:
         return tasks.get(c.task)
     from jaxmerge import data
@@ -346,10 +394,19 @@ def _int_list(field: str, text: str, example: str) -> tuple[int, ...] | None:
 def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig:
     """The LoraConfig of a training config, `lora.targets` resolved by the model family (a
     preset name or a regex; LoraConfig's own validation names the bad field)."""
+    family = models.get(c.model.family)
+    # An empty regex is found in every path: it would adapt every dense layer, the patch
+    # embedding too, where the user meant none or forgot the value.
+    _check(
+        isinstance(c.lora.targets, str) and bool(c.lora.targets.strip()),
+        "lora.targets",
+        c.lora.targets,
+        f"a preset {sorted(family.target_presets)} or a non-empty regex of layer paths",
+    )
     return lora.LoraConfig(
         rank=c.lora.rank,
         alpha=float(c.lora.alpha),
-        targets=models.get(c.model.family).target_regex(c.lora.targets),
+        targets=family.target_regex(c.lora.targets),
         use_rslora=c.lora.use_rslora,
         dropout=c.lora.dropout,
     )

@@ -44,6 +44,8 @@ def open_model(path: str) -> model_folder.MultiTaskModel:
         return model_folder.load(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return model_folder.from_run(path)
+    if not os.path.exists(path):
+        raise ValueError(f"--model: {path!r} does not exist")
     raise ValueError(
         f"--model: {path!r} holds neither {model_folder.MODEL_FILE} nor checkpoints/; allowed: "
         f"a folder written by `python -m jaxmerge.merge` or a run folder WORKDIR/adapters/<task>"

@@ -34,10 +34,50 @@ class Run:
     adapter: Tree | None
     base_fingerprint: str
     trained_base: Tree | None = None  # a full-finetuning run's own backbone
+    # The architecture the run trained (metadata "model": width, depth, layer_norm_eps, ...);
+    # None where it is not recorded (PEFT adapters: their base folder fixes it).
+    architecture: dict | None = None
+
+
+RUN_SEARCH_DEPTH = 3  # WORKDIR/<mode>/<task>, and one level above (a study's seed folders)
+
+
+def runs_under(folder: str, depth: int = RUN_SEARCH_DEPTH) -> list[str]:
+    """The run folders (those holding checkpoints/) under `folder`, at most `depth` levels
+    down, as paths relative to it, sorted."""
+    found = []
+    for root, dirs, _ in os.walk(folder):
+        level = os.path.relpath(root, folder).count(os.sep) + (root != folder)
+        if "checkpoints" in dirs and root != folder:
+            found.append(os.path.relpath(root, folder))
+            dirs.clear()  # a run folder's own subfolders hold no runs
+        elif level >= depth:
+            dirs.clear()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(found)
+
+
+def check_run_folder(directory: str, flag: str = "--run") -> None:
+    """ValueError naming `flag` unless `directory` is a run folder: it does not exist, is a
+    file, or holds no checkpoints/ (then the runs under it are listed, e.g. for a workdir)."""
+    if not os.path.exists(directory):
+        raise ValueError(f"{flag}: {directory!r} does not exist")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{flag}: {directory!r} is a file, not a run folder")
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        return
+    inside = runs_under(directory)
+    shown = ", ".join(inside[:10]) + (f" and {len(inside) - 10} more" if len(inside) > 10 else "")
+    listing = f"the runs under it: {shown}" if inside else "no run folder is under it"
+    raise ValueError(
+        f"{flag}: {directory!r} is not a run folder (it holds no checkpoints/); {listing}; "
+        f"allowed: a run folder WORKDIR/<mode>/<task>, e.g. WORKDIR/adapters/digits"
+    )
 
 
 def load(directory: str) -> Run:
     """Loads the latest verified checkpoint of a run folder (`workdir/<mode>/<task>`)."""
+    check_run_folder(directory)
     params, metadata = checkpoint.load(os.path.join(directory, "checkpoints"))
     config = ml_collections.ConfigDict(metadata["config"])
     task = tasks.registry.of_run(metadata["task"], metadata.get("task_definition"))
@@ -51,11 +91,48 @@ def load(directory: str) -> Run:
         params.get("lora"),
         metadata["base_fingerprint"],
         params.get("base"),
+        metadata.get("model"),
     )
 
 
+def model_definition(run: Run) -> dict[str, Any] | None:
+    """What fixes the function a run's backbone computes: its family, architecture and compute
+    dtype (not dropout or how LoRA and kernels are computed, which leave it unchanged); None
+    where the run does not record its architecture."""
+    architecture = getattr(run, "architecture", None)
+    if architecture is None:
+        return None
+    model = run.config.get("model", {})
+    return {
+        "family": model.get("family", "vit"),
+        **architecture,
+        "dtype": model.get("dtype", "float32"),
+    }
+
+
+def check_one_model(runs: Sequence[Run]) -> None:
+    """Refuses runs that define different models: one model computes every run, and on a random
+    base `gelu_approximate` or `layer_norm_eps` change it without changing the parameters (and
+    so the fingerprint)."""
+    defined = [(run, model_definition(run)) for run in runs]
+    defined = [(run, definition) for run, definition in defined if definition is not None]
+    if not defined:
+        return
+    first_run, first = defined[0]
+    for run, definition in defined[1:]:
+        for field in sorted(first.keys() | definition.keys()):
+            if first.get(field) != definition.get(field):
+                raise ValueError(
+                    f"--run: runs define different models and cannot be merged or scored on one: "
+                    f"model.{field} is {first.get(field, '<absent>')!r} in {first_run.directory} "
+                    f"but {definition.get(field, '<absent>')!r} in {run.directory}"
+                )
+
+
 def base_of(runs: Sequence[Run]):
-    """(model, base) the runs were trained on; all runs must share one base."""
+    """(model, base) the runs were trained on; all runs must share one base and one model
+    definition (`check_one_model`)."""
+    check_one_model(runs)
     prints = {run.base_fingerprint for run in runs}
     if len(prints) != 1:
         listing = ", ".join(f"{r.directory} ({r.base_fingerprint})" for r in runs)

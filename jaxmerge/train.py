@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any, NamedTuple
 
@@ -48,6 +49,7 @@ class TrainState(NamedTuple):
 
 def run_dir(workdir: str, mode: str, task: str) -> str:
     """Where one run's checkpoints and metrics live: adapters/, heads/ or full/ per task."""
+    config_lib.check_plain_name("task", task)  # never a path out of the workdir
     return os.path.join(workdir, {"lora": "adapters", "head": "heads", "full": "full"}[mode], task)
 
 
@@ -160,11 +162,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_lib.validate(config)  # every value checked before anything compiles
     directory = run_dir(workdir, config.mode, config.task)
     check_not_a_model_folder(workdir, directory)
-    os.makedirs(directory, exist_ok=True)
+    make_writable_folder(directory)
     # Process 0 holds the lock for the whole multi-host job: on a shared filesystem the other
     # processes would find it taken by their own job.
     with run_lock.hold(directory) if logs.is_writer() else contextlib.nullcontext():
         return _train_and_evaluate(config, directory)
+
+
+def make_writable_folder(directory: str) -> None:
+    """Makes the run folder and checks that files can be written in it, before anything loads
+    or compiles; ValueError naming --workdir otherwise (a read-only mount, no permission)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"--workdir: cannot write the run folder {directory} ({error.strerror or error}); "
+            f"allowed: a writable folder"
+        ) from None
 
 
 def check_not_a_model_folder(workdir: str, directory: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -176,6 +177,20 @@ def check_pixel_count(path, width: int, height: int) -> None:
             f"{path}: {width} x {height} = {width * height:,} pixels; allowed: at most "
             f"{MAX_PIXELS:,} pixels (decoding it would need several GB; scale it down first)"
         )
+
+
+def file_inside(folder, name: str, where: str):
+    """`folder / name` for a file name read from an annotation file; ValueError naming `where`
+    when the name is absolute or its `..` lead out of `folder` (a crafted annotation would
+    read any file the user can read). Checked on the names, not through symlinks: an images
+    folder may be a link to another disk."""
+    top = os.path.normpath(os.fspath(folder))
+    joined = os.path.normpath(os.path.join(top, name))
+    if os.path.isabs(name) or os.path.commonpath([joined, top]) != top or joined == top:
+        raise ValueError(
+            f"{where}: image {name!r} is outside {top}; allowed: a path inside that folder"
+        )
+    return folder / name
 
 
 def load_rgb(path, *, exif_orientation: bool = False, background=BACKGROUND) -> np.ndarray:

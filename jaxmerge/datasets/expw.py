@@ -122,7 +122,8 @@ class Expw(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, origin_dir, faces_per_image):
         size = self.builder_config.image_size
         for faces in faces_per_image:
-            photo = common.load_rgb(origin_dir / faces[0].image_name)
+            name = faces[0].image_name
+            photo = common.load_rgb(common.file_inside(origin_dir, name, "ExpW label.lst"))
             for face in faces:
                 crop = crop_face(photo, face)
                 if crop is None:

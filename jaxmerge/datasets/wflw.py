@@ -171,7 +171,8 @@ class Wflw(tfds.core.GeneratorBasedBuilder):
         lines = [line for line in annotation_path.read_text().splitlines() if line.strip()]
         for index, line in enumerate(lines):
             annotation = parse_annotation_line(line)
-            photo = common.load_rgb(image_dir / annotation.image_name)
+            where = f"WFLW {annotation_path} line {index + 1}"
+            photo = common.load_rgb(common.file_inside(image_dir, annotation.image_name, where))
             image, landmarks = crop_face(photo, annotation, config.margin, config.image_size)
             yield (
                 index,

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from jaxmerge import merging
+from jaxmerge import runs as runs_lib
 
 Tree = Any
 READS = ("none", "unlabeled", "labeled")  # the images a recipe reads from each task
@@ -124,6 +125,7 @@ def merge_runs(
     """
     recipe = get(name)
     settings = check(name, params, weights)
+    runs_lib.check_one_model(runs)  # one model computes every run's merge
     cache = {} if cache is None else cache
     start = time.perf_counter()
     merged, own = recipe.run(runs, model_def, base, weights, settings, seed, cache)
