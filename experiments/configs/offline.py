@@ -69,6 +69,13 @@ def get_config(arg: str | None = None):
         "iso_cts": {},
         "tsv": {},
         "wudi": {},
+        # The same in Core Space (merging.core_space): each method on the (R, R) per-task cores
+        # of the stacked LoRA factors, mapped back (added after the timings above).
+        "core_ties_delta": {"density": 0.5},
+        "core_iso_c": {},
+        "core_iso_cts": {},
+        "core_tsv": {},
+        "core_wudi": {},
         # Closed form from each layer's input Gram on 256 unlabeled training images per task.
         "regmean": {},
         "regmean_plusplus": {},

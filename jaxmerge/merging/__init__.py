@@ -3,7 +3,7 @@
     merged = merging.merge([adapter_1, adapter_2], "ties", [0.7, 0.3], density=0.5)
     params = lora.fold_into_base(base, merged)
 
-Three families share the registry `METHODS`:
+These families share the registry `METHODS`:
 
 * `merging.peft`: PEFT's `add_weighted_adapter` (PEFT 0.21 names, parameters and numerics):
   `cat`, `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` and the SVD variants
@@ -17,6 +17,11 @@ Three families share the registry `METHODS`:
 * `merging.spectral`: data-free SVD merges, `iso_c`, `iso_cts` (Marczak et al. 2025) and `tsv`
   (TSV-M, Gargiulo et al. 2025), equal to FusionBench's where the spans have full rank and
   computed in the adapters' span from the stacked factors; same `output`, `rank`, `scale`.
+  `merging.wudi`: `wudi` (Cheng et al. 2025), fitted per layer by Adam on the task vectors.
+* `merging.core_space`: Core Space (Panariello et al. 2025), `core_<method>` for the delta-space,
+  spectral and WUDI methods but `knots` (`core_ties_delta`, `core_tsv`, ...): the method run on
+  small (R, R) per-task cores in the SVD bases of the stacked factors (R the sum of the ranks,
+  which may differ), mapped back; `core_task_arithmetic` is `task_arithmetic` exactly.
 
 Modules: `registry` (`register`, `merge`, the checks), `peft`, `delta` and `spectral` (the methods),
 `targets` (per-target plumbing), `ops` and `factorize` (the array maths). A new method is one
@@ -42,6 +47,7 @@ from jaxmerge.merging import peft
 from jaxmerge.merging import delta
 from jaxmerge.merging import spectral
 from jaxmerge.merging import wudi
+from jaxmerge.merging import core_space
 # isort: on
 
 __all__ = [
@@ -54,4 +60,5 @@ __all__ = [
     "delta",
     "spectral",
     "wudi",
+    "core_space",
 ]
