@@ -168,6 +168,7 @@ def test_demo_folder_mixes_sizes_and_modes(shapes):
     assert len(sizes) > 20 and any(w != h for w, h in sizes)
 
 
+@pytest.mark.slow  # two minutes on 2 cores: CI runs it in its own step
 def test_readme_walkthrough_reaches_its_accuracy_and_loads_without_the_task(shapes, tmp_path):
     root, data_dir, _ = shapes
     config = adapter.get_config(
