@@ -3,21 +3,16 @@ command line) before anything is trained, written or read outside where it belon
 commands run in-process (`run_command`): a subprocess costs a JAX import each."""
 
 import errno
-import glob
 import importlib
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 
-import numpy as np
 import pytest
 from absl import flags
 
-from jaxmerge import checkpoint, cli, runs, stderr_aside, train
+from jaxmerge import cli, runs, train
 from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,55 +296,3 @@ def test_a_missing_model_folder_says_it_does_not_exist(tmp_path, capsys, monkeyp
     fakes.save_image(image, fakes.solid(8, 8, (10, 20, 30)), "PNG")
     status, lines = run_command(predict, ["--model", missing, str(image)], capsys, monkeypatch)
     assert status == 2 and lines == [f"error: --model: {missing!r} does not exist"], lines
-
-
-# ----------------------------------------------------------------------------- saves
-
-
-DIES_DURING_A_SAVE = """
-import os, sys
-from jaxmerge import stderr_aside
-with stderr_aside.aside("save", key=sys.argv[1]):
-    os.write(2, b"orbax: writing params\\n")
-    os.write(2, b"F1205 12:00:00.000 99 client.cc:12] Terminating process: peer 1 is gone\\n")
-    os.write(2, b"*** Check failure stack trace: ***\\n    @ 0x7f00 abort\\n")
-    os.abort()
-"""
-
-
-def test_a_process_that_dies_during_a_save_leaves_its_cause_on_stderr(tmp_path):
-    """As the distributed runtime aborts process 0 when a peer dies mid-save: exit 134, and
-    stderr was empty while everything went to the log."""
-    key = str(tmp_path / "checkpoints")
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run(
-        [sys.executable, "-c", DIES_DURING_A_SAVE, key],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == -signal.SIGABRT
-    lines = done.stderr.strip().splitlines()
-    logs = glob.glob(os.path.join(tempfile.gettempdir(), stderr_aside.log_prefix(key) + "*.log"))
-    assert len(logs) == 1 and lines == [
-        "error: the process died during a checkpoint save: F1205 12:00:00.000 99 client.cc:12] "
-        f"Terminating process: peer 1 is gone; everything it printed then is in {logs[0]}"
-    ], done.stderr
-    assert open(logs[0]).read().startswith("orbax: writing params\nF1205")
-    # The next successful save of that folder (the run resumed) removes the dead one's log.
-    mngr = checkpoint.manager(key)
-    checkpoint.save(mngr, 1, {"w": np.ones(3, np.float32)}, {"m": np.zeros(3, np.float32)}, {})
-    assert not os.path.exists(logs[0])
-
-
-def test_a_save_that_succeeds_replays_its_output_and_leaves_no_log(tmp_path, capfd):
-    other = tempfile.NamedTemporaryFile(prefix=stderr_aside.PREFIX, suffix=".log", delete=False)
-    with stderr_aside.aside("save", key=str(tmp_path)) as aside:
-        os.write(2, b"a warning Orbax printed\n")
-    assert aside.text == b"a warning Orbax printed\n" and os.path.exists(aside.path)
-    aside.pass_on()
-    assert not os.path.exists(aside.path) and "a warning Orbax printed" in capfd.readouterr().err
-    stderr_aside.remove_old_logs(str(tmp_path))
-    assert os.path.exists(other.name)  # another run's (or process's) log is not ours to remove
-    os.remove(other.name)
