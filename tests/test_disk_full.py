@@ -41,6 +41,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.slow  # end to end through subprocesses: CI runs it in its own step
 def test_disk_full_during_a_save_is_one_line_and_the_run_resumes(small_disk, tmp_path):
     data_dir = str(tmp_path / "tfds")
     prepare.prepare("sklearn_digits", data_dir)

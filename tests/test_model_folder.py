@@ -359,6 +359,7 @@ def _command(module, *args):
     )
 
 
+@pytest.mark.slow  # end to end through subprocesses: CI runs it in its own step
 def test_merge_then_predict_commands(run_dirs, odd_images, tmp_path):
     output = tmp_path / "model"
     runs = [a for d in run_dirs for a in ("--run", d)]

@@ -138,6 +138,7 @@ def _env():
     }
 
 
+@pytest.mark.slow  # end to end through subprocesses: CI runs it in its own step
 def test_killed_run_resumes_to_the_same_adapter(data_dir, tmp_path):
     steps = 200
     straight = subprocess.run(
