@@ -115,6 +115,7 @@ def test_bad_landmark_fields_name_field_value_and_allowed(tmp_path, field, value
     assert str(error.value).startswith(f"config.dataset.{field}: got {value!r}; allowed: {allowed}")
 
 
+@pytest.mark.slow  # a whole landmark run (27 s): CI runs it in its own step
 def test_a_landmark_task_by_name_trains_as_the_registered_one(tmp_path):
     """Defined by name with the registered task's settings, it is the same task: the same
     training gives the same adapter and NME as the registered `digit_box`."""

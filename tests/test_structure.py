@@ -69,6 +69,7 @@ def test_no_import_cycle():
         visit(name, [])
 
 
+@pytest.mark.slow  # a fresh interpreter per module (30 s): CI runs it in its own step
 def test_every_module_imports_on_its_own_with_the_same_registries():
     """Each module imported first, with every jaxmerge module unloaded before it (the TFDS
     builders stay: TFDS refuses a builder name twice in one process): `METHODS`, `TASKS` and
