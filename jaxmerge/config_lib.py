@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-from jaxmerge import heads, lora, models, tasks, zero_shot
+from jaxmerge import heads, lora, models, plain_names, tasks, zero_shot
 from jaxmerge.models import cpu_kernels, layers
 
 BASE_SOURCES = ("random", "checkpoint", "hf", "bigvision")
@@ -108,50 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Fields that cannot change a run's result: they may differ between a run and its resume.
-RESULT_NEUTRAL = (
-    "log_every",
-    "checkpoint_every",
-    "eval_batch_size",
-    "data_dir",
-    "manual_dir",
-    "resume_with_changed_config",
-    "tensorboard",
-    "data_threads",
-)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_unchanged(saved: dict, current: dict, where: str) -> None:
-    """Raises ValueError naming every field (but RESULT_NEUTRAL ones) whose value differs
-    between the checkpoint's config `saved` and the `current` one (both as JSON dicts)."""
-    old, new = _flatten(saved), _flatten(current)
-    changed = [
-        f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-        for k in sorted(old.keys() | new.keys())
-        # Fields absent from the saved config did not exist when it was written.
-        if k in old and k not in RESULT_NEUTRAL and old[k] != new.get(k)
-    ]
-    if changed:
-        raise ValueError(
-            f"{where}: resuming under a config that differs from the checkpoint's in "
-            f"{'; '.join(changed)}; use the same config, another --workdir, or "
-            f"--config.resume_with_changed_config=true"
-        )
-
-
-def _check(ok: bool, field: str, value, allowed: str):
-    if not ok:
-        raise ValueError(f"config.{field}: got {value!r}; allowed: {allowed}")
+_check = plain_names.check_field
 
 
 def _check_normalization(model: ml_collections.ConfigDict) -> None:
@@ -312,48 +269,11 @@ def _check_head(head: ml_collections.ConfigDict, task: tasks.Task) -> None:
     )
 
 
-def check_plain_name(field: str, name) -> None:
-    """Refuses a name that is not one plain path component: a task name is joined into run
-    paths (`WORKDIR/adapters/<task>`), where `../x` or `/x` would write outside the workdir."""
-    plain = (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and not any(c in name for c in "/\\\0")
-        and name == name.strip()
-    )
-    _check(plain, field, name, "a plain name: no '/', no '..', not absolute")
-
-
-def check_dataset_name(name) -> None:
-    """A dataset name is `builder[/config][:version]`, each part a plain name (TFDS makes
-    folders of them under data_dir)."""
-    text = name if isinstance(name, str) else ""
-    builder_and_config, _, version = text.partition(":")
-    parts = builder_and_config.split("/")
-    plain = (
-        isinstance(name, str)
-        and len(parts) <= 2
-        and (not version or re.fullmatch(r"[\w.]+", version))
-    )
-    if plain:
-        for part in parts:
-            try:
-                check_plain_name("dataset.name", part)
-            except ValueError:
-                plain = False
-    _check(
-        bool(plain),
-        "dataset.name",
-        name,
-        "builder[/config][:version], each part a plain name (no '..', not absolute)",
-    )
-
-
 def task_of(c: ml_collections.ConfigDict) -> tasks.Task:
     """The run's task: the registered `config.task`, or the one `config.dataset` defines."""
-    check_plain_name("task", c.task)
+    plain_names.check_plain_name("task", c.task)
     if c.dataset.name:
-        check_dataset_name(c.dataset.name)
+        plain_names.check_dataset_name(c.dataset.name)
     if not c.dataset.name:
         return tasks.get(c.task)
     from jaxmerge import data

@@ -31,7 +31,19 @@ from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmerge import checkpoint, config_lib, data, heads, logs, lora, run_lock, scoring, tasks
+from jaxmerge import (
+    checkpoint,
+    config_lib,
+    config_resume,
+    data,
+    heads,
+    logs,
+    lora,
+    plain_names,
+    run_lock,
+    scoring,
+    tasks,
+)
 from jaxmerge import cli as cli_lib
 from jaxmerge.models import load
 
@@ -49,7 +61,7 @@ class TrainState(NamedTuple):
 
 def run_dir(workdir: str, mode: str, task: str) -> str:
     """Where one run's checkpoints and metrics live: adapters/, heads/ or full/ per task."""
-    config_lib.check_plain_name("task", task)  # never a path out of the workdir
+    plain_names.check_plain_name("task", task)  # never a path out of the workdir
     return os.path.join(workdir, {"lora": "adapters", "head": "heads", "full": "full"}[mode], task)
 
 
@@ -233,12 +245,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
         # corrupted step (`checkpoint.restore` also refuses them, without moving anything).
         newest = checkpoint.read_metadata(mngr, max(mngr.all_steps()))
         if newest is not None and not config.resume_with_changed_config:
-            config_lib.check_unchanged(newest.get("config", {}), metadata["config"], directory)
+            config_resume.check_unchanged(newest.get("config", {}), metadata["config"], directory)
         params, opt_state, saved = checkpoint.restore(
             mngr, state.params, state.opt_state, expected_base=base_print
         )
         if not config.resume_with_changed_config:
-            config_lib.check_unchanged(saved.get("config", {}), metadata["config"], directory)
+            config_resume.check_unchanged(saved.get("config", {}), metadata["config"], directory)
         state = jax.device_put(
             TrainState(jnp.asarray(saved["step"]), params, opt_state), replicated
         )

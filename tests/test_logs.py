@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxmerge import config_lib, logs, train
+from jaxmerge import config_lib, config_resume, logs, train
 from tests import tiny
 
 
@@ -160,4 +160,4 @@ def test_tensorboard_field_is_checked_and_result_neutral():
     config = ml_collections.ConfigDict({**config_lib.base_config().to_dict(), "tensorboard": "yes"})
     with pytest.raises(ValueError, match=r"config.tensorboard: got 'yes'; allowed: True or False"):
         config_lib.validate(config)
-    config_lib.check_unchanged({"tensorboard": True}, {"tensorboard": False}, "run")  # no error
+    config_resume.check_unchanged({"tensorboard": True}, {"tensorboard": False}, "run")  # no error
