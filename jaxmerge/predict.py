@@ -33,9 +33,7 @@ from absl import flags
 
 from jaxmerge import cli as cli_lib
 from jaxmerge import heads, logs, model_folder
-from jaxmerge.datasets import common
-
-IMAGE_SUFFIXES = common.IMAGE_SUFFIXES + (".gif",)
+from jaxmerge.datasets import common, folder_check
 
 
 def open_model(path: str) -> model_folder.MultiTaskModel:
@@ -53,15 +51,15 @@ def open_model(path: str) -> model_folder.MultiTaskModel:
 
 
 def _images_in(folder: str) -> list[str]:
-    """Image files under `folder` (recursive, by suffix), hidden files and folders skipped
-    (.DS_Store, macOS `._name.jpg` resource forks, .git), in sorted order."""
+    """Image files under `folder` (recursive), in sorted order: the files prepare would read
+    (`folder_check`'s suffixes, junk such as .DS_Store, macOS `._name.jpg` and .git skipped)."""
     found = []
     for root, folders, files in os.walk(folder):
-        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        folders[:] = sorted(f for f in folders if not folder_check.is_junk(f))
         found += [
             os.path.join(root, name)
             for name in sorted(files)
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+            if not folder_check.is_junk(name) and folder_check.is_image_name(name)
         ]
     return found
 
@@ -85,7 +83,8 @@ def image_paths(patterns: Sequence[str]) -> list[str]:
             paths += _images_in(match) if os.path.isdir(match) else [match]
     unique = list(dict.fromkeys(paths))
     if not unique:
-        raise ValueError(f"PATHS: no image files ({', '.join(IMAGE_SUFFIXES)}) in {patterns}")
+        suffixes = ", ".join(common.IMAGE_SUFFIXES)
+        raise ValueError(f"PATHS: no image files ({suffixes}) in {patterns}")
     return unique
 
 

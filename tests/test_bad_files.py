@@ -367,9 +367,31 @@ def test_junk_is_ignored_and_counted(tmp_path, capsys):
     builder = prepare("image_folder/size32", str(tmp_path / "data"), str(root))
     assert capsys.readouterr().out.splitlines()[0] == (
         f"image_folder: 6 images in 2 classes under {root} (train 4, test 2); ignored 6 junk or "
-        f"non-image entries"
+        f"non-image entries; not images by suffix ({', '.join(common.IMAGE_SUFFIXES)}): "
+        f"cat/notes.txt"
     )
     assert builder.info.features["label"].names == ["cat", "dog"]
+
+
+def test_a_gif_is_prepared_as_predict_reads_it_and_other_files_are_named(tmp_path, capsys):
+    """prepare reads a .gif (predict does) as its first frame, and names what it leaves out."""
+    root = tmp_path / "raw"
+    write_folder(root, {"cat": RED, "dog": BLUE}, count=2)
+    Image.new("RGB", (8, 8), RED).save(root / "cat" / "2.gif")
+    Image.new("RGB", (8, 8), BLUE).save(root / "dog" / "2.gif")
+    for index in range(7):
+        (root / "dog" / f"photo{index}.heic").write_bytes(b"not read")
+    builder = prepare("image_folder/size32", str(tmp_path / "data"), str(root))
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"image_folder: 6 images in 2 classes under {root} (train 4, test 2)")
+    assert line.endswith(": dog/photo0.heic, dog/photo1.heic, dog/photo2.heic, dog/photo3.heic, "
+                         "dog/photo4.heic and 2 more")  # fmt: skip
+    # Each class reads back as its colour (a GIF's palette may move a level by one).
+    labels = builder.info.features["label"]
+    for split in ("train", "test"):
+        for example in builder.as_data_source(split):
+            colour = RED if labels.int2str(example["label"]) == "cat" else BLUE
+            np.testing.assert_allclose(example["image"][0, 0], colour, atol=1)
 
 
 # (entries under root, options, the error; {root} stands for the root folder)

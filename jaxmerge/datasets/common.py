@@ -329,7 +329,9 @@ def stratified_split(
     return {name: np.sort(np.asarray(idx, np.int64)) for name, idx in parts.items()}
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# What training, evaluation and predict read as images (a GIF: its first frame, as PIL decodes
+# it); prepare names the files it leaves out for having none of these suffixes.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 def image_files(folder) -> list:

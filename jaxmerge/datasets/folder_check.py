@@ -80,6 +80,20 @@ def read_problem(path: pathlib.Path) -> str | None:
     return None
 
 
+def non_images(root: pathlib.Path) -> list[str]:
+    """The files under `root` that are neither junk nor images by suffix (a notes.txt, a
+    .heic photo), as sorted paths relative to `root`: prepare names them, as it leaves them out."""
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not is_junk(name)]
+        found += [
+            pathlib.Path(folder, name).relative_to(root).as_posix()
+            for name in files
+            if not is_junk(name) and not is_image_name(name)
+        ]
+    return sorted(found)
+
+
 def fingerprint(root: pathlib.Path) -> str:
     """A SHA-256 over the sorted relative paths, sizes and mtimes of the images under `root`.
 

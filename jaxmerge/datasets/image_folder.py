@@ -82,6 +82,7 @@ class FolderScan:
     files: dict[str, dict[str, list[pathlib.Path]]]  # split -> class name -> image paths
     class_names: list[str]
     ignored: int  # junk and non-image entries
+    non_images: list[str]  # of those, the files that are not junk (named in the summary)
     skipped: list[str]  # "path: problem" of unreadable images left out (skip_bad_files)
     fingerprint: str
 
@@ -98,6 +99,10 @@ class FolderScan:
             f"image_folder: {self.num_images} images in {len(self.class_names)} classes under "
             f"{self.root} ({per_split}); ignored {self.ignored} junk or non-image entries"
         )
+        if self.non_images:
+            names = ", ".join(self.non_images[:5])
+            more = f" and {len(self.non_images) - 5} more" if len(self.non_images) > 5 else ""
+            line += f"; not images by suffix ({', '.join(common.IMAGE_SUFFIXES)}): {names}{more}"
         if self.skipped:
             line += f"; skipped {len(self.skipped)} unreadable image file(s) (skip_bad_files)"
         return line
@@ -228,6 +233,7 @@ def scan(
         files=_assign_splits(images),
         class_names=class_names,
         ignored=ignored,
+        non_images=folder_check.non_images(root),
         skipped=list(bad.values()),
         fingerprint=folder_check.fingerprint(root),
     )
