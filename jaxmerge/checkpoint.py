@@ -24,8 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
-import tempfile
 import time
 from typing import Any
 
@@ -35,7 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import jaxmerge
-from jaxmerge import lora
+from jaxmerge import lora, stderr_aside
 
 Tree = Any
 
@@ -105,7 +103,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Tree, opt_state: Tree, 
     metadata["checksum_metadata"] = _metadata_checksum(metadata)
     path = os.path.join(str(mngr.directory), str(step))
     failure = None
-    with _stderr_aside() as aside:
+    with stderr_aside.stderr_aside(watched=True) as aside:
         try:
             mngr.save(
                 int(step),
@@ -129,50 +127,6 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Tree, opt_state: Tree, 
     raise CheckpointWriteError(
         f"checkpoint {path} could not be written: {_cause(failure)}{details}"
     ) from None
-
-
-class _Aside:
-    """What went to stderr during a save: `pass_on` replays it, `keep` leaves it in its file."""
-
-    def __init__(self, path: str = ""):
-        self.path, self.text = path, b""
-
-    def pass_on(self) -> None:
-        if self.path:
-            os.remove(self.path)
-        if self.text:
-            sys.stderr.write(self.text.decode(errors="replace"))
-
-    def keep(self) -> bool:
-        if self.path and not self.text:
-            os.remove(self.path)
-        return bool(self.path and self.text)
-
-
-@contextlib.contextmanager
-def _stderr_aside():
-    """Runs a save with stderr (file descriptor 2: Python, absl and TensorStore's C++ alike)
-    going to a temporary file: a save that fails on a full disk makes
-    Orbax's writer threads print hundreds of tracebacks, which belong in a file, not before
-    the one line that says what happened."""
-    try:
-        capture = tempfile.NamedTemporaryFile(prefix="jaxmerge_save_", suffix=".log", delete=False)
-    except OSError:  # no temporary space either: save as is
-        yield _Aside()
-        return
-    aside = _Aside(capture.name)
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    os.dup2(capture.fileno(), 2)
-    try:
-        yield aside
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-        capture.seek(0)
-        aside.text = capture.read()
-        capture.close()
 
 
 class _Corrupted(CheckpointError):
@@ -226,7 +180,7 @@ def _verify(path: str, metadata: dict, items: dict[str, Tree], expected_base: st
 def _read_step(mngr, step: int, args: dict, expected_base: str | None, verify_items):
     path = os.path.join(str(mngr.directory), str(step))
     failure = None
-    with _stderr_aside() as aside:  # a failed read also sets Orbax's threads printing
+    with stderr_aside.stderr_aside() as aside:  # a failed read also sets Orbax's threads printing
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as error:  # Orbax raises many kinds; the user needs the path and cause.

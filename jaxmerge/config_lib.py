@@ -361,3 +361,11 @@ def parse_arg(
             f"{where}: unknown arguments {sorted(args.keys() - known)}; known: {sorted(known)}"
         )
     return args
+
+
+def plus_separated_ints(text: str, field: str) -> tuple[int, ...]:
+    """'2+3+6' -> (2, 3, 6), refusing anything but '+'-separated integers, naming `field`."""
+    parts = text.split("+")
+    if not all(re.fullmatch(r"\d+", p) for p in parts):
+        raise ValueError(f"{field}={text!r}; allowed: '+'-separated integers such as 2+3+6")
+    return tuple(int(p) for p in parts)

@@ -174,6 +174,9 @@ def test_clip_suite_dry_run_at_full_size(tmp_path, heads):
     t.warmup_steps, t.log_every, t.checkpoint_every = 0, 2, 2
     t.tensorboard = False
     config.methods.adamerging = {"steps": 2, "images": 4, "batch_size": 4}
+    config.methods.wudi = {"steps": 2}
+    for name in ("regmean", "regmean_plusplus"):
+        config.methods[name] = {"images": 4, "batch_size": 4}
     start = time.perf_counter()
     paths = study.run_study(config, str(tmp_path / "workdir"))
     seconds = time.perf_counter() - start

@@ -81,13 +81,24 @@ def get_config(arg: str | None = None):
         "dtd": "textures",
     }
     c.image_groups = {t: g for t, g in c.image_groups.items() if t in names}
-    c.merge_sizes = tuple(int(s) for s in args.get("sizes", str(len(names))).split("+"))
+    c.merge_sizes = config_lib.plus_separated_ints(
+        args.get("sizes", str(len(names))), "clip.py: sizes"
+    )
     # The published settings: task-vector scale 0.3 (task arithmetic, TIES with the top 20%).
     c.methods = {
         "task_arithmetic": {"scale": 0.3},
         "ties_delta": {"density": 0.2, "scale": 0.3},
         "knots": {"density": 0.2, "scale": 0.3},
         "adamerging": {},  # layer-wise AdaMerging: entropy on unlabeled training images
+        # The data-free methods of 2025 with FusionBench's published scales for 8 CLIP tasks
+        # (Iso-C and Iso-CTS 1.5; TSV-M and WUDI 1.0), and RegMean on unlabeled images.
+        "iso_c": {"scale": 1.5},
+        "iso_cts": {"scale": 1.5},
+        "tsv": {},
+        "wudi": {},
+        "core_tsv": {},
+        "regmean": {},
+        "regmean_plusplus": {},
     }
     c.refit_methods = ()
     c.method_sizes = {}

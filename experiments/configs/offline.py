@@ -26,8 +26,11 @@ Arguments (comma-separated key=value after the colon): seeds (number of seeds, d
 steps (training steps per run, default 300), base ("random" to use a random backbone instead
 of the pretrained one, for the ablation in the README), learned ("all", the default: the
 label-free learned merge of pairs and triples, and head refits; "quick": the learned merge of
-pairs only, no head refit, to keep the quickstart short). The supervised and entropy presets
-of `jaxmerge.recipes` can be added to `methods` by flag or in a copy of this file.
+pairs only, no head refit, to keep the quickstart short), sizes (how many adapters each merge
+joins, "+"-separated, default "2+3"; "2+3+4+5+6" adds every larger merge up to all six and the
+report's `scaling.png`, normalised score against the number of merged adapters), methods (a
+"+"-separated subset of the methods below, e.g. "cat+tsv+regmean"; `main_method` is kept). The
+supervised and entropy presets of `jaxmerge.recipes` can be added in a copy of this file.
 """
 
 import os
@@ -41,7 +44,9 @@ BASE_PATH = os.path.join(os.path.dirname(jaxmerge.__file__), "assets", "fashion_
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, {"seeds", "steps", "base", "learned"}, "offline.py")
+    args = config_lib.parse_arg(
+        arg, {"seeds", "steps", "base", "learned", "sizes", "methods"}, "offline.py"
+    )
     c = ml_collections.ConfigDict()
     c.suite = "offline"
     c.tasks = ("digits", "digits_value", "digit_box", "textures", "lfw_faces", "photo_scenes")
@@ -55,7 +60,7 @@ def get_config(arg: str | None = None):
         "photo_scenes": "photos",
     }
     c.seeds = tuple(range(int(args.get("seeds", 3))))
-    c.merge_sizes = (2, 3)
+    c.merge_sizes = config_lib.plus_separated_ints(args.get("sizes", "2+3"), "offline.py: sizes")
     c.methods = {
         "linear": {},
         "cat": {},
@@ -94,6 +99,18 @@ def get_config(arg: str | None = None):
         c.method_sizes = {"learned_output_match": (2,)}
         c.refit_methods = ()
     c.main_method = "cat"  # PEFT's exact sum of the updates, the plainest merge
+    if "methods" in args:
+        chosen = [m for m in args["methods"].split("+") if m]
+        unknown = sorted(set(chosen) - set(c.methods))
+        if unknown:
+            raise ValueError(
+                f"offline.py: methods={unknown}; allowed: a '+'-separated subset of "
+                f"{sorted(c.methods)}"
+            )
+        keep = {*chosen, c.main_method}
+        c.methods = {m: p for m, p in c.methods.items() if m in keep}
+        c.refit_methods = tuple(m for m in c.refit_methods if m in keep)
+        c.method_sizes = {m: s for m, s in c.method_sizes.items() if m in keep}
     c.merge_weight = 1.0  # every adapter enters a merge with this weight
 
     t = config_lib.base_config()  # each run's config: task, mode and seed are set per run
