@@ -26,7 +26,8 @@ Arguments (comma-separated key=value after the colon): seeds (number of seeds, d
 steps (training steps per run, default 300), base ("random" to use a random backbone instead
 of the pretrained one, for the ablation in the README), learned ("all", the default: the
 label-free learned merge of pairs and triples, and head refits; "quick": the learned merge of
-pairs only, no head refit, to keep the quickstart short), sizes (how many adapters each merge
+pairs only, no head refit, to keep the quickstart short; "largest": the learned merge of the
+largest size only, no head refit, for the scaling curve), sizes (how many adapters each merge
 joins, "+"-separated, default "2+3"; "2+3+4+5+6" adds every larger merge up to all six and the
 report's `scaling.png`, normalised score against the number of merged adapters), methods (a
 "+"-separated subset of the methods below, e.g. "cat+tsv+regmean"; `main_method` is kept). The
@@ -92,11 +93,14 @@ def get_config(arg: str | None = None):
     c.refit_methods = ("cat", "learned_output_match")
     c.refit_steps = 300
     learned = args.get("learned", "all")
-    if learned not in ("all", "quick"):
-        raise ValueError(f"offline.py: learned={learned!r}; allowed: 'all' or 'quick'")
+    if learned not in ("all", "quick", "largest"):
+        raise ValueError(f"offline.py: learned={learned!r}; allowed: 'all', 'quick' or 'largest'")
     c.method_sizes = {}
     if learned == "quick":  # the quickstart: label-free learned merges of pairs, no refit
         c.method_sizes = {"learned_output_match": (2,)}
+        c.refit_methods = ()
+    if learned == "largest":  # the scaling curve: one learned merge of the largest size
+        c.method_sizes = {"learned_output_match": (max(c.merge_sizes),)}
         c.refit_methods = ()
     c.main_method = "cat"  # PEFT's exact sum of the updates, the plainest merge
     if "methods" in args:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmerge import lora
+from jaxmerge import lapack, lora
 
 Tree = Any
 F32 = jnp.float32
@@ -140,10 +140,11 @@ def merge(
     spec, weights, params = validate(adapters, method, weights, key, params)
     if spec.peft and len(adapters) == 1:
         spec, params = METHODS["linear"], {}  # PEFT's rule: one adapter is merged linearly
-    merged, input_flags, output_flags = spec.jitted(list(adapters), weights, key, **params)
-    if isinstance(output_flags, jax.core.Tracer):  # merge called inside the user's own jit
-        return merged
-    input_flags, output_flags = jax.device_get((input_flags, output_flags))
+    with lapack.single_threaded():  # its QRs and SVDs are small: see jaxmerge/lapack.py
+        merged, input_flags, output_flags = spec.jitted(list(adapters), weights, key, **params)
+        if isinstance(output_flags, jax.core.Tracer):  # merge called inside the user's own jit
+            return merged
+        input_flags, output_flags = jax.device_get((input_flags, output_flags))
     for index, (adapter, flags) in enumerate(zip(adapters, input_flags)):
         _raise_if_not_finite(adapter, flags, f"adapters[{index}]")
     # Finite inputs with finite weights can still overflow (e.g. huge weights): say so too.

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from jaxmerge import merging
+from jaxmerge import lapack, merging
 from jaxmerge import runs as runs_lib
 
 Tree = Any
@@ -128,8 +128,9 @@ def merge_runs(
     runs_lib.check_one_model(runs)  # one model computes every run's merge
     cache = {} if cache is None else cache
     start = time.perf_counter()
-    merged, own = recipe.run(runs, model_def, base, weights, settings, seed, cache)
-    merged = jax.block_until_ready(merged)
+    with lapack.single_threaded():  # see jaxmerge/lapack.py
+        merged, own = recipe.run(runs, model_def, base, weights, settings, seed, cache)
+        merged = jax.block_until_ready(merged)
     record = {
         "method": name,
         "weights": None if weights is None else [float(w) for w in weights],
