@@ -158,7 +158,8 @@ def merge_to_folder(
 ) -> dict[str, Any]:
     """Merges the runs' adapters and writes a model folder (and the PEFT and Hugging Face
     exports asked for); returns a summary: the folder, tasks, method, whether folded, the
-    exports, seconds."""
+    exports, seconds. On a multi-host job every process merges and process 0 alone checks the
+    folders and writes them."""
     start = time.perf_counter()
     weights = None if weights is None else [float(w) for w in weights]
     sources = [*directories, *peft_folders]

@@ -1,6 +1,6 @@
 """Multi-host: `--distributed` jobs of two processes on localhost (2 CPU devices each, a
-coordinator at 127.0.0.1, gloo collectives) give what one process on 4 devices gives, and only
-process 0 writes files and prints results."""
+coordinator at 127.0.0.1, gloo collectives: JAX's default on CPU) give what one process on 4
+devices gives, and only process 0 writes files and prints results."""
 
 import contextlib
 import glob
