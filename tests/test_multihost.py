@@ -249,9 +249,3 @@ def test_commands_that_compute_on_a_pod_take_distributed(module, monkeypatch):
     monkeypatch.setattr(cli, "run", lambda main, define_flags, **kwargs: given.update(kwargs))
     importlib.import_module(module).cli()
     assert given["distributed"] is True
-
-
-def test_by_hand_flags_need_distributed():
-    with pytest.raises(ValueError, match="--process_id: given without --distributed"):
-        cli.start_distributed(False, process_id=1)
-    assert cli.start_distributed(False) is False
