@@ -249,3 +249,29 @@ def test_commands_that_compute_on_a_pod_take_distributed(module, monkeypatch):
     monkeypatch.setattr(cli, "run", lambda main, define_flags, **kwargs: given.update(kwargs))
     importlib.import_module(module).cli()
     assert given["distributed"] is True
+
+
+@pytest.mark.slow  # a fresh interpreter (about 10 s): CI's own step
+def test_commands_start_no_jax_backend_before_they_join_the_job():
+    """`jax.distributed.initialize` must come before JAX starts a backend: importing the
+    commands and reading the study's config (all that runs before `cli.start_distributed`)
+    starts none."""
+    script = (
+        "import experiments.study, jaxmerge.evaluate, jaxmerge.merge, jaxmerge.train\n"
+        "from jax._src import xla_bridge\n"
+        "from ml_collections.config_flags import config_flags\n"
+        "parser = config_flags.ConfigFileFlagParser('config')\n"
+        "parser.parse('experiments/configs/offline.py:seeds=1,learned=quick')\n"
+        "parser.parse('configs/adapter.py:task=digits')\n"
+        "print(xla_bridge.backends_are_initialized())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_env(2),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False"]
