@@ -170,7 +170,7 @@ def _assert_close_records(multi, single):
         assert a[key] == pytest.approx(b[key], rel=TOLERANCE, abs=TOLERANCE), key
 
 
-@pytest.mark.slow  # three interpreters at once (about a minute on 2 cores): CI's own step
+@pytest.mark.slow  # three interpreters at once (1 to 2 min on 2 busy cores): CI's own step
 def test_two_processes_train_the_adapter_of_one(data_dir, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     args = [*TRAIN_FLAGS, f"--config.data_dir={data_dir}"]
@@ -204,7 +204,7 @@ def two_runs(data_dir, tmp_path_factory):
     return [f"--run={train.run_dir(workdir, 'lora', task)}" for task in ("digits", "digits_value")]
 
 
-@pytest.mark.slow  # three interpreters at once (about a minute on 2 cores): CI's own step
+@pytest.mark.slow  # three interpreters at once (1 to 2 min on 2 busy cores): CI's own step
 def test_two_processes_evaluate_a_learned_merge_as_one(two_runs, tmp_path):
     """Scoring (data parallel over both processes) after a learned merge, in a job launched as
     SLURM's `srun` launches it; each process is given its own --output, and only process 0's
@@ -222,7 +222,7 @@ def test_two_processes_evaluate_a_learned_merge_as_one(two_runs, tmp_path):
     assert _printed(printed["process_1"]) == []
 
 
-@pytest.mark.slow  # three interpreters at once (about a minute on 2 cores): CI's own step
+@pytest.mark.slow  # three interpreters at once (1 to 2 min on 2 busy cores): CI's own step
 def test_two_processes_merge_into_the_model_folder_of_one(two_runs, tmp_path):
     """Both processes are given the same --output; process 0 alone writes it."""
     from jaxmerge import model_folder
