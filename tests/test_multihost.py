@@ -113,6 +113,7 @@ def _run_all(jobs, tmp_path) -> dict[str, str]:
                     break
                 time.sleep(0.1)
         finally:
+            killed = [name for name, p in processes.items() if p.poll() is None]
             for process in processes.values():
                 if process.poll() is None:
                     process.kill()
@@ -121,10 +122,13 @@ def _run_all(jobs, tmp_path) -> dict[str, str]:
         for name, (out, err) in logs.items():
             out.seek(0), err.seek(0)
             texts[name] = (out.read(), err.read())
-    for name, process in processes.items():
-        assert process.returncode == 0, (
-            f"{name}: exit {process.returncode}\n{texts[name][1][-3000:]}"
-        )
+    ended = {n: "killed" if n in killed else f"exit {p.returncode}" for n, p in processes.items()}
+    failed = [
+        f"{name}: {ended[name]}\n{texts[name][1][-2000:]}"
+        for name, p in processes.items()
+        if p.returncode != 0
+    ]
+    assert not failed, "\n".join(failed)
     return {name: out for name, (out, _) in texts.items()}
 
 
