@@ -304,7 +304,7 @@ def main(argv):
 
 
 def cli():
-    cli_lib.run(main, define_flags, required=["config", "workdir"])
+    cli_lib.run(main, define_flags, required=["config", "workdir"], distributed=True)
 
 
 if __name__ == "__main__":

@@ -63,10 +63,14 @@ def fingerprint(base: Tree) -> str:
     return checksum(base)[:16]
 
 
-def manager(directory: str, max_to_keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+def manager(
+    directory: str, max_to_keep: int = 3, create: bool = True, alone: bool = False
+) -> ocp.CheckpointManager:
     """A CheckpointManager for one adapter's run; keeps the newest `max_to_keep` steps.
 
-    `create=False` for reads: a missing folder is an error, never made empty.
+    `create=False` for reads: a missing folder is an error, never made empty. `alone`: on a
+    multi-host job, this process reads or writes without the others (Orbax otherwise waits for
+    every process at each step); a no-op in a single process.
     """
     directory = os.path.abspath(directory)
     if not create and not os.path.isdir(directory):
@@ -75,6 +79,14 @@ def manager(directory: str, max_to_keep: int = 3, create: bool = True) -> ocp.Ch
             + (" (it is a file)" if os.path.exists(directory) else "")
         )
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    if alone and jax.process_count() > 1:
+        me = jax.process_index()
+        if create:  # Orbax makes no folder for a process on its own
+            os.makedirs(directory, exist_ok=True)
+        only_me = ocp.options.MultiprocessingOptions(me, {me}, f"process_{me}_alone")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=False, multiprocessing_options=only_me
+        )
     # Naming each item's handler lets `item_metadata` read the saved shapes before a restore.
     handlers = {
         "params": ocp.StandardCheckpointHandler(),
@@ -101,6 +113,9 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Tree, opt_state: Tree, 
         "checksum_opt_state": checksum(opt_state),
     }
     metadata["checksum_metadata"] = _metadata_checksum(metadata)
+    if jax.process_count() > 1:  # Orbax saves no process-local jax.Array on a multi-host job
+        to_host = lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", False) else x
+        params, opt_state = jax.tree.map(to_host, (params, opt_state))
     path = os.path.join(str(mngr.directory), str(step))
     failure = None
     with stderr_aside.stderr_aside(watched=True) as aside:
@@ -318,9 +333,10 @@ def load(directory: str, step: int | None = None, expected_base: str | None = No
     """Loads (params, metadata) of a run folder for inference or merging, verified, as host
     numpy arrays on any device count (default step: the newest that verifies).
 
-    Only `params` is read; its checksum is checked on its own.
+    Only `params` is read; its checksum is checked on its own. On a multi-host job each
+    process reads alone, so any of them may load whatever the others do.
     """
-    mngr = manager(directory, create=False)
+    mngr = manager(directory, create=False, alone=True)
     # Restored onto this process's first device whatever the saving topology: Orbax would
     # otherwise recreate the saved sharding (e.g. 8 devices) and refuse on any other count.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

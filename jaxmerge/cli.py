@@ -7,7 +7,9 @@ Each entry point module has a `main(argv)` over library functions that tests cal
         cli_lib.run(main, define_flags, required=["config", "workdir"])
 
 Flags are defined when the command runs, never on import, so library modules (and the study,
-which imports `train`) can import each other without clashing flag definitions.
+which imports `train`) can import each other without clashing flag definitions. A command that
+computes on a pod passes `distributed=True` and gets `--distributed` (and the three flags of a
+launch by hand), which joins the multi-host job before `main` runs.
 """
 
 from __future__ import annotations
@@ -89,17 +91,65 @@ def one_line_errors():
         sys.exit(2)
 
 
+def define_distributed_flags() -> None:
+    """`--distributed`, and where process 0 listens and which process this is, for a multi-host
+    job launched by hand (TPU pods and SLURM jobs need none of the three)."""
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Multi-host: join the job with jax.distributed.initialize() before anything computes "
+        "(TPU pods and SLURM find their processes; by hand give the three flags below).",
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "--distributed by hand: HOST:PORT of process 0, on every one."
+    )
+    flags.DEFINE_integer("num_processes", None, "--distributed by hand: how many processes.")
+    flags.DEFINE_integer("process_id", None, "--distributed by hand: this one, 0 to N-1.")
+
+
+def start_distributed(
+    distributed: bool,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Joins the multi-host job (`jax.distributed.initialize`) when `distributed`; a no-op
+    otherwise. Must run before JAX computes anything. The three by-hand values left None are
+    found by JAX (a TPU pod's metadata, SLURM's variables). Returns whether it joined.
+    """
+    by_hand = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    given = [name for name, value in by_hand.items() if value is not None]
+    if given and not distributed:
+        raise ValueError(
+            f"--{given[0]}: given without --distributed; allowed: only with --distributed"
+        )
+    if not distributed:
+        return False
+    import jax
+
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+
+
 def run(
     main: Callable[[list[str]], None],
     define_flags: Callable[[], None],
     *,
     required: Sequence[str] = (),
+    distributed: bool = False,
 ) -> None:
-    """Defines the command's flags, sets up the CPU (devices, memory reuse) and runs `main`
-    under absl."""
+    """Defines the command's flags (with `distributed`, `define_distributed_flags`' too), sets
+    up the CPU (devices, memory reuse) and runs `main` under absl, after joining the
+    multi-host job when `--distributed` is given."""
     split_cpu_into_devices()
     keep_freed_memory()
     define_flags()
+    if distributed:
+        define_distributed_flags()
     flags.mark_flags_as_required(list(required))
 
     def quiet_main(argv):
@@ -107,6 +157,11 @@ def run(
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
         logging.get_absl_logger().addFilter(_drop_advice)
         with one_line_errors():
+            if distributed:
+                args = flags.FLAGS
+                start_distributed(
+                    args.distributed, args.coordinator_address, args.num_processes, args.process_id
+                )
             main(argv)
 
     app.run(quiet_main, flags_parser=_parse_in_one_line)

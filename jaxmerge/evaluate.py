@@ -24,7 +24,7 @@ from typing import Any
 from absl import flags
 
 from jaxmerge import cli as cli_lib
-from jaxmerge import lora, recipes, scoring
+from jaxmerge import logs, lora, recipes, scoring
 from jaxmerge import runs as runs_lib
 
 Tree = Any
@@ -123,6 +123,8 @@ def main(argv):
         args.no_adapter,
         args.split,
     )
+    if not logs.is_writer():  # multi-host: process 0 writes and prints the results
+        return
     if args.output:
         with open(args.output, "w") as f:
             f.write(json.dumps(results, indent=2) + "\n")
@@ -132,7 +134,7 @@ def main(argv):
 
 
 def cli():
-    cli_lib.run(main, define_flags)
+    cli_lib.run(main, define_flags, distributed=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from jaxmerge import checkpoint, config_lib, heads, model_folder, recipes, tasks
+from jaxmerge import checkpoint, config_lib, heads, logs, model_folder, recipes, tasks
 from jaxmerge import cli as cli_lib
 from jaxmerge import runs as runs_lib
 from jaxmerge.models import load
@@ -57,15 +57,20 @@ def check_request(
             "--run / --peft: give at least one run folder (WORKDIR/adapters/<task>) or PEFT "
             "adapter folder"
         )
-    model_folder.check_output_folder(output)
+    # Multi-host: process 0 alone writes, so only it checks the folders (it may have written
+    # them before another process gets here).
+    writer = logs.is_writer()
+    if writer:
+        model_folder.check_output_folder(output)
     outputs = [("--output", output), ("--export_peft", export_peft), ("--export_hf", export_hf)]
     model_folder.staging.check_distinct(outputs)
     recipes.check(method, params, weights)
     if export_peft is not None:
         if fold:
             model_folder.check_peft_exportable(None, True, method)
-        model_folder.check_output_folder(export_peft, "--export_peft")
-    if export_hf is not None:
+        if writer:
+            model_folder.check_output_folder(export_peft, "--export_peft")
+    if export_hf is not None and writer:
         model_folder.check_output_folder(export_hf, "--export_hf")
 
 
@@ -153,15 +158,17 @@ def merge_to_folder(
 ) -> dict[str, Any]:
     """Merges the runs' adapters and writes a model folder (and the PEFT and Hugging Face
     exports asked for); returns a summary: the folder, tasks, method, whether folded, the
-    exports, seconds."""
+    exports, seconds. On a multi-host job every process merges and process 0 alone checks the
+    folders and writes them."""
     start = time.perf_counter()
     weights = None if weights is None else [float(w) for w in weights]
     sources = [*directories, *peft_folders]
     check_request(sources, method, weights, fold, output, export_peft, export_hf, params)
     requests = [("--output", output), ("--export_peft", export_peft), ("--export_hf", export_hf)]
+    writer = logs.is_writer()  # multi-host: every process merges, process 0 alone writes
     # The partial folders are made now, before any compute: a place that cannot be written
     # fails here, and a failed or killed merge leaves nothing at the targets.
-    with model_folder.staging.stage(requests) as partials:
+    with model_folder.staging.stage(requests if writer else []) as partials:
         runs, merged, recipe, model_def, base = _merge_runs(
             directories,
             peft_folders,
@@ -174,15 +181,8 @@ def merge_to_folder(
             export_peft,
             export_hf,
         )
-        info = model_folder.describe(runs, model_def, recipe, fold)
-        heads = {run.task.name: run.head for run in runs}
-        model_folder.write(partials["--output"], info, base, merged, heads)
-        if export_peft is not None or export_hf is not None:
-            model = model_folder.load(partials["--output"])
-        if export_peft is not None:
-            model_folder.write_peft(model, partials["--export_peft"])
-        if export_hf is not None:
-            model_folder.write_hf(model, partials["--export_hf"])
+        if writer:
+            _write(partials, runs, merged, recipe, model_def, base, fold)
     folder = model_folder.staging.resolve(output)
     exported = None if export_peft is None else model_folder.staging.resolve(export_peft)
     exported_hf = None if export_hf is None else model_folder.staging.resolve(export_hf)
@@ -196,6 +196,19 @@ def merge_to_folder(
         "hf": exported_hf,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _write(partials: dict[str, str], runs, merged, recipe, model_def, base, fold) -> None:
+    """Writes the model folder and the exports asked for into their partial folders."""
+    info = model_folder.describe(runs, model_def, recipe, fold)
+    heads = {run.task.name: run.head for run in runs}
+    model_folder.write(partials["--output"], info, base, merged, heads)
+    if "--export_peft" in partials or "--export_hf" in partials:
+        model = model_folder.load(partials["--output"])
+    if "--export_peft" in partials:
+        model_folder.write_peft(model, partials["--export_peft"])
+    if "--export_hf" in partials:
+        model_folder.write_hf(model, partials["--export_hf"])
 
 
 def _weights(values: Sequence[str] | None) -> list[float] | None:
@@ -245,11 +258,12 @@ def main(argv):
         args.peft,
         args.base,
     )
-    print(json.dumps(summary, indent=2))
+    if logs.is_writer():  # multi-host: process 0 wrote the folder and prints the summary
+        print(json.dumps(summary, indent=2))
 
 
 def cli():
-    cli_lib.run(main, define_flags, required=["method", "output"])
+    cli_lib.run(main, define_flags, required=["method", "output"], distributed=True)
 
 
 if __name__ == "__main__":

@@ -323,22 +323,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
 def define_flags():
     cli_lib.define_config("A configs/*.py file.")
     flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-    flags.DEFINE_bool(
-        "distributed", False, "Multi-host: call jax.distributed.initialize() (TPU pods, SLURM)."
-    )
 
 
 def main(argv):
     del argv
-    if flags.FLAGS.distributed:
-        jax.distributed.initialize()
     result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     if logs.is_writer():
         print(json.dumps(result))
 
 
 def cli():
-    cli_lib.run(main, define_flags, required=["config", "workdir"])
+    cli_lib.run(main, define_flags, required=["config", "workdir"], distributed=True)
 
 
 if __name__ == "__main__":

@@ -250,6 +250,18 @@ def test_a_typo_in_a_config_flag_names_the_flag_and_the_field(
     assert status == 2 and lines == [message]
 
 
+@pytest.mark.parametrize("command", ["jaxmerge.train", "jaxmerge.evaluate", "experiments.study"])
+def test_a_multi_host_flag_without_distributed_is_one_line(tmp_path, capsys, monkeypatch, command):
+    argv = train_argv(tmp_path) if command == "jaxmerge.train" else ["--run=x"]
+    if command == "experiments.study":
+        argv = [f"--config={ROOT}/experiments/configs/offline.py", f"--workdir={tmp_path}"]
+    module = importlib.import_module(command)
+    status, lines = run_command(module, [*argv, "--process_id=1"], capsys, monkeypatch)
+    assert status == 2 and lines == [
+        "error: --process_id: given without --distributed; allowed: only with --distributed"
+    ]
+
+
 # ----------------------------------------------------------------------------- folders given
 
 

@@ -43,7 +43,8 @@ def write(directory: str, info: Mapping[str, Any], base: Tree, merged: Tree, hea
     with open(os.path.join(directory, MODEL_FILE), "w") as f:
         f.write(text)
     metadata = {"format": FORMAT, "model_json_sha256": _sha256(text.encode())}
-    mngr = checkpoint.manager(os.path.join(directory, CHECKPOINTS), max_to_keep=1)
+    # alone: a multi-host merge writes its model folder from process 0 only.
+    mngr = checkpoint.manager(os.path.join(directory, CHECKPOINTS), max_to_keep=1, alone=True)
     checkpoint.save(mngr, 0, params, _NO_OPT_STATE, metadata)
     mngr.close()
 
