@@ -22,8 +22,6 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from experiments import study
 from experiments.configs import offline
@@ -39,13 +37,6 @@ ARGS.add_argument("--steps", type=int, default=300)
 ARGS.add_argument("--learning_rate", type=float, default=0.05)
 ARGS.add_argument("--images", type=int, default=256)
 ARGS.add_argument("--gatings", default="static,router")
-
-
-def score_fused(scorer: scoring.Scorer, base, tree, head) -> dict[str, float]:
-    """The scorer's metrics for `head` on `base` with the fused 'lora' tree."""
-    params = jax.device_put({"head": head, "lora": tree}, NamedSharding(scorer.mesh, P()))
-    base = jax.device_put(base, NamedSharding(scorer.mesh, P()))
-    return scoring.average(scorer.eval_step(params, base, batch) for batch in scorer.batches)
 
 
 def run_seed(args, config, seed: int, out_path: str, done: set) -> None:
@@ -89,7 +80,7 @@ def run_seed(args, config, seed: int, out_path: str, done: set) -> None:
             if gating == "static":
                 init = gates  # the router starts where the static fusion ended
             tree = fusion.fused_tree(stacked, gates, gating)
-            result = {t: score_fused(scorers[t], base, tree, runs[t].head) for t in combo}
+            result = {t: scorers[t](base, runs[t].head, tree) for t in combo}
             normalised = {
                 t: report_scores.normalised(result[t][metric[t]], single[t][metric[t]], t)
                 for t in combo

@@ -12,6 +12,13 @@ base once, so every task runs on the same backbone; each task's result then hold
 adapter's score beside it, and the output's "merge" entry the method, its settings and (learned)
 the coefficients, seconds and images used; `--no_adapter` scores each head on the bare base
 (how much of a task lives in its adapter).
+
+    python -m jaxmerge.evaluate --model models/digits_box
+
+`--model` scores every task of a model folder (`python -m jaxmerge.merge`, merged or fused)
+with its head on the folder's backbone, on the task's eval split read from `--data_dir` (the
+TFDS default when not given), each beside its source run's own score where that run's
+result.json is still there.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 from absl import flags
 
 from jaxmerge import cli as cli_lib
-from jaxmerge import logs, lora, recipes, scoring
+from jaxmerge import logs, lora, model_folder, recipes, scoring
 from jaxmerge import runs as runs_lib
 
 Tree = Any
@@ -74,8 +81,31 @@ def evaluate_runs(
     results = {key: score(run, model_def, b, split) for key, run, b in zip(keys, runs, backbones)}
     if about_merge is not None:
         for key, run in zip(keys, runs):  # each task's score beside its single adapter's
-            results[key]["single_adapter"] = _own_result(run)
+            results[key]["single_adapter"] = _own_result(run.directory)
         results["merge"] = about_merge
+    return results
+
+
+def evaluate_model(
+    folder: str, split: str | None = None, data_dir: str = ""
+) -> dict[str, dict[str, Any]]:
+    """{task: metrics} of every task of a model folder, merged or fused (its gated adapters
+    on the base), each beside its source run's own result ("single_adapter") where found;
+    "model": the folder, its format and its method or gating."""
+    model = model_folder.load(folder)
+    info = model.info
+    config = model_folder.data_config(info, data_dir)
+    results: dict[str, dict[str, Any]] = {}
+    for name in model.tasks:
+        task = model_folder.task_of(info, name)
+        scorer = scoring.Scorer(task, model.head_defs[name], model.model_def, config, split)
+        results[name] = scorer(model.backbone, model.head_params[name], model.lora)
+    recipe = info.get("fusion") or info.get("merge") or {}
+    for source in recipe.get("runs", []):
+        if source["task"] in results:
+            results[source["task"]]["single_adapter"] = _own_result(source["path"])
+    how = {"fuse": recipe["gating"]} if "fusion" in info else {"method": recipe.get("method")}
+    results["model"] = {"folder": os.path.abspath(folder), "format": info["format"], **how}
     return results
 
 
@@ -87,9 +117,9 @@ def _own_backbone(run: runs_lib.Run, base: Tree) -> Tree:
     return base if run.adapter is None else lora.fold_into_base(base, run.adapter)
 
 
-def _own_result(run: runs_lib.Run) -> dict[str, float] | None:
-    """The run's own final evaluation (its result.json), or None if it has none."""
-    path = os.path.join(run.directory, "result.json")
+def _own_result(directory: str) -> dict[str, float] | None:
+    """A run folder's own final evaluation (its result.json), or None if it has none."""
+    path = os.path.join(directory, "result.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -99,6 +129,8 @@ def _own_result(run: runs_lib.Run) -> dict[str, float] | None:
 
 def define_flags():
     flags.DEFINE_multi_string("run", [], "A run folder, e.g. WORKDIR/adapters/digits.")
+    flags.DEFINE_string("model", None, "Instead of --run: a model folder, merged or fused.")
+    flags.DEFINE_string("data_dir", "", "--model: the TFDS data folder (default: TFDS's).")
     flags.DEFINE_string(
         "merge", None, "A merge method, fixed or learned; omit to score each run alone."
     )
@@ -112,17 +144,12 @@ def define_flags():
 def main(argv):
     del argv
     args = flags.FLAGS
-    if not args.run:
-        raise ValueError("--run: give at least one run folder")
-    weights = [float(w) for w in args.weights] if args.weights else None
-    results = evaluate_runs(
-        args.run,
-        args.merge,
-        weights,
-        dict(cli_lib.parse_param(p) for p in args.merge_param),
-        args.no_adapter,
-        args.split,
-    )
+    if args.model is not None:
+        results = _evaluate_model_flags(args)
+    elif not args.run:
+        raise ValueError("--run: give at least one run folder, or --model a model folder")
+    else:
+        results = _evaluate_run_flags(args)
     if not logs.is_writer():  # multi-host: process 0 writes and prints the results
         return
     if args.output:
@@ -131,6 +158,31 @@ def main(argv):
     if "coefficients" in results.get("merge", {}):  # hundreds of numbers: in --output only
         results["merge"] = {**results["merge"], "coefficients": "(in --output)"}
     print(json.dumps(results, indent=2))
+
+
+def _evaluate_model_flags(args):
+    """`--model`: the merge flags and --run have no place beside it."""
+    given = [("--run", args.run), ("--merge", args.merge), ("--weights", args.weights)]
+    given += [("--merge_param", args.merge_param), ("--no_adapter", args.no_adapter or None)]
+    for flag, value in given:
+        if value:
+            raise ValueError(
+                f"{flag}: got {value!r} with --model; allowed: --model alone (a model folder "
+                f"is already merged or fused)"
+            )
+    return evaluate_model(args.model, args.split, args.data_dir)
+
+
+def _evaluate_run_flags(args):
+    weights = [float(w) for w in args.weights] if args.weights else None
+    return evaluate_runs(
+        args.run,
+        args.merge,
+        weights,
+        dict(cli_lib.parse_param(p) for p in args.merge_param),
+        args.no_adapter,
+        args.split,
+    )
 
 
 def cli():

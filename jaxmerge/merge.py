@@ -20,6 +20,14 @@ adapter as a PEFT LoRA folder (not for `--fold`, nor for methods that return den
 `ViTModel` folder (`transformers.ViTModel.from_pretrained(DIR, add_pooling_layer=False)`);
 the task heads stay in the model folder (they are MLPs on the pooled feature, which a ViTModel
 has no place for).
+
+    python -m jaxmerge.merge --run W/adapters/digits --run W/adapters/digit_box \
+        --fuse router --output models/fused
+
+`--fuse static|router` (instead of `--method`) keeps the adapters apart and fits gates that mix
+them at every adapted layer (`jaxmerge.fuse`; `--merge_param steps=300`, `images=256`, ...),
+and writes a fused model folder (`model_folder.fused`), which predicts and evaluates as a
+merged one does.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from jaxmerge import checkpoint, config_lib, heads, logs, model_folder, recipes, tasks
+from jaxmerge import checkpoint, config_lib, fuse, heads, logs, model_folder, recipes, tasks
 from jaxmerge import cli as cli_lib
 from jaxmerge import runs as runs_lib
 from jaxmerge.models import load
@@ -50,6 +58,7 @@ def check_request(
     export_peft: str | None,
     export_hf: str | None = None,
     params: dict[str, Any] | None = None,
+    fuse_gating: str | None = None,
 ) -> None:
     """Every flag checked before anything loads: ValueError naming the flag otherwise."""
     if not directories:
@@ -64,6 +73,14 @@ def check_request(
         model_folder.check_output_folder(output)
     outputs = [("--output", output), ("--export_peft", export_peft), ("--export_hf", export_hf)]
     model_folder.staging.check_distinct(outputs)
+    if fuse_gating is not None:
+        _check_fuse_request(fuse_gating, method, weights, fold, export_peft, export_hf, params)
+        return
+    if method is None:
+        raise ValueError(
+            f"--method: none given; allowed: one of {sorted(recipes.names())}, or --fuse "
+            f"static|router"
+        )
     recipes.check(method, params, weights)
     if export_peft is not None:
         if fold:
@@ -72,6 +89,24 @@ def check_request(
             model_folder.check_output_folder(export_peft, "--export_peft")
     if export_hf is not None and writer:
         model_folder.check_output_folder(export_hf, "--export_hf")
+
+
+def _check_fuse_request(gating, method, weights, fold, export_peft, export_hf, params) -> None:
+    """`--fuse` with its settings (`fuse.check`) and without the flags of a merge."""
+    fuse.check(gating, params)
+    merge_only = [
+        ("--method", method),
+        ("--weights", weights),
+        ("--fold", fold or None),
+        ("--export_peft", export_peft),
+        ("--export_hf", export_hf),
+    ]
+    for flag, value in merge_only:
+        if value is not None:
+            raise ValueError(
+                f"{flag}: got {value!r} with --fuse {gating}; allowed: --fuse alone (a fused "
+                f"model keeps its adapters apart: no merge method, weights, fold or export)"
+            )
 
 
 def load_peft_run(folder: str, base: str | None) -> runs_lib.Run:
@@ -116,11 +151,10 @@ def load_peft_run(folder: str, base: str | None) -> runs_lib.Run:
     )
 
 
-def _merge_runs(
-    directories, peft_folders, base, method, weights, params, seed, fold, export_peft, export_hf
-):
-    """Loads the runs (and PEFT folders), checks they can share a model folder and the
-    exports asked for, and merges: (runs, merged, recipe, model_def, base)."""
+def load_runs(directories, peft_folders=(), base=None):
+    """Loads the runs (and PEFT folders) and checks they can share a model folder: LoRA runs,
+    one per task, on one base and model (`runs.base_of`), normalised alike. Returns (runs,
+    model_def, base parameters)."""
     runs = [runs_lib.load(d) for d in directories]
     runs += [load_peft_run(folder, base) for folder in peft_folders]
     headless = [r.directory for r in runs if r.adapter is None]
@@ -135,6 +169,15 @@ def _merge_runs(
         raise ValueError(f"--run: task(s) {twice} given twice; allowed: one run per task")
     model_def, base_params = runs_lib.base_of(runs)
     model_folder.check_one_normalization(runs)
+    return runs, model_def, base_params
+
+
+def _merge_runs(
+    directories, peft_folders, base, method, weights, params, seed, fold, export_peft, export_hf
+):
+    """Loads the runs (`load_runs`), checks the exports asked for, and merges: (runs, merged,
+    recipe, model_def, base)."""
+    runs, model_def, base_params = load_runs(directories, peft_folders, base)
     if export_hf is not None:  # refused before anything is written
         model_folder.check_hf_exportable(model_def, load.family_of(runs[0].config).name)
     merged, recipe = recipes.merge_runs(runs, model_def, base_params, method, weights, params, seed)
@@ -145,7 +188,7 @@ def _merge_runs(
 
 def merge_to_folder(
     directories: Sequence[str],
-    method: str,
+    method: str | None,
     output: str,
     weights: Sequence[float] | None = None,
     params: dict[str, Any] | None = None,
@@ -155,15 +198,21 @@ def merge_to_folder(
     export_hf: str | None = None,
     peft_folders: Sequence[str] = (),
     base: str | None = None,
+    fuse_gating: str | None = None,
 ) -> dict[str, Any]:
     """Merges the runs' adapters and writes a model folder (and the PEFT and Hugging Face
     exports asked for); returns a summary: the folder, tasks, method, whether folded, the
-    exports, seconds. On a multi-host job every process merges and process 0 alone checks the
-    folders and writes them."""
+    exports, seconds. With `fuse_gating` ("static" or "router", `--fuse`), writes a fused
+    model folder instead (`fuse_to_folder`). On a multi-host job every process merges and
+    process 0 alone checks the folders and writes them."""
     start = time.perf_counter()
     weights = None if weights is None else [float(w) for w in weights]
     sources = [*directories, *peft_folders]
-    check_request(sources, method, weights, fold, output, export_peft, export_hf, params)
+    check_request(
+        sources, method, weights, fold, output, export_peft, export_hf, params, fuse_gating
+    )
+    if fuse_gating is not None:
+        return fuse_to_folder(directories, fuse_gating, output, params, seed, peft_folders, base)
     requests = [("--output", output), ("--export_peft", export_peft), ("--export_hf", export_hf)]
     writer = logs.is_writer()  # multi-host: every process merges, process 0 alone writes
     # The partial folders are made now, before any compute: a place that cannot be written
@@ -211,6 +260,38 @@ def _write(partials: dict[str, str], runs, merged, recipe, model_def, base, fold
         model_folder.write_hf(model, partials["--export_hf"])
 
 
+def fuse_to_folder(
+    directories: Sequence[str],
+    gating: str,
+    output: str,
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+    peft_folders: Sequence[str] = (),
+    base: str | None = None,
+) -> dict[str, Any]:
+    """Fuses the runs' adapters under gates fitted on each task's training images
+    (`fuse.fuse_runs`) and writes a fused model folder; returns a summary: the folder, tasks,
+    gating, the objective of each fit, the seconds of the fits and in all."""
+    start = time.perf_counter()
+    settings = fuse.check(gating, params)
+    with model_folder.staging.stage([("--output", output)]) as partials:
+        runs, model_def, base_params = load_runs(directories, peft_folders, base)
+        fuse.stack_runs(runs)  # refuses dense adapters before the images are read
+        gates, record = fuse.fuse_runs(runs, model_def, base_params, gating, settings, seed)
+        info = model_folder.fused.describe_fused(runs, model_def, record)
+        adapters = {run.task.name: run.adapter for run in runs}
+        heads = {run.task.name: run.head for run in runs}
+        model_folder.write_fused(partials["--output"], info, base_params, adapters, gates, heads)
+    return {
+        "output": model_folder.staging.resolve(output),
+        "tasks": [run.task.name for run in runs],
+        "fuse": gating,
+        "objective": record["objective"],
+        "fit_seconds": record["fit_seconds"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def _weights(values: Sequence[str] | None) -> list[float] | None:
     if not values:
         return None
@@ -229,6 +310,9 @@ def define_flags():
         "base", None, "The Hugging Face ViT folder of the --peft adapters (default: theirs)."
     )
     flags.DEFINE_string("method", None, "A merge method, fixed or learned.")
+    flags.DEFINE_string(
+        "fuse", None, "Instead of --method: static|router, a fused model of gated adapters."
+    )
     flags.DEFINE_list("weights", None, "One weight per run (fixed methods).")
     flags.DEFINE_multi_string("merge_param", [], "name=value for the merge method.")
     flags.DEFINE_bool("fold", False, "Store the backbone with the merged adapter folded in.")
@@ -257,13 +341,14 @@ def main(argv):
         args.export_hf,
         args.peft,
         args.base,
+        args.fuse,
     )
     if logs.is_writer():  # multi-host: process 0 wrote the folder and prints the summary
         print(json.dumps(summary, indent=2))
 
 
 def cli():
-    cli_lib.run(main, define_flags, required=["method", "output"], distributed=True)
+    cli_lib.run(main, define_flags, required=["output"], distributed=True)
 
 
 if __name__ == "__main__":

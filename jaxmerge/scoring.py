@@ -79,7 +79,9 @@ def _cached_images(batch: dict, model_def, family) -> dict:
 class Scorer:
     """Scores heads on backbones for one task, compiling once and reading the data once.
 
-    `scorer(backbone, head)` -> {metric: mean over the eval split, "examples": n}.
+    `scorer(backbone, head)` -> {metric: mean over the eval split, "examples": n};
+    `scorer(base, head, lora)` scores `head` on `base` with a 'lora' tree applied at every
+    forward (a fused model's gated adapters, `jaxmerge.fusion`).
     """
 
     def __init__(self, task: tasks.Task, head_def, model_def, config, split: str | None = None):
@@ -93,7 +95,8 @@ class Scorer:
             for batch in batches
         ]
 
-    def __call__(self, backbone: Tree, head: Tree) -> dict[str, float]:
+    def __call__(self, backbone: Tree, head: Tree, lora: Tree | None = None) -> dict[str, float]:
         # Every device holds the whole backbone and head.
-        params = jax.device_put({"base": backbone, "head": head}, NamedSharding(self.mesh, P()))
+        params = {"base": backbone, "head": head} | ({} if lora is None else {"lora": lora})
+        params = jax.device_put(params, NamedSharding(self.mesh, P()))
         return average(self.eval_step(params, None, batch) for batch in self.batches)

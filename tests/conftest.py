@@ -18,3 +18,21 @@ def data_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tfds")
     prepare.prepare("sklearn_digits", str(directory))
     return directory
+
+
+@pytest.fixture(scope="session")
+def digit_runs(tmp_path_factory):
+    """Two LoRA runs of 10 steps on one random base: digit classes and digit boxes
+    (WORKDIR/adapters/digits, WORKDIR/adapters/digit_box), and their TFDS data folder."""
+    from jaxmerge import train
+    from jaxmerge.datasets import prepare
+    from tests.tiny import tiny_config
+
+    data_dir = tmp_path_factory.mktemp("digit_tfds")
+    for name in ("sklearn_digits", "digit_box"):
+        prepare.prepare(name, str(data_dir))
+    workdir = tmp_path_factory.mktemp("digit_work")
+    for task in ("digits", "digit_box"):
+        config = tiny_config(data_dir, task=task, steps=10, checkpoint_every=10, log_every=5)
+        train.train_and_evaluate(config, str(workdir))
+    return [str(workdir / "adapters" / task) for task in ("digits", "digit_box")], data_dir

@@ -300,6 +300,37 @@ def test_a_run_folder_that_is_missing_or_empty_says_so(tmp_path, where):
         runs.load(str(target))
 
 
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        (
+            "jaxmerge.merge",
+            ["--run=r1", "--fuse=moe", "--output=OUT"],
+            "error: --fuse: got 'moe'; allowed: one of ['static', 'router']",
+        ),
+        (
+            "jaxmerge.merge",
+            ["--run=r1", "--fuse=static", "--fold", "--output=OUT"],
+            "error: --fold: got True with --fuse static; allowed: --fuse alone",
+        ),
+        ("jaxmerge.merge", ["--run=r1", "--output=OUT"], "error: --method: none given; allowed:"),
+        (
+            "jaxmerge.evaluate",
+            ["--model=OUT", "--run=r1"],
+            "error: --run: got ['r1'] with --model; allowed: --model alone",
+        ),
+    ],
+    ids=["bad --fuse", "--fuse with --fold", "neither --method nor --fuse", "--model with --run"],
+)
+def test_fuse_and_model_flags_are_refused_in_one_line(
+    tmp_path, capsys, monkeypatch, module, argv, message
+):
+    argv = [arg.replace("OUT", str(tmp_path / "out")) for arg in argv]
+    status, lines = run_command(importlib.import_module(module), argv, capsys, monkeypatch)
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_a_missing_model_folder_says_it_does_not_exist(tmp_path, capsys, monkeypatch):
     from jaxmerge import predict
     from jaxmerge.datasets import fakes

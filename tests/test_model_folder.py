@@ -42,16 +42,9 @@ TIES = dict(method="ties", weights=[0.5, 0.5], params={"density": 0.5})
 
 
 @pytest.fixture(scope="module")
-def run_dirs(tmp_path_factory):
+def run_dirs(digit_runs):
     """Two LoRA runs of 10 steps on one random base: digit classes and digit boxes."""
-    data_dir = tmp_path_factory.mktemp("tfds")
-    for name in ("sklearn_digits", "digit_box"):
-        prepare.prepare(name, str(data_dir))
-    workdir = tmp_path_factory.mktemp("work")
-    for task in TASKS:
-        config = tiny_config(data_dir, task=task, steps=10, checkpoint_every=10, log_every=5)
-        train.train_and_evaluate(config, str(workdir))
-    return [str(workdir / "adapters" / task) for task in TASKS]
+    return digit_runs[0]
 
 
 @pytest.fixture(scope="module")

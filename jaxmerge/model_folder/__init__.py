@@ -19,21 +19,27 @@ A folder, written by `python -m jaxmerge.merge` (`save`), holds:
 The checkpoint's metadata holds the SHA-256 of model.json, so an edited or corrupted model.json
 is refused on load just as a corrupted array is.
 
+`python -m jaxmerge.merge --fuse static|router` writes a fused folder instead (`fused`): each
+task's adapter kept apart with learned gates, checksummed alike, loaded by the same `load`.
+
 The package's modules: `describe` (model.json's content), `folder` (write, load, checksums),
 `checks` (model.json against its arrays), `staging` (checked, then written whole or not at
 all), `model` (the loaded `MultiTaskModel` and its readable predictions), `multitask` (the
-one-pass forward of every head), `export` (PEFT and Hugging Face exports).
+one-pass forward of every head), `export` (PEFT and Hugging Face exports), `fused` (the fused
+folder's model.json, arrays and checks).
 """
 
-from jaxmerge.model_folder import multitask, staging
+from jaxmerge.model_folder import fused, multitask, staging
 from jaxmerge.model_folder.describe import (
     FORMAT,
     check_one_normalization,
+    data_config,
     describe,
     label_names,
     preprocess_fn,
     preprocessing_info,
     task_info,
+    task_of,
 )
 from jaxmerge.model_folder.export import (
     check_hf_exportable,
@@ -51,6 +57,7 @@ from jaxmerge.model_folder.folder import (
     load,
     save,
     write,
+    write_fused,
 )
 from jaxmerge.model_folder.model import (
     MultiTaskModel,
@@ -70,10 +77,12 @@ __all__ = [
     "check_one_normalization",
     "check_output_folder",
     "check_peft_exportable",
+    "data_config",
     "describe",
     "export_hf",
     "export_peft",
     "from_run",
+    "fused",
     "label_names",
     "load",
     "multitask",
@@ -83,7 +92,9 @@ __all__ = [
     "save",
     "staging",
     "task_info",
+    "task_of",
     "write",
+    "write_fused",
     "write_hf",
     "write_peft",
 ]

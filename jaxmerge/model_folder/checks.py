@@ -93,12 +93,19 @@ def check_task_records(file: str, tasks: Any, head_params: Mapping[str, Tree]) -
 
 def check_against_arrays(file: str, info: Mapping[str, Any], params: Mapping[str, Tree]):
     """Raises ValueError naming the model.json field that disagrees with the checkpoint's
-    arrays `params` ({"base", "heads", ["merged"]}): the folded flag, the tasks and heads
-    (`check_task_records`), the backbone's shapes for `model.kwargs` and each head's shapes
-    for its record (an MLP's `hidden` and `outputs`). Returns (model_def, head_defs)."""
+    arrays `params` ({"base", "heads", ["merged"]}): the folded flag, then
+    `check_model_and_heads`. Returns (model_def, head_defs)."""
     if bool(info.get("folded")) != ("merged" not in params):
         has = "no merged adapter" if "merged" not in params else "a merged adapter"
         raise _refuse(file, "folded", f"is {info.get('folded')!r}, the checkpoint holds {has}")
+    return check_model_and_heads(file, info, params)
+
+
+def check_model_and_heads(file: str, info: Mapping[str, Any], params: Mapping[str, Tree]):
+    """Raises ValueError naming the model.json field that disagrees with `params["base"]` and
+    `params["heads"]`: the tasks and heads (`check_task_records`), the backbone's shapes for
+    `model.kwargs` and each head's shapes for its record (an MLP's `hidden` and `outputs`).
+    Returns (model_def, head_defs)."""
     check_task_records(file, info.get("tasks"), params["heads"])
     model = info.get("model") or {}
     try:

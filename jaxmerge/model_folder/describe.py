@@ -1,4 +1,5 @@
-"""model.json's content: the model, each task, the preprocessing and the merge recipe."""
+"""model.json's content: the model, each task, the preprocessing and the merge recipe; and
+what it gives back to score a folder (`task_of`, `data_config`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jaxmerge
-from jaxmerge import checkpoint, data, heads, image_input, models
+from jaxmerge import checkpoint, config_lib, data, heads, image_input, models, tasks
 from jaxmerge.data import ops
 
 FORMAT = "jaxmerge.multitask_model/1"
@@ -52,7 +53,27 @@ def task_info(run) -> dict[str, Any]:
         "spec": json.loads(json.dumps(dict(task.spec))),  # tuples as lists
         "dataset": task.dataset,
         "about": task.about,
+        "definition": tasks.registry.to_record(task),  # its splits, for `task_of`
     }
+
+
+def task_of(info: Mapping[str, Any], name: str) -> tasks.Task:
+    """Task `name` of model.json's content: the registered task of that name, else the
+    definition the folder records (`tasks.registry.of_run`, as a run folder's task)."""
+    return tasks.registry.of_run(name, info["tasks"][name].get("definition"))
+
+
+def data_config(info: Mapping[str, Any], data_dir: str = ""):
+    """A config that reads and prepares a folder's tasks' data as its runs did: their data
+    folder `data_dir` ("" = the TFDS default) and the normalisation model.json records."""
+    config = config_lib.base_config()
+    config.data_dir = data_dir
+    config.model.family = info["model"]["family"]
+    config.model.dtype = info["model"]["dtype"]
+    preprocessing = info["preprocessing"]
+    config.model.pixel_mean = tuple(preprocessing.get("mean", [0.5]))
+    config.model.pixel_std = tuple(preprocessing.get("std", [0.5]))
+    return config
 
 
 def preprocessing_info(model_def, config) -> dict[str, Any]:

@@ -30,12 +30,23 @@ def check_peft_exportable(merged: Tree | None, folded: bool, method: str | None)
         )
 
 
+def check_not_fused(model: MultiTaskModel, flag: str) -> None:
+    """Raises ValueError for a fused model (`fused`): its adapters stay apart under gates, so
+    there is no one merged adapter or backbone to export."""
+    if model.lora is not None:
+        raise ValueError(
+            f"{flag}: the model is fused (its adapters stay apart under gates); allowed: a "
+            f"merged model folder (python -m jaxmerge.merge --method ...)"
+        )
+
+
 def write_peft(model: MultiTaskModel, directory: str, naming: str = "v5") -> None:
     """Writes a model's merged adapter as a PEFT LoRA folder into the existing empty
     `directory` (`interop.peft_export`), module names by the family's own `NameMap`
     (`Family.names`: CLIPVisionModel's for CLIP, ViTModel's for a ViT)."""
     from jaxmerge.interop import peft_export
 
+    check_not_fused(model, "--export_peft")
     check_peft_exportable(model.merged, model.info["folded"], model.info["merge"]["method"])
     family = models.get(model.info["model"]["family"])
     if family.names is None:
@@ -51,6 +62,7 @@ def export_peft(model: MultiTaskModel | str, directory: str, naming: str = "v5")
     """`write_peft` into a new folder `directory`, written whole or not at all
     (`staging.stage`); `model` is a loaded model or a model folder. Returns the folder."""
     model = load(model) if isinstance(model, str) else model
+    check_not_fused(model, "--export_peft")
     check_peft_exportable(model.merged, model.info["folded"], model.info["merge"]["method"])
     with staging.stage([("--export_peft", directory)]) as partials:
         write_peft(model, partials["--export_peft"], naming)
@@ -72,6 +84,7 @@ def check_hf_exportable(model_def, family: str) -> None:
 def write_hf(model: MultiTaskModel, directory: str, naming: str = "v4") -> None:
     """Writes a model's backbone (merged adapter folded in) by the family's `save_hf` (the
     ViT's writes a `ViTModel` folder) into the existing empty `directory`."""
+    check_not_fused(model, "--export_hf")
     family = models.get(model.info["model"]["family"])
     check_hf_exportable(model.model_def, family.name)
     family.save_hf(directory, model.info["model"]["kwargs"], model.backbone, naming)
@@ -92,6 +105,7 @@ def export_hf(model: MultiTaskModel | str, directory: str, naming: str = "v4") -
     """`write_hf` into a new folder `directory`, written whole or not at all
     (`staging.stage`); `model` is a loaded model or a model folder. Returns the folder."""
     model = load(model) if isinstance(model, str) else model
+    check_not_fused(model, "--export_hf")
     check_hf_exportable(model.model_def, model.info["model"]["family"])
     with staging.stage([("--export_hf", directory)]) as partials:
         write_hf(model, partials["--export_hf"], naming)

@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxmerge import checkpoint, lora
 from jaxmerge import runs as runs_lib
-from jaxmerge.model_folder import checks, staging
+from jaxmerge.model_folder import checks, fused, staging
 from jaxmerge.model_folder.describe import FORMAT, describe
 from jaxmerge.model_folder.model import MultiTaskModel, assemble
 
@@ -39,10 +39,22 @@ def write(directory: str, info: Mapping[str, Any], base: Tree, merged: Tree, hea
         params["base"] = lora.fold_into_base(base, merged)
     else:
         params.update(base=base, merged=merged)
+    write_arrays(directory, info, params)
+
+
+def write_fused(directory: str, info, base: Tree, adapters, gates, head_params) -> None:
+    """Writes a fused model folder's content (`fused`: model.json from `fused.describe_fused`,
+    each task's adapter, the gates {target path: gate} and the heads) into the existing empty
+    `directory`; gates that do not fit the adapters are refused before anything is written."""
+    write_arrays(directory, info, fused.arrays(info, base, adapters, gates, head_params))
+
+
+def write_arrays(directory: str, info: Mapping[str, Any], params: Tree) -> None:
+    """model.json, then the checkpoint of `params` with model.json's SHA-256 in its metadata."""
     text = json.dumps(info, indent=2) + "\n"
     with open(os.path.join(directory, MODEL_FILE), "w") as f:
         f.write(text)
-    metadata = {"format": FORMAT, "model_json_sha256": _sha256(text.encode())}
+    metadata = {"format": info.get("format", FORMAT), "model_json_sha256": _sha256(text.encode())}
     # alone: a multi-host merge writes its model folder from process 0 only.
     mngr = checkpoint.manager(os.path.join(directory, CHECKPOINTS), max_to_keep=1, alone=True)
     checkpoint.save(mngr, 0, params, _NO_OPT_STATE, metadata)
@@ -63,7 +75,8 @@ def _sha256(content: bytes) -> str:
 
 
 def load(folder: str) -> MultiTaskModel:
-    """Reads a model folder, verified (array, metadata and model.json checksums).
+    """Reads a model folder, merged or fused (`fused`), verified (array, metadata and
+    model.json checksums).
 
     Raises:
       ValueError: not a model folder. checkpoint.CheckpointError: a corrupted checkpoint or a
@@ -84,8 +97,11 @@ def load(folder: str) -> MultiTaskModel:
             f"checkpoint (edited or corrupted); write the model again with jaxmerge.merge"
         )
     info = json.loads(content)
+    if info.get("format") == fused.FORMAT:
+        return fused.from_arrays(path, info, params)
     if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {info.get('format')!r}; allowed: {FORMAT!r}")
+        allowed = f"{FORMAT!r} or {fused.FORMAT!r}"
+        raise ValueError(f"{path}: format {info.get('format')!r}; allowed: {allowed}")
     model_def, head_defs = checks.check_against_arrays(path, info, params)
     merged = params.get("merged")
     backbone = params["base"] if info["folded"] else lora.fold_into_base(params["base"], merged)

@@ -21,7 +21,9 @@ class MultiTaskModel:
     """A loaded model: one backbone (adapter folded in) and a head per task.
 
     `tasks` and `info` are model.json's task entries and whole content; `merged` is the merged
-    adapter (None when saved folded or loaded from a single run).
+    adapter (None when saved folded or loaded from a single run); `lora` is a fused model's
+    gated adapter stack (`jaxmerge.fusion`), applied on `backbone` (the base) at every forward,
+    None for a merged model.
     """
 
     model_def: Any
@@ -32,10 +34,12 @@ class MultiTaskModel:
     info: Mapping[str, Any]
     merged: Tree | None
     predictor: Callable = dataclasses.field(repr=False, compare=False)
+    lora: Tree | None = None
 
     def predict(self, images) -> dict[str, np.ndarray]:
         """{task: (B, outputs)} raw head outputs for preprocessed images (B, S, S, 3)."""
-        outputs = self.predictor(self.backbone, dict(self.head_params), jnp.asarray(images))
+        images = jnp.asarray(images)
+        outputs = self.predictor(self.backbone, dict(self.head_params), images, self.lora)
         return {task: np.asarray(outputs[task]) for task in self.tasks}  # model.json's order
 
     def predict_images(
@@ -65,16 +69,18 @@ def build_model(model: Mapping[str, Any]):
     return family.module(**model["kwargs"], dtype=jnp.dtype(model["dtype"]))
 
 
-def assemble(model_def, backbone, head_params, info, merged, head_defs=None) -> MultiTaskModel:
+def assemble(
+    model_def, backbone, head_params, info, merged, head_defs=None, lora=None
+) -> MultiTaskModel:
     """The model of `info` (model.json's content) over its arrays; `head_defs` default to
-    `heads.from_record` of each task's record."""
+    `heads.from_record` of each task's record; `lora` as in `MultiTaskModel`."""
     tasks = info["tasks"]
     if head_defs is None:
         # Folders written before head records held "hidden" and "outputs" only: MLP heads.
         head_defs = {t: heads.from_record(v.get("head", v)) for t, v in tasks.items()}
     predictor = multitask.make_predictor(model_def, head_defs)
     return MultiTaskModel(
-        model_def, backbone, head_defs, head_params, tasks, info, merged, predictor
+        model_def, backbone, head_defs, head_params, tasks, info, merged, predictor, lora
     )
 
 

@@ -29,6 +29,7 @@ def multitask_forward(
     backbone: Tree,
     head_params: Mapping[str, Tree],
     images: jax.Array,
+    lora: Tree | None = None,
 ) -> dict[str, jax.Array]:
     """{task: head_task(pooled)} with `pooled = model(backbone, images)` computed once.
 
@@ -38,6 +39,8 @@ def multitask_forward(
       backbone: base parameters with the (merged) adapter folded in.
       head_params: {task: that head's parameters}, the same keys as `head_defs`.
       images: (B, H, W, C) preprocessed as the backbone was trained.
+      lora: a 'lora' tree applied on `backbone` at every forward (a fused model's gated
+        adapter stack, `jaxmerge.fusion`), or None where the adapter is folded in.
 
     Returns:
       {task: (B, outputs_task)} in the order of `head_defs`.
@@ -47,7 +50,8 @@ def multitask_forward(
             f"multitask_forward: head_defs has tasks {sorted(head_defs)} but head_params has "
             f"{sorted(head_params)}; give one head and its parameters per task"
         )
-    pooled = model.apply({"params": backbone}, images)["pooled"]
+    variables = {"params": backbone} if lora is None else {"params": backbone, "lora": lora}
+    pooled = model.apply(variables, images)["pooled"]
     return {
         task: head_def.apply({"params": head_params[task]}, pooled)
         for task, head_def in head_defs.items()
@@ -55,11 +59,12 @@ def multitask_forward(
 
 
 def make_predictor(model: vit.ViT, head_defs: Mapping[str, heads.MlpHead]):
-    """A jitted `predict(backbone, head_params, images) -> {task: outputs}` (one forward)."""
+    """A jitted `predict(backbone, head_params, images, lora=None) -> {task: outputs}` (one
+    forward; `lora` as in `multitask_forward`)."""
     head_defs = dict(head_defs)
 
-    def predict(backbone, head_params, images):
-        return multitask_forward(model, head_defs, backbone, head_params, images)
+    def predict(backbone, head_params, images, lora=None):
+        return multitask_forward(model, head_defs, backbone, head_params, images, lora)
 
     return jax.jit(predict)
 
