@@ -170,6 +170,26 @@ def test_a_wflw_annotation_cannot_read_outside_the_images_folder(tmp_path, name)
     assert wflw.find_files(raw)[1] == raw / "WFLW_images"
 
 
+@pytest.mark.parametrize("name", ["../../outside.jpg", "ABSOLUTE"])
+def test_an_expw_label_line_cannot_read_outside_the_images_folder(tmp_path, name):
+    """As for WFLW: the photo named is real and readable, so only the check stops it."""
+    from jaxmerge.datasets import fakes, prepare
+
+    raw = tmp_path / "deep" / "raw"
+    fakes.expw(raw, photos=3)
+    outside = tmp_path / "deep" / "outside.jpg"  # data/image/origin/../../outside.jpg
+    shutil.copy(raw / "data/image/origin/0.jpg", outside)
+    name = str(outside) if name == "ABSOLUTE" else name
+    labels = raw / "data/label/label.lst"
+    labels.write_text(labels.read_text() + f"{name} 0 10 30 40 20 0.9 3\n")
+    expected = (
+        rf"^ExpW label.lst: image {re.escape(repr(name))} is outside "
+        rf"{re.escape(str(raw / 'data/image/origin'))}; allowed"
+    )
+    with pytest.raises(ValueError, match=expected):
+        prepare.prepare("expw/size32", str(tmp_path / "data"), str(raw))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
