@@ -41,7 +41,7 @@ import numpy as np
 from absl import flags
 
 from jaxmerge import cli as cli_lib
-from jaxmerge import logs, tasks
+from jaxmerge import extras, logs, tasks
 from jaxmerge.interop import files
 from jaxmerge.models import clip_text
 from jaxmerge.tasks import prompts as task_prompts
@@ -58,7 +58,7 @@ def load_tokenizer(folder: str):
     """The folder's `tokenizer.json` as a `tokenizers.Tokenizer` that pads as transformers'
     `tokenizer(prompts, padding=True)`: to the longest prompt, with `tokenizer_config.json`'s
     pad token and padding side (CLIP's: "<|endoftext|>", right), and never truncates."""
-    from tokenizers import Tokenizer
+    Tokenizer = extras.require("tokenizers").Tokenizer
 
     tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     settings = {}

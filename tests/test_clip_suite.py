@@ -24,7 +24,7 @@ from tensorflow_datasets.core import registered
 
 from experiments import study
 from experiments.configs import clip as clip_config
-from jaxmerge import data, tasks, zero_shot
+from jaxmerge import data, lora, recipes, scoring, tasks, train, zero_shot
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import BUILDERS, common, gtsrb
 from jaxmerge.models import clip
@@ -148,6 +148,40 @@ def random_zero_shot_file(path, task_names, width: int = 768, embed: int = 512) 
     return str(path)
 
 
+def rescore(config, workdir: str, record: dict) -> dict[str, dict[str, float]]:
+    """{task: {"accuracy", "loss"}} of a merge record, recomputed without the study's scorer:
+    the runs merged again by the record's method, folded into the base and applied to every
+    image of each task's test split in one batch, through that task's own head."""
+    seed_dir = study.seed_dir(workdir, record["seed"])
+    runs = [runs_lib.load(train.run_dir(seed_dir, "lora", t)) for t in record["tasks"]]
+    model_def, base = runs_lib.base_of(runs)
+    weights = [config.merge_weight] * len(runs)
+    params = config.methods[record["method"]].to_dict()
+    merged, _ = recipes.merge_runs(runs, model_def, base, record["method"], weights, params)
+    backbone = lora.fold_into_base(base, merged)
+    scores = {}
+    for run in runs:
+        source = data.open_split(run.task, run.task.eval_split, run.config)
+        prepare = data.preprocess(
+            run.task, model_def.image_size, False, **data.normalization(run.config)
+        )
+        rng = np.random.default_rng(0)
+        examples = [prepare(dict(source[i]), rng) for i in range(len(source))]
+        images = np.stack([e["image"] for e in examples])
+        labels = np.array([e["label"] for e in examples])
+        params = {"base": backbone, "head": run.head}
+        logits = scoring.forward(model_def, run.head_def, params, None, images, False)
+        logits = np.asarray(logits, np.float64)
+        top = logits.max(-1)
+        cross_entropy = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+        cross_entropy -= logits[np.arange(len(labels)), labels]
+        scores[run.task.name] = {
+            "accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
+            "loss": float(np.mean(cross_entropy)),
+        }
+    return scores
+
+
 @pytest.mark.full_size
 @pytest.mark.parametrize("heads", ["linear", "zero_shot"])
 def test_clip_suite_dry_run_at_full_size(tmp_path, heads):
@@ -185,7 +219,16 @@ def test_clip_suite_dry_run_at_full_size(tmp_path, heads):
     assert sorted(r["method"] for r in merges) == sorted(config.methods)
     for record in merges:
         assert set(record["scores"]) == set(config.tasks)
-        assert all(0 <= s["accuracy"] <= 1 for s in record["scores"].values())
+        for score in record["scores"].values():  # the whole fake test split: k right of 4
+            assert score["examples"] == FAKE_EXAMPLES["test"] == 4
+            assert score["accuracy"] * 4 == pytest.approx(round(score["accuracy"] * 4), abs=1e-6)
+    # On random weights and images the accuracy is chance: the main method's merge is scored
+    # again outside the study instead, and must give the same accuracy and loss.
+    main = next(r for r in merges if r["method"] == config.main_method)
+    again = rescore(config, str(tmp_path / "workdir"), main)
+    for name, score in main["scores"].items():
+        assert again[name]["accuracy"] == pytest.approx(score["accuracy"], abs=1e-6), name
+        assert again[name]["loss"] == pytest.approx(score["loss"], rel=1e-4), name
     assert os.path.exists(paths["main_table"])
     if heads == "zero_shot":  # every adapter trained under the file's frozen head
         for name in config.tasks:

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 import experiments
 import jaxmerge
-from jaxmerge import lora, merging, models, tasks, train
+from jaxmerge import data, lora, merging, models, scoring, tasks, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import common
 from jaxmerge.models.layers import LoraDense
@@ -149,6 +149,17 @@ def _tiny_config(tmp_path, **fields):
     return tiny_config(tmp_path / "data", **{**short, "head.hidden": 8, **fields})
 
 
+def _tiny_digits():
+    """(images (96, 8, 8, 1) uint8, labels) of scikit-learn's digits 0, 1 and 2: the first 64
+    train the new task, the last 32 test it."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.flatnonzero(digits.target < 3)[:96]
+    images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)[..., None]
+    return images, digits.target[keep]
+
+
 def test_a_new_task_is_one_builder_and_one_task(tmp_path):
     class TinyDigitsTest(tfds.core.GeneratorBasedBuilder):
         """64 scikit-learn digits of 0, 1 and 2, as a builder a user would write for a new task."""
@@ -165,12 +176,7 @@ def test_a_new_task_is_one_builder_and_one_task(tmp_path):
             )
 
         def _split_generators(self, dl_manager):
-            from sklearn.datasets import load_digits
-
-            digits = load_digits()
-            keep = np.flatnonzero(digits.target < 3)[:96]
-            images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)[..., None]
-            labels = digits.target[keep]
+            images, labels = _tiny_digits()
             return {
                 "train": self._generate_examples(images[:64], labels[:64]),
                 "test": self._generate_examples(images[64:], labels[64:]),
@@ -183,9 +189,26 @@ def test_a_new_task_is_one_builder_and_one_task(tmp_path):
     common.register(TinyDigitsTest)
     task = tasks.register(tasks.Task("tiny_digits_test", "tiny_digits_test", "classification", 3))
     try:
-        result = train.train_and_evaluate(_tiny_config(tmp_path, task=task.name), str(tmp_path))
+        config = _tiny_config(tmp_path, task=task.name)
+        result = train.train_and_evaluate(config, str(tmp_path))
         assert result["task"] == task.name and result["examples"] == 32
-        assert 0.0 <= result["accuracy"] <= 1.0
+        # The accuracy again, from the builder's own test digits and the saved run, without
+        # TFDS, the eval batches or the scorer: the new task's data reached the score intact.
+        run = runs_lib.load(train.run_dir(str(tmp_path), "lora", task.name))
+        model_def, base = runs_lib.base_of([run])
+        prepare = data.preprocess(
+            task, config.model.image_size, False, **data.normalization(config)
+        )
+        images, labels = _tiny_digits()
+        rng = np.random.default_rng(0)
+        test = np.stack([prepare({"image": i, "label": 0}, rng)["image"] for i in images[64:]])
+        logits = scoring.forward(
+            model_def, run.head_def, {"lora": run.adapter, "head": run.head}, base, test, False
+        )
+        logits, targets = np.asarray(logits, np.float64), labels[64:]
+        cross_entropy = np.log(np.exp(logits).sum(-1)) - logits[np.arange(32), targets]
+        assert result["accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == targets))
+        assert result["loss"] == pytest.approx(cross_entropy.mean(), rel=1e-4)
     finally:
         tasks.TASKS.pop(task.name)
         common.BUILDERS.pop(TinyDigitsTest.name)

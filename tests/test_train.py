@@ -73,7 +73,9 @@ def test_sharded_step_equals_single_device_step():
 def test_modes_train_what_they_should(data_dir, tmp_path, mode):
     config = tiny_config(data_dir, mode=mode, steps=20)
     result = train.train_and_evaluate(config, str(tmp_path))
-    assert result["examples"] == 359 and 0.0 <= result["accuracy"] <= 1.0
+    # Above chance (0.1, ten digits) after 20 steps: 0.237 (lora), 0.195 (head) and 0.284
+    # (full) when written; 0.15 is 18 of 359 examples above chance.
+    assert result["examples"] == 359 and result["accuracy"] > 0.15
     params, metadata = checkpoint.load(
         os.path.join(train.run_dir(str(tmp_path), mode, "digits"), "checkpoints")
     )

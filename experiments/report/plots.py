@@ -9,15 +9,13 @@ import os
 import numpy as np
 
 from experiments.report.scores import RELATIONS, Scores, mean_or_nan, normalised, similarity_rows
-from jaxmerge import similarity
+from jaxmerge import extras, similarity
 
 
 def plots(s: Scores, directory: str) -> dict[str, str]:
     """Writes the PNGs; returns {name: path}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    extras.require("matplotlib").use("Agg")
+    plt = extras.require("matplotlib.pyplot")
 
     config, paths = s.config, {}
     n = len(s.tasks)
@@ -137,8 +135,7 @@ def _scaling(s: Scores, plt, directory) -> str:
 
 
 def _save(fig, directory, name) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = extras.require("matplotlib.pyplot")
     path = os.path.join(directory, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)

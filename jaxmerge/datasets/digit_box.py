@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxmerge import extras
 from jaxmerge.datasets import common, digits
 
 CANVAS = 32
@@ -56,7 +57,7 @@ class DigitBox(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        from sklearn.datasets import load_digits
+        load_digits = extras.require("sklearn.datasets").load_digits
 
         data = load_digits()
         images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxmerge import extras
 from jaxmerge.datasets import common
 
 SPLIT_SEED = 0
@@ -35,7 +36,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        from sklearn.datasets import load_digits
+        load_digits = extras.require("sklearn.datasets").load_digits
 
         digits = load_digits()
         images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from jaxmerge import extras
+
 FIRERISK_FOLDERS = ("High", "Low", "Moderate", "Non-burnable", "Very_High", "Very_Low", "Water")
 UTKFACE_AGES = (1, 2, 3, 9, 10, 25, 39, 45, 59, 60, 70, 116)
 
@@ -115,7 +117,7 @@ def wflw(root, train_faces: int = 2, test_faces: int = 1):
 def galaxy10(root, labels: Sequence[int] = tuple(np.repeat(np.arange(10), 10))):
     """Galaxy10_DECals.h5 with `images` (N, 16, 16, 3) filled with 20 x label + 10, `ans` and
     `redshift`, as the real file's datasets."""
-    import h5py
+    h5py = extras.require("h5py")
 
     labels = np.asarray(labels, np.uint8)
     images = (20 * labels + 10)[:, None, None, None] * np.ones((1, 16, 16, 3), np.uint8)

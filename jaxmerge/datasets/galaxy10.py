@@ -14,10 +14,10 @@ seed 0.
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxmerge import extras
 from jaxmerge.datasets import common
 
 FILE_NAME = "Galaxy10_DECals.h5"
@@ -53,14 +53,14 @@ class Galaxy10Decals(tfds.core.GeneratorBasedBuilder):
         path = dl_manager.manual_dir / FILE_NAME
         if not path.exists():
             raise ValueError(f"{FILE_NAME} not found in manual_dir {dl_manager.manual_dir}")
-        with h5py.File(path, "r") as f:
+        with extras.require("h5py").File(path, "r") as f:
             labels = np.asarray(f["ans"])
         splits = common.stratified_split(labels, FRACTIONS, SPLIT_SEED)
         return {name: self._generate_examples(path, idx) for name, idx in splits.items()}
 
     def _generate_examples(self, path, indices):
         size = self.builder_config.image_size
-        with h5py.File(path, "r") as f:
+        with extras.require("h5py").File(path, "r") as f:
             images, labels = f["images"], f["ans"]
             for index in indices:
                 image = common.resize(np.asarray(images[index]), size, size)

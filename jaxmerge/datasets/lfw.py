@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxmerge import extras
 from jaxmerge.datasets import common
 
 SPLIT_SEED = 0
@@ -36,7 +37,7 @@ class LfwSubset(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        from skimage import data
+        data = extras.require("skimage.data")
 
         crops = data.lfw_subset()
         images = np.round(crops * 255.0).astype(np.uint8)[..., None]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxmerge import extras
 from jaxmerge.datasets import common
 
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "clock", "coins", "page")
@@ -32,7 +33,7 @@ TRAIN_PER_PHOTO, TEST_PER_PHOTO = 128, 32
 
 def load_photo(name: str) -> np.ndarray:
     """The uint8 (H, W, 3) scikit-image photograph `name`."""
-    from skimage import data
+    data = extras.require("skimage.data")
 
     image = getattr(data, name)()
     return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]

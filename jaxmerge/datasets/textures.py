@@ -21,6 +21,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxmerge import extras
 from jaxmerge.datasets import common
 
 CLASS_NAMES = ("brick", "grass", "gravel", "moon", "star_field")
@@ -29,7 +30,7 @@ TRAIN_WIDTH_FRACTION = 0.75
 
 def load_photo(class_name: str) -> np.ndarray:
     """The grey uint8 (H, W) scikit-image photograph behind one class."""
-    from skimage import data
+    data = extras.require("skimage.data")
 
     if class_name == "star_field":
         rgb = data.hubble_deep_field().astype(np.float64)
