@@ -150,6 +150,7 @@ def test_static_gates_of_one_predict_the_cat_merge(gates_of_one):
         np.testing.assert_allclose(fused_outputs[task], merged_outputs[task], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_evaluate_scores_a_folder_as_evaluate_scores_its_merged_runs(digit_runs, gates_of_one):
     """`evaluate --model` on the gates-of-one folder and on the cat folder gives what
     `evaluate --run ... --merge cat` gives."""

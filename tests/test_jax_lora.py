@@ -74,6 +74,7 @@ def _inputs():
 # ----------------------------------------------------------------------------- qwix
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_qwix_adapter_folded_gives_qwix_forward():
     qwix = pytest.importorskip("qwix")
     provider = qwix.LoraProvider(

@@ -200,6 +200,7 @@ def test_saved_coefficients_rebuild_the_merge_without_relearning(granularity, ba
         np.testing.assert_allclose(_dense(again)[path], value, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_learning_on_eight_devices_matches_one_device():
     from jaxmerge import data
 

@@ -60,6 +60,7 @@ def _flat(tree):
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_bfloat16_forward_loss_and_gradients_match_float32():
     base, head, params, batch = _setup()
     pooled32, loss32, grads32 = _loss_and_grads(None, base, head, params, batch)

@@ -290,6 +290,7 @@ def test_unknown_task_lists_known_ones():
         config_lib.validate(tiny_config("", task="nope"))
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_evaluate_single_and_merged_runs_on_eight_devices(data_dir, tmp_path):
     """Runs saved from 8-device training load, merge, fold and score on any placement."""
     from jaxmerge import evaluate
@@ -310,6 +311,7 @@ def test_evaluate_single_and_merged_runs_on_eight_devices(data_dir, tmp_path):
     assert alone["digits"]["accuracy"] == pytest.approx(own["accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 @pytest.mark.parametrize("devices", [1, 2])
 def test_adapter_trained_on_eight_devices_loads_on_fewer(data_dir, tmp_path, devices):
     """A checkpoint records the 8-device topology it was saved from; loading it in a plain
