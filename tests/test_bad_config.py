@@ -65,6 +65,7 @@ def runs_by_model(data_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 @pytest.mark.parametrize(
     "other, message",
     [

@@ -254,6 +254,7 @@ def test_resume_falls_back_too_and_reaches_the_same_step(trained_run, tmp_path):
     assert result["step"] == 20 and os.path.isdir(os.path.join(copy, "checkpoints_bad", "20"))
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_a_changed_model_is_a_changed_config_and_nothing_moves(trained_run, tmp_path):
     """Arrays of other shapes are another model, not corruption: the one-line config error
     (or, resuming with a changed config allowed, the one-line model mismatch), nothing moved."""

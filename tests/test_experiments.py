@@ -48,6 +48,7 @@ def finished(tmp_path_factory):
     return config, str(workdir), paths
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_report_files_are_written(finished):
     config, workdir, paths = finished
     for name in ("tables", "main_table", "raw", "baselines", "similarity", "heatmap_cat"):
@@ -73,6 +74,7 @@ def test_report_files_are_written(finished):
     assert meta["kind"] == "meta" and meta["lora"]["rank"] == 8 and meta["steps"] == 10
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_rerun_skips_every_cached_stage(finished, monkeypatch):
     config, workdir, _ = finished
     with open(os.path.join(workdir, "merges.jsonl")) as f:
@@ -88,6 +90,7 @@ def test_rerun_skips_every_cached_stage(finished, monkeypatch):
         assert f.read() == before
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_normalised_scores_are_merged_over_single(finished):
     config, workdir, paths = finished
     with open(paths["raw"]) as f:
@@ -110,6 +113,7 @@ def test_normalised_scores_are_merged_over_single(finished):
     assert scores.normalised_merge(0, "cat", (a, b)) == pytest.approx(np.mean(expected))
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_scorer_reproduces_the_training_evaluation(finished):
     """The study's cached scorer on the folded adapter gives the run's own final evaluation."""
     config, workdir, _ = finished
@@ -124,6 +128,7 @@ def test_scorer_reproduces_the_training_evaluation(finished):
     assert scores["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_a_cat_merge_of_one_adapter_pair_equals_the_sum_of_updates(finished):
     """cat merges are exact: the merged backbone is base + dW_a + dW_b."""
     config, workdir, _ = finished
@@ -155,6 +160,7 @@ def test_bad_study_config_names_the_field(tmp_path):
         study.validate(config)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_head_refit_lowers_the_training_loss_on_a_changed_backbone(finished):
     """Refit retrains only the head: on the bare base (adapter removed) its training loss ends
     below the original head's, and the backbone is left as it was."""
@@ -177,6 +183,7 @@ def test_head_refit_lowers_the_training_loss_on_a_changed_backbone(finished):
     jax.tree.map(np.testing.assert_array_equal, base, before)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_a_cached_rerun_reports_the_time_the_study_took(finished):
     """A rerun that only reads the caches still reports the whole study's time."""
     config, workdir, paths = finished

@@ -80,6 +80,7 @@ def _command(*args, cwd):
     )
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shapes, tmp_path):
     root, data_dir = shapes
     result = train.train_and_evaluate(zero_shot_config(data_dir), str(tmp_path / "w"))
