@@ -93,6 +93,7 @@ def test_each_fallback_alone_is_exact(path):
     assert_matches((u[0], s[0], vh[0]), matrix, RANK)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_low_rank_zero_tall_and_mixed_shapes_in_one_call():
     deltas, start = lora_deltas(3)
     low_rank = deltas[0, :, :] * 2.0  # rank 8 exactly: the next singular values are zero

@@ -263,6 +263,7 @@ def test_bad_config_is_one_clear_line(tmp_path, flag, message):
     assert not os.path.exists(tmp_path / "adapters")  # nothing ran, nothing written
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_a_run_records_its_pixel_normalisation_and_is_scored_with_it(data_dir, tmp_path):
     """The family's default is written into the run; a base pretrained with other statistics
     trains and is scored with its own (here ImageNet's), also where the config is gone."""

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxmerge.models import blocks, cpu_kernels, vit
 
@@ -63,6 +64,7 @@ def _mu_vit(kernels):
     return model, params, images
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_cpu_kernels_and_plain_kernels_give_the_same_model_and_gradients():
     outputs, grads = [], []
     for kernels in ("cpu", "plain"):
