@@ -32,7 +32,20 @@ from absl import flags
 
 from experiments import report
 from jaxmerge import cli as cli_lib
-from jaxmerge import config_lib, learned, logs, lora, recipes, scoring, similarity, tasks, train
+from jaxmerge import (
+    config_lib,
+    fuse,
+    fusion,
+    learned,
+    logs,
+    lora,
+    merging,
+    recipes,
+    scoring,
+    similarity,
+    tasks,
+    train,
+)
 from jaxmerge import runs as runs_lib
 
 MODES = ("lora", "head")
@@ -71,6 +84,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"config.refit_methods: {method!r} is not in config.methods {list(config.methods)}"
             )
+    for gating, params in config.get("fusion", {}).items():
+        fuse.check(gating, dict(params))
+    fusion_sizes = tuple(config.get("fusion_sizes", config.merge_sizes))
+    if any(not 2 <= k <= len(config.tasks) for k in fusion_sizes):
+        raise ValueError(
+            f"config.fusion_sizes: got {fusion_sizes!r}; allowed: sizes in 2..{len(config.tasks)}"
+        )
     if config.main_method not in config.methods:
         raise ValueError(
             f"config.main_method: got {config.main_method!r}; allowed: one of config.methods "
@@ -261,10 +281,53 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
             logs.append_jsonl(
                 path, {**record, "method": f"{method}+refit", "scores": scores, **extra}
             )
+    fuse_seed(config, runs, model_def, base, seed, scorers, path)
     for name in ("no_adapter", "similarity", "merges"):
         records = read_jsonl(os.path.join(workdir, f"{name}.jsonl"))
         out[name] = [r for r in records if r["seed"] == seed]
     return out
+
+
+def fuse_seed(config, runs: dict, model_def, base, seed: int, scorers: dict, path: str) -> None:
+    """The fusion rows (`fused_<gating>`, `jaxmerge.fuse`, the path of `merge --fuse`): every
+    combination of `config.fusion_sizes` fused with each gating of `config.fusion`, scored with
+    its own heads on the fused backbone, appended to the merges cache beside the merges.
+
+    Each row's cost holds the fit's seconds (a router's include the static fit it starts
+    from) and the eval milliseconds per image of the fused
+    model and of the same tasks' `cat` merge folded into the base (each the second of two
+    timed passes over the task's eval split, so compilation is not counted)."""
+    done = {cache_key(r) for r in read_jsonl(path)}
+    jobs = [
+        (gating, combo)
+        for gating in config.get("fusion", {})
+        for combo in combinations(config.tasks, config.get("fusion_sizes", config.merge_sizes))
+        if cache_key({"seed": seed, "method": f"fused_{gating}", "tasks": combo}) not in done
+    ]
+    cache: dict = {}
+    for gating, combo in logs.progress(jobs, desc=f"fusion seed {seed}", unit="fusion"):
+        combo_runs = [runs[t] for t in combo]
+        settings = fuse.check(gating, dict(config.fusion[gating]))
+        gates, record = fuse.fuse_runs(combo_runs, model_def, base, gating, settings, seed, cache)
+        tree = fusion.fused_tree(fuse.stack_runs(combo_runs), gates, gating)
+        merged = lora.fold_into_base(base, merging.merge([r.adapter for r in combo_runs], "cat"))
+        scores, seconds, examples = {}, {"fused": 0.0, "merged": 0.0}, 0
+        for t in combo:
+            for kind, args in (
+                ("fused", (base, runs[t].head, tree)),
+                ("merged", (merged, runs[t].head)),
+            ):
+                result = scorers[t](*args)  # compiles on first use
+                start = time.perf_counter()
+                scorers[t](*args)
+                seconds[kind] += time.perf_counter() - start
+                if kind == "fused":
+                    scores[t], examples = result, examples + result["examples"]
+        cost = {"seconds": record["fit_seconds"], "reads": "unlabeled"}
+        cost |= {f"{k}_ms_per_image": round(1e3 * v / examples, 4) for k, v in seconds.items()}
+        keep = ("settings", "objective", "fit_seconds", "images_per_task", "split")
+        row = {"seed": seed, "method": f"fused_{gating}", "tasks": list(combo), "scores": scores}
+        logs.append_jsonl(path, {**row, "cost": cost, "fusion": {k: record[k] for k in keep}})
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:

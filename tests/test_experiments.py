@@ -27,6 +27,8 @@ def tiny_config(data_dir):
     }
     config.method_sizes = {"learned_output_match": (2,)}  # pairs only, as in the quickstart
     config.refit_methods, config.refit_steps = ("cat",), 10
+    config.fusion = {"static": {"steps": 5, "images": 32, "batch_size": 8}}
+    config.fusion_sizes = (3,)
     config.main_method = "cat"
     t = config.train
     t.data_dir = str(data_dir)
@@ -62,13 +64,19 @@ def test_report_files_are_written(finished):
         records = [json.loads(line) for line in f]
     kinds = [r["kind"] for r in records]
     assert kinds.count("train") == 2 * len(TASKS)
-    assert kinds.count("merges") == len(METHODS) * (3 + 1) + 3 + 4  # learned pairs, cat+refit
+    # learned pairs, cat+refit and one fused triple
+    assert kinds.count("merges") == len(METHODS) * (3 + 1) + 3 + 4 + 1
     merges = [r for r in records if r["kind"] == "merges"]
     learned = [r for r in merges if r["method"] == "learned_output_match"]
     assert all(r["learned"]["images_per_task"] == 32 for r in learned) and len(learned) == 3
     assert all(r["learned"]["split"] == ["train"] for r in learned)
     assert sum(r["method"] == "cat+refit" for r in merges) == 4
     assert "What each learned merge and head refit cost" in text and "cat+refit" in text
+    (fused,) = [r for r in merges if r["method"] == "fused_static"]
+    assert fused["tasks"] == list(TASKS) and sorted(fused["scores"]) == sorted(TASKS)
+    assert fused["fusion"]["images_per_task"] == [32] * 3 and fused["fusion"]["split"] == ["train"]
+    assert fused["cost"]["reads"] == "unlabeled" and fused["cost"]["fused_ms_per_image"] > 0
+    assert "Fused models (adapters kept apart" in text and "| fused_static | triples |" in text
     assert kinds.count("no_adapter") == len(TASKS) and kinds.count("similarity") == 3
     meta = records[0]
     assert meta["kind"] == "meta" and meta["lora"]["rank"] == 8 and meta["steps"] == 10
@@ -85,6 +93,7 @@ def test_rerun_skips_every_cached_stage(finished, monkeypatch):
 
     monkeypatch.setattr(study.train, "train_and_evaluate", fail)
     monkeypatch.setattr(study, "merge_combo", fail)
+    monkeypatch.setattr(study.fuse, "fuse_runs", fail)
     study.run_study(config, workdir)
     with open(os.path.join(workdir, "merges.jsonl")) as f:
         assert f.read() == before
@@ -157,6 +166,25 @@ def test_bad_study_config_names_the_field(tmp_path):
     config = tiny_config(tmp_path)
     config.methods = {"cat": {}, "nonsense": {}}
     with pytest.raises(ValueError, match="config.methods: unknown method 'nonsense'"):
+        study.validate(config)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("fusion", {"gated": {}}, r"--fuse: got 'gated'; allowed: one of \['static', 'router'\]"),
+        (
+            "fusion",
+            {"static": {"steps": 0}},
+            "--merge_param steps: got 0; allowed: an integer >= 1",
+        ),
+        ("fusion_sizes", (2, 7), r"config.fusion_sizes: got \(2, 7\); allowed: sizes in 2..3"),
+    ],
+)
+def test_bad_fusion_settings_are_one_line_before_anything_trains(tmp_path, field, value, message):
+    config = tiny_config(tmp_path)
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
         study.validate(config)
 
 

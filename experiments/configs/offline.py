@@ -30,7 +30,9 @@ pairs only, no head refit, to keep the quickstart short; "largest": the learned 
 largest size only, no head refit, for the scaling curve), sizes (how many adapters each merge
 joins, "+"-separated, default "2+3"; "2+3+4+5+6" adds every larger merge up to all six and the
 report's `scaling.png`, normalised score against the number of merged adapters), methods (a
-"+"-separated subset of the methods below, e.g. "cat+tsv+regmean"; `main_method` is kept). The
+"+"-separated subset of the methods below, e.g. "cat+tsv+regmean"; `main_method` is kept),
+fusion ("static+router", the default, or "static", "router", "none"; "none" with learned=quick:
+the fused rows of pairs, triples and all six adapters, `jaxmerge.fuse`). The
 supervised and entropy presets of `jaxmerge.recipes` can be added in a copy of this file.
 """
 
@@ -46,7 +48,7 @@ BASE_PATH = os.path.join(os.path.dirname(jaxmerge.__file__), "assets", "fashion_
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(
-        arg, {"seeds", "steps", "base", "learned", "sizes", "methods"}, "offline.py"
+        arg, {"seeds", "steps", "base", "learned", "sizes", "methods", "fusion"}, "offline.py"
     )
     c = ml_collections.ConfigDict()
     c.suite = "offline"
@@ -116,6 +118,17 @@ def get_config(arg: str | None = None):
         c.refit_methods = tuple(m for m in c.refit_methods if m in keep)
         c.method_sizes = {m: s for m, s in c.method_sizes.items() if m in keep}
     c.merge_weight = 1.0  # every adapter enters a merge with this weight
+    # Fusion rows (jaxmerge.fuse, `merge --fuse`): the adapters kept apart in one backbone with
+    # gates fitted label-free on the same 256 unlabeled images per task; pairs, triples and all
+    # six. Left out of the quickstart, whose time budget they would double.
+    fusion = args.get("fusion", "none" if learned == "quick" else "static+router")
+    gatings = [g for g in fusion.split("+") if g and g != "none"]
+    if fusion != "none" and (not gatings or set(gatings) - {"static", "router"}):
+        raise ValueError(
+            f"offline.py: fusion={fusion!r}; allowed: 'none', 'static', 'router' or 'static+router'"
+        )
+    c.fusion = {g: {} for g in gatings}
+    c.fusion_sizes = (2, 3, len(c.tasks))
 
     t = config_lib.base_config()  # each run's config: task, mode and seed are set per run
     if args.get("base", "pretrained") == "random":

@@ -63,6 +63,8 @@ def write(
         "normalised_by_method": "Normalised score per method (merged / single adapter)",
         "score_and_cost": f"Score beside cost: seconds per merge ({_machine()}) and images read",
         "learned_cost": f"What each learned merge and head refit cost ({_machine()})",
+        "fusion_cost": f"Fused models (adapters kept apart, learned gates): score, fit and eval "
+        f"cost per image against one merged forward ({_machine()})",
         "normalised_pairs": "Normalised score of each pair merge, per method",
         "normalised_triples": "Normalised score of each triple merge, per method",
         "similarity": "Adapter similarity beside the pair's merge quality",

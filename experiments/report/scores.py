@@ -107,9 +107,14 @@ class Scores:
 
     @property
     def methods(self) -> list[str]:
-        """The methods as the tables list them: the config's, then each head-refit row."""
+        """The methods as the tables list them: the config's, each fusion row (`fused_<gating>`,
+        not a merge: the adapters stay apart, see `jaxmerge.fusion`), then each head refit."""
         refits = [f"{m}+refit" for m in self.config.get("refit_methods", ())]
-        return list(self.config.methods) + refits
+        return list(self.config.methods) + self.fused + refits
+
+    @property
+    def fused(self) -> list[str]:
+        return [f"fused_{gating}" for gating in self.config.get("fusion", {})]
 
     def has(self, seed, method, combo) -> bool:
         """Whether the merge was run (a method may run on some sizes only)."""

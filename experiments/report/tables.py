@@ -69,7 +69,7 @@ def score_and_cost_table(s: Scores, sizes, label) -> str:
     for k in sizes:
         header += [f"normalised, {label(k)}", f"seconds per merge, {label(k)}"]
     rows = []
-    for method in s.config.methods:
+    for method in list(s.config.methods) + s.fused:
         costs = {key: c for key, c in s.merge_costs.items() if key[1] == method}
         reads = next(iter(costs.values()))["reads"] if costs else "n/a"
         row = [method, reads]
@@ -82,6 +82,34 @@ def score_and_cost_table(s: Scores, sizes, label) -> str:
             ]
             row += [fmt(s.normalised_by_seed(method, k)), fmt(seconds, 2)]
         rows.append(row)
+    return markdown_table(header, rows)
+
+
+def fusion_cost_table(s: Scores, label) -> str:
+    """Each fusion row's score beside its fit and its eval cost per image against the `cat`
+    merge of the same tasks folded into the base (one forward)."""
+    header = ["fusion", "tasks", "normalised", "fit seconds", "fused ms / image"]
+    header += ["merged ms / image", "fused / merged"]
+    rows = []
+    for method in s.fused:
+        for k in s.config.get("fusion_sizes", s.config.merge_sizes):
+            runs = {key: c for key, c in s.merge_costs.items() if key[1] == method}
+            per_seed = [
+                [c for key, c in runs.items() if key[0] == seed and len(key[2]) == k]
+                for seed in s.seeds
+            ]
+            if not any(per_seed):
+                continue
+            by_seed = {
+                field: [mean_or_nan(c[field] for c in costs) for costs in per_seed]
+                for field in ("seconds", "fused_ms_per_image", "merged_ms_per_image")
+            }
+            fused, merged = by_seed["fused_ms_per_image"], by_seed["merged_ms_per_image"]
+            rows.append(
+                [method, label(k), fmt(s.normalised_by_seed(method, k))]
+                + [fmt(by_seed["seconds"], 1), fmt(fused, 3), fmt(merged, 3)]
+                + [fmt([f / m for f, m in zip(fused, merged)], 2)]
+            )
     return markdown_table(header, rows)
 
 
@@ -114,6 +142,8 @@ def tables(s: Scores) -> dict[str, str]:
         out["score_and_cost"] = score_and_cost_table(s, sizes, label)
     if s.costs:
         out["learned_cost"] = cost_table(s, sizes, label)
+    if s.fused:
+        out["fusion_cost"] = fusion_cost_table(s, label)
 
     for k in sizes:
         header = ["tasks", "images" if k == 2 else "closest pair's images"] + methods
