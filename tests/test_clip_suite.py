@@ -211,12 +211,14 @@ def test_clip_suite_dry_run_at_full_size(tmp_path, heads):
     config.methods.wudi = {"steps": 2}
     for name in ("regmean", "regmean_plusplus"):
         config.methods[name] = {"images": 4, "batch_size": 4}
+    config.fusion = {gating: {"steps": 2, "images": 4, "batch_size": 1} for gating in config.fusion}
     start = time.perf_counter()
     paths = study.run_study(config, str(tmp_path / "workdir"))
     seconds = time.perf_counter() - start
     print(f"CLIP suite dry run, {len(config.tasks)} tasks: {seconds:.0f} s")
     merges = study.read_jsonl(str(tmp_path / "workdir" / "merges.jsonl"))
-    assert sorted(r["method"] for r in merges) == sorted(config.methods)
+    fused = [f"fused_{gating}" for gating in config.fusion]
+    assert sorted(r["method"] for r in merges) == sorted([*config.methods, *fused])
     for record in merges:
         assert set(record["scores"]) == set(config.tasks)
         for score in record["scores"].values():  # the whole fake test split: k right of 4
