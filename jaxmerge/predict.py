@@ -32,7 +32,7 @@ from typing import Any
 from absl import flags
 
 from jaxmerge import cli as cli_lib
-from jaxmerge import heads, logs, model_folder
+from jaxmerge import heads, logs, mixed_requests, model_folder
 from jaxmerge.datasets import common, folder_check
 
 
@@ -124,10 +124,11 @@ def predict_paths(
     bar.close()
 
 
-def csv_columns(tasks: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """path, then per task its head kind's fields (`HeadKind.columns`: `task.label`,
-    `task.probability` / `task.value` / `task.x0`, `task.y0`, ...), then error."""
-    columns = ["path"]
+def csv_columns(tasks: Mapping[str, Mapping[str, Any]], requests: bool = False) -> list[str]:
+    """path (and, for `--requests`, the request's task), then per task its head kind's fields
+    (`HeadKind.columns`: `task.label`, `task.probability` / `task.value` / `task.x0`, `task.y0`,
+    ...), then error."""
+    columns = ["path", "task"] if requests else ["path"]
     for task, info in tasks.items():
         columns += [f"{task}.{c}" for c in heads.head_kind(info["kind"]).columns(info)]
     return columns + ["error"]
@@ -137,6 +138,8 @@ def flat_row(row: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Any]]) -> 
     """A row as `csv_columns` names its fields (`HeadKind.flatten`); a row with an error
     has only its path and the error."""
     flat = {"path": row["path"], "error": row.get("error", "")}
+    if "task" in row:  # a request's task (`--requests`)
+        flat["task"] = row["task"]
     for task, info in tasks.items():
         if task in row:
             fields = heads.head_kind(info["kind"]).flatten(row[task])
@@ -144,7 +147,7 @@ def flat_row(row: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Any]]) -> 
     return flat
 
 
-def write_rows(rows: Iterable[dict], output: str | None, tasks) -> int:
+def write_rows(rows: Iterable[dict], output: str | None, tasks, requests: bool = False) -> int:
     """Writes rows as they come (JSONL, or CSV for a `.csv` output; stdout without one);
     returns how many were written."""
     count = 0
@@ -152,7 +155,7 @@ def write_rows(rows: Iterable[dict], output: str | None, tasks) -> int:
         out = sys.stdout if output is None else stack.enter_context(open(output, "w", newline=""))
         writer = None
         if output is not None and output.lower().endswith(".csv"):
-            writer = csv.DictWriter(out, fieldnames=csv_columns(tasks))
+            writer = csv.DictWriter(out, fieldnames=csv_columns(tasks, requests))
             writer.writeheader()
         for row in rows:
             if writer is None:
@@ -167,6 +170,10 @@ def define_flags():
     flags.DEFINE_string("model", None, "A model folder, or a run folder WORKDIR/adapters/<task>.")
     flags.DEFINE_string("output", None, "Rows as .jsonl or .csv (default: JSONL on stdout).")
     flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+    flags.DEFINE_multi_string("run", [], "With --requests: a LoRA run folder; repeated.")
+    flags.DEFINE_string(
+        "requests", None, "A .csv (columns path, task) or .jsonl file: each image for one task."
+    )
 
 
 def predict_files(
@@ -180,6 +187,12 @@ def predict_files(
         raise ValueError(f"--output: got {output!r}; allowed: a .jsonl or .csv file")
     paths = image_paths(patterns)
     model = open_model(model_path)
+    return write_and_report(predict_paths(model, paths, batch_size), output, model.tasks)
+
+
+def write_and_report(rows: Iterable[dict], output: str | None, tasks, requests=False) -> int:
+    """Writes the rows (`write_rows`), prints the summary on stderr; returns the exit status:
+    0, or 1 when no image was predicted (every file failed)."""
     skipped = []
 
     def noting_errors(rows):
@@ -188,11 +201,11 @@ def predict_files(
                 skipped.append(row["path"])
             yield row
 
-    rows = noting_errors(predict_paths(model, paths, batch_size))
-    count = write_rows(rows, output, model.tasks)
+    count = write_rows(noting_errors(rows), output, tasks, requests)
     print(
-        f"predict: {count} images, {count - len(skipped)} predicted, {len(skipped)} skipped; "
-        f"tasks {', '.join(model.tasks)}; rows in {output or 'stdout'}",
+        f"predict: {count} {'requests' if requests else 'images'}, {count - len(skipped)} "
+        f"predicted, {len(skipped)} skipped; tasks {', '.join(tasks)}; rows in "
+        f"{output or 'stdout'}",
         file=sys.stderr,
     )
     if count == len(skipped):
@@ -201,15 +214,40 @@ def predict_files(
     return 0
 
 
+def predict_request_file(
+    run_dirs: Sequence[str], requests_path: str, output: str | None, batch_size: int = 32
+) -> int:
+    """`--requests`: each image to its own task's run, in mixed-adapter batches
+    (`mixed_requests`); rows and exit status as `predict_files`."""
+    if not run_dirs:
+        raise ValueError("--requests: give the runs that serve it as --run, one per task")
+    if output and not output.lower().endswith((".jsonl", ".csv")):
+        raise ValueError(f"--output: got {output!r}; allowed: a .jsonl or .csv file")
+    opened = mixed_requests.open_runs(run_dirs)
+    tasks = {name: model.tasks[name] for name, model in opened[1].items()}
+    requests = mixed_requests.read_requests(requests_path, list(tasks))
+    rows = mixed_requests.predict_requests(run_dirs, requests, batch_size, opened)
+    return write_and_report(rows, output, tasks, requests=True)
+
+
 def main(argv):
     args = flags.FLAGS
-    status = predict_files(args.model, argv[1:], args.output, args.batch_size)
+    if args.requests is not None:
+        if args.model is not None or argv[1:]:
+            raise ValueError("--requests: takes --run folders, not --model or PATHS")
+        status = predict_request_file(args.run, args.requests, args.output, args.batch_size)
+    elif args.model is None:
+        raise ValueError("--model: give a model or run folder (or --requests with --run)")
+    else:
+        if args.run:
+            raise ValueError("--run: only with --requests; for one model give --model")
+        status = predict_files(args.model, argv[1:], args.output, args.batch_size)
     if status:
         sys.exit(status)
 
 
 def cli():
-    cli_lib.run(main, define_flags, required=["model"])
+    cli_lib.run(main, define_flags)
 
 
 if __name__ == "__main__":
