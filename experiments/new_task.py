@@ -2,7 +2,12 @@ r"""A new task from old adapters: gates and a new head over the six offline-suit
 against a new LoRA adapter and head finetuning, at k = 10, 50 and all examples per class.
 
     nice -n 5 python -m experiments.new_task --adapters /work/exp/wd/seed_0/adapters \
-        --workdir ./workdir_new_task --shots 10,50,0 --seeds 0
+        --workdir ./workdir_new_task --shots 10,50,0 --seeds 0,1,2
+
+measured (36 min on 2 shared CPU cores; experiments/results/new_task/), test accuracy mean over
+three draws: at 10 per class compose 0.752, a new LoRA adapter 0.759, head finetuning 0.698;
+at 50: 0.769 / 0.800 / 0.747; at all 128: 0.776 / 0.811 / 0.753. Compose beats head
+finetuning at every k and a new adapter on draw 0 at 10 per class only (0.792 vs 0.781).
 
 The new task ("new_photos") is real data that none of the six adapters saw, on this machine
 without a download: which of six photographs that the offline suite leaves out a 32-pixel crop
