@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -16,7 +16,7 @@ def adam_scan(
     params: Tree,
     key: jax.Array,
     steps: int,
-    learning_rate: float,
+    learning_rate: float | Mapping[str, float],
     cosine: bool = False,
     project: Callable[[Tree], Tree] | None = None,
 ) -> tuple[Tree, jax.Array]:
@@ -24,6 +24,9 @@ def adam_scan(
     minibatch); traces under the caller's `jit`.
 
     Args:
+      learning_rate: one step size, or one for each top-level entry of `params` (e.g. gates of
+        order 1 beside head weights of order 1/sqrt(width)); Adam's steps have the size of
+        the rate whatever the gradient's scale, so parameters of different scales need their own.
       cosine: decay the step size to 0 along a cosine over the steps (large early steps leave
         a high-loss start fast, then settle).
       project: applied after each update (projected Adam: clipping after the update rather
@@ -32,8 +35,17 @@ def adam_scan(
     Returns:
       (params after the last step, the loss before each step (steps,)).
     """
-    schedule = optax.cosine_decay_schedule(learning_rate, steps) if cosine else learning_rate
-    optimizer = optax.adam(schedule)
+
+    def adam(rate):
+        return optax.adam(optax.cosine_decay_schedule(rate, steps) if cosine else rate)
+
+    if isinstance(learning_rate, Mapping):
+        labels = {name: jax.tree.map(lambda _, n=name: n, part) for name, part in params.items()}
+        optimizer = optax.multi_transform(
+            {name: adam(rate) for name, rate in learning_rate.items()}, labels
+        )
+    else:
+        optimizer = adam(learning_rate)
 
     def step(carry, step_key):
         params, state = carry
