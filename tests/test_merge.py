@@ -201,6 +201,27 @@ def test_pruning_masks_keep_the_requested_counts():
         assert float(mu.kth_largest(jnp.asarray(noisy), k)) == np.sort(noisy)[-k]
 
 
+@pytest.mark.parametrize("kind", ["normal", "lora_product", "half_zeros", "ties", "constant"])
+def test_magnitude_selection_equals_a_sort(kind):
+    # The k-th largest by radix passes against numpy's sort, and the mask `|t| >= t_(k)` with
+    # the ties it keeps, on data with many repeated magnitudes.
+    rng = np.random.default_rng(1)
+    values = {
+        "normal": rng.standard_normal(5000),
+        "lora_product": (rng.standard_normal((60, 4)) @ rng.standard_normal((4, 50))).ravel(),
+        "half_zeros": np.where(rng.random(5000) < 0.5, 0.0, rng.standard_normal(5000)),
+        "ties": np.round(rng.standard_normal(5000) * 2) / 2,
+        "constant": np.full(5000, -0.25),
+    }[kind].astype(np.float32)
+    magnitude = np.abs(values)
+    for density in (0.001, 0.2, 0.5, 0.9, 0.9999):
+        k = int(density * values.size)
+        want = np.sort(magnitude)[-k]
+        assert float(mu.kth_largest(jnp.asarray(magnitude), k)) == want
+        mask = np.asarray(mu.top_magnitude_mask(jnp.asarray(values), density))
+        np.testing.assert_array_equal(mask, magnitude >= want)
+
+
 @pytest.mark.parametrize(
     ("method", "mean_of"), [("dare_delta", "task_arithmetic"), ("dare_linear", "linear")]
 )
