@@ -34,15 +34,15 @@ def lora_deltas(seed: int, shape=(WIDTH, WIDTH)):
 
 
 def combine(kind: str, deltas: jax.Array) -> jax.Array:
-    uniform = jax.random.uniform(jax.random.key(1), (deltas.size,))
+    bits = jax.random.bits(jax.random.key(1), (deltas.size,), jnp.uint32)
     if kind == "magnitude_prune":
         return mu.weighted_sum(mu.magnitude_prune(deltas, 0.5), WEIGHTS)
     if kind == "ties":
         return mu.ties_combine(mu.magnitude_prune(deltas, 0.5), WEIGHTS, "total")
     if kind == "dare_linear":
-        return mu.weighted_sum(mu.random_prune(uniform, deltas, 0.5), WEIGHTS)
+        return mu.weighted_sum(mu.random_prune(bits, deltas, 0.5), WEIGHTS)
     assert kind == "dare_flat"  # so few entries kept that the spectrum is flat
-    return mu.weighted_sum(mu.random_prune(uniform, deltas, 0.02), WEIGHTS)
+    return mu.weighted_sum(mu.random_prune(bits, deltas, 0.02), WEIGHTS)
 
 
 def truncated(matrix, rank: int) -> np.ndarray:

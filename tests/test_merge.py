@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from jaxmerge import lora, merging
 from jaxmerge.merging import ops as mu
+from jaxmerge.merging import threefry
 
 SHAPES = {"block_0/attention/query": (10, 8), "block_0/attention/value": (10, 12)}
 QUERY = "block_0/attention/query"
@@ -200,6 +201,27 @@ def test_pruning_masks_keep_the_requested_counts():
         assert float(mu.kth_largest(jnp.asarray(noisy), k)) == np.sort(noisy)[-k]
 
 
+@pytest.mark.parametrize("kind", ["normal", "lora_product", "half_zeros", "ties", "constant"])
+def test_magnitude_selection_equals_a_sort(kind):
+    # The k-th largest by radix passes against numpy's sort, and the mask `|t| >= t_(k)` with
+    # the ties it keeps, on data with many repeated magnitudes.
+    rng = np.random.default_rng(1)
+    values = {
+        "normal": rng.standard_normal(5000),
+        "lora_product": (rng.standard_normal((60, 4)) @ rng.standard_normal((4, 50))).ravel(),
+        "half_zeros": np.where(rng.random(5000) < 0.5, 0.0, rng.standard_normal(5000)),
+        "ties": np.round(rng.standard_normal(5000) * 2) / 2,
+        "constant": np.full(5000, -0.25),
+    }[kind].astype(np.float32)
+    magnitude = np.abs(values)
+    for density in (0.001, 0.2, 0.5, 0.9, 0.9999):
+        k = int(density * values.size)
+        want = np.sort(magnitude)[-k]
+        assert float(mu.kth_largest(jnp.asarray(magnitude), k)) == want
+        mask = np.asarray(mu.top_magnitude_mask(jnp.asarray(values), density))
+        np.testing.assert_array_equal(mask, magnitude >= want)
+
+
 @pytest.mark.parametrize(
     ("method", "mean_of"), [("dare_delta", "task_arithmetic"), ("dare_linear", "linear")]
 )
@@ -217,6 +239,68 @@ def test_dare_is_unbiased(method, mean_of):
         error = np.abs(sampled.mean(0) - expected[path])
         standard_error = sampled.std(0) / np.sqrt(samples)
         assert (error <= 6 * standard_error + 1e-6).all(), path
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        jax.random.key(0),
+        jax.random.key(2**31 + 5),
+        jax.random.PRNGKey(3),
+        jax.random.key(1, impl="rbg"),
+    ],
+    ids=["key0", "key_large", "raw_uint32", "rbg"],
+)
+def test_fused_threefry_bits_equal_jax_random_bits(key):
+    for count in (1, 7, 4099):
+        got = jax.jit(threefry.random_bits, static_argnums=1)(key, count)
+        np.testing.assert_array_equal(got, jax.random.bits(key, (count,), jnp.uint32))
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+        keys = jax.random.split(key, 3)
+        batched = jax.vmap(lambda k: threefry.random_bits(k, 50))(keys)
+        want = jax.vmap(lambda k: jax.random.bits(k, (50,), jnp.uint32))(keys)
+        np.testing.assert_array_equal(batched, want)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.3, 1e-7, 1 - 2**-24])
+def test_dare_mask_is_the_uniform_comparison(density):
+    # jax.random.uniform's number of a draw is (bits >> 9) / 2^23; the integer threshold must
+    # give the same mask, at the boundary too.
+    threshold = threefry.uniform_threshold(density)
+    edge = [max(threshold - 513, 0), max(threshold - 1, 0), threshold, threshold + 511]
+    drawn = np.asarray(jax.random.bits(KEY, (20_000,), jnp.uint32))
+    bits = np.concatenate([np.minimum(edge, 2**32 - 1).astype(np.uint32), drawn])
+    floats = (bits >> np.uint32(9)).astype(np.float64) / 2**23
+    want = floats < np.float32(density)
+    pruned = mu.random_prune(jnp.asarray(bits), jnp.ones(bits.shape, jnp.float32), density)
+    np.testing.assert_array_equal(np.asarray(pruned) != 0, want)
+    np.testing.assert_array_equal(np.asarray(pruned)[want], np.float32(1.0) / np.float32(density))
+
+
+def test_dare_delta_keeps_the_uniform_stream():
+    # The masks are the ones `jax.random.uniform(key, (total,)) < density` gave before the
+    # fused draw: one flat stream, sliced per target in path order, task after task.
+    density = 0.3
+    merged = deltas(merging.merge(ADAPTERS, "dare_delta", WEIGHTS, key=KEY, density=density))
+    sizes = {path: len(ADAPTERS) * SHAPES[path][0] * SHAPES[path][1] for path in sorted(SHAPES)}
+    uniform = np.asarray(jax.random.uniform(KEY, (sum(sizes.values()),)))
+    start = 0
+    for path in sorted(SHAPES):
+        shape = (len(ADAPTERS), *SHAPES[path])
+        keep = uniform[start : start + sizes[path]].reshape(shape) < density
+        start += sizes[path]
+        task_deltas = np.stack([deltas(adapter)[path] for adapter in ADAPTERS])
+        kept = np.where(keep, task_deltas / density, 0.0)
+        want = np.tensordot(np.asarray(WEIGHTS, np.float64), kept, 1)
+        np.testing.assert_allclose(merged[path], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_dare_keep_fraction_is_within_a_binomial_bound():
+    count, density = 1_000_000, 0.3
+    bits = threefry.random_bits(jax.random.key(5), count)
+    kept = int((mu.random_prune(bits, jnp.ones((count,), jnp.float32), density) != 0).sum())
+    sigma = np.sqrt(count * density * (1 - density))
+    assert abs(kept - count * density) <= 5 * sigma, kept
 
 
 # ----------------------------------------------------------------------------- properties

@@ -13,6 +13,8 @@ import operator
 import jax
 import jax.numpy as jnp
 
+from jaxmerge.merging.threefry import uniform_threshold
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -91,16 +93,23 @@ def magnitude_prune(tensors: jax.Array, density: float) -> jax.Array:
     return jnp.stack([t * top_magnitude_mask(t, density) for t in tensors])
 
 
-def random_prune(uniform: jax.Array, tensors: jax.Array, density: float) -> jax.Array:
-    """DARE's drop-and-rescale: `t * m / density`, `m = [u < density]` a Bernoulli(density) mask
-    from `uniform`, tensors.size draws of U[0, 1) (the caller draws them for all targets at once:
-    one threefry call compiles far faster than one per target).
+def random_prune(bits: jax.Array, tensors: jax.Array, density: float) -> jax.Array:
+    """DARE's drop-and-rescale: `t * m / density`, `m = [u < density]` a Bernoulli(density) mask.
 
-    E[result] = t, so a weighted sum of pruned tensors is unbiased. density >= 1 keeps all.
+    `bits` holds at least tensors.size uint32 draws (`jax.random.bits`; the caller draws them
+    for all targets at once) and `u` is `jax.random.uniform`'s U[0, 1) number of each draw
+    (`m / 2^23` of its top 23 bits), so the keep probability is `density` rounded up to a
+    multiple of 2^-23; the mask is compared on the integers (`threefry.uniform_threshold`).
+    The rescale is by `1 / density` exactly, as in PEFT.
+
+    E[result] = t (to that rounding), so a weighted sum of pruned tensors is unbiased.
+    density >= 1 keeps all.
     """
     if density >= 1.0:
         return tensors
-    keep = uniform[: tensors.size].reshape(tensors.shape) < density
+    threshold = uniform_threshold(density)
+    bits = bits[: tensors.size].reshape(tensors.shape)
+    keep = bits < jnp.uint32(threshold) if threshold < 2**32 else jnp.ones(tensors.shape, bool)
     return jnp.where(keep, tensors / density, jnp.zeros_like(tensors))
 
 

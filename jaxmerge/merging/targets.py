@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from jaxmerge import lora
 from jaxmerge.merging import factorize as fz
 from jaxmerge.merging import ops as mu
+from jaxmerge.merging import threefry
 
 Tree = Any
 F32 = jnp.float32
@@ -20,9 +20,9 @@ F32 = jnp.float32
 def targets(adapters, key=None, draws=None):
     """`(paths, nodes, noises)`: each target's path, its node in every adapter, and its noise.
 
-    With a key, `noise` is that target's slice of one flat U[0, 1) draw holding `draws(nodes)`
-    numbers per target (one threefry call: its compile time grows with the number of calls);
-    without, `noise` is None.
+    With a key, `noise` is that target's slice of one flat draw of uint32 bits holding
+    `draws(nodes)` numbers per target (`threefry.random_bits`: the stream of
+    `jax.random.bits(key, (total,), uint32)`, one call for all targets); without, None.
     """
     items = [lora.target_items(adapter) for adapter in adapters]
     paths = [path for path, _ in items[0]]
@@ -30,9 +30,9 @@ def targets(adapters, key=None, draws=None):
     noises = [None] * len(paths)
     if key is not None:
         counts = [draws(target_nodes) for target_nodes in nodes]
-        uniform = jax.random.uniform(key, (sum(counts),))
+        bits = threefry.random_bits(key, sum(counts))
         starts = [sum(counts[:index]) for index in range(len(counts))]
-        noises = [uniform[start : start + count] for start, count in zip(starts, counts)]
+        noises = [bits[start : start + count] for start, count in zip(starts, counts)]
     return paths, nodes, noises
 
 
@@ -51,12 +51,12 @@ def map_nodes(fn, adapters, key=None, draws=None):
 
 
 def factor_draws(nodes):
-    """Uniforms a target needs for DARE on its factors: one per factor entry of every task."""
+    """Draws a target needs for DARE on its factors: one per factor entry of every task."""
     return sum(n["lora_a"].size + n["lora_b"].size for n in nodes)
 
 
 def dense_draws(nodes):
-    """Uniforms a target needs for DARE on its dense dW: one per entry of every task."""
+    """Draws a target needs for DARE on its dense dW: one per entry of every task."""
     return len(nodes) * nodes[0]["lora_a"].shape[0] * nodes[0]["lora_b"].shape[1]
 
 
