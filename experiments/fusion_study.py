@@ -43,7 +43,7 @@ def run_seed(args, config, seed: int, out_path: str, done: set) -> None:
     seed_dir = study.seed_dir(args.workdir, seed)
     runs = {t: runs_lib.load(train.run_dir(seed_dir, "lora", t)) for t in config.tasks}
     model, base = runs_lib.base_of(list(runs.values()))
-    scorers = {t: scoring.Scorer(r.task, r.head_def, model, r.config) for t, r in runs.items()}
+    scorers = {t: scoring.run_scorer(r, model) for t, r in runs.items()}
     metric = {t: report_scores.main_metric(t)[0] for t in config.tasks}
     single = {t: scorers[t](lora.fold_into_base(base, r.adapter), r.head) for t, r in runs.items()}
     heads = {
