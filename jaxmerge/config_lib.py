@@ -1,7 +1,10 @@
 """The training config: its defaults and its validation.
 
 Every `configs/*.py` starts from `base_config()` and overrides what it needs, so every config
-has every field and `validate` can check each one before anything compiles.
+has every field and `validate` can check each one before anything compiles, without reading
+any data. What needs more than the fields is here too: `define_task` (a task named by its
+dataset reads the dataset), `check_head_fits_task` and `lora_config`. `run_config.resolve`
+calls them once and hands each owner its typed part.
 """
 
 from __future__ import annotations
@@ -259,8 +262,8 @@ def _check_task(c: ml_collections.ConfigDict) -> None:
     d = c.dataset
     plain_names.check_dataset_name(d.name)
     _check(isinstance(d.outputs, int) and d.outputs >= 0, "dataset.outputs", d.outputs, ">= 0")
-    int_list("dataset.norm_points", d.get("norm_points", ""), "'i,j'")
-    int_list("dataset.flip_permutation", d.get("flip_permutation", ""), "'0,2,1'")
+    _int_list("dataset.norm_points", d.get("norm_points", ""), "'i,j'")
+    _int_list("dataset.flip_permutation", d.get("flip_permutation", ""), "'0,2,1'")
 
 
 def define_task(c: ml_collections.ConfigDict, data_dir: str) -> tasks.Task:
@@ -272,8 +275,8 @@ def define_task(c: ml_collections.ConfigDict, data_dir: str) -> tasks.Task:
     from jaxmerge.tasks import from_dataset
 
     d = c.dataset
-    norm_points = int_list("dataset.norm_points", d.get("norm_points", ""), "'i,j'")
-    permutation = int_list("dataset.flip_permutation", d.get("flip_permutation", ""), "'0,2,1'")
+    norm_points = _int_list("dataset.norm_points", d.get("norm_points", ""), "'i,j'")
+    permutation = _int_list("dataset.flip_permutation", d.get("flip_permutation", ""), "'0,2,1'")
     return from_dataset.define(
         c.task,
         d.name,
@@ -318,7 +321,7 @@ def check_head_fits_task(head: ml_collections.ConfigDict, task: tasks.Task) -> N
     )
 
 
-def int_list(field: str, text: str, example: str) -> tuple[int, ...] | None:
+def _int_list(field: str, text: str, example: str) -> tuple[int, ...] | None:
     """ "1,0,2" -> (1, 0, 2); "" -> None."""
     if not str(text).strip():
         return None

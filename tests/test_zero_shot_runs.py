@@ -195,15 +195,14 @@ def test_head_records_round_trip_and_old_records_are_mlp_heads():
 
 
 def test_a_zero_shot_file_for_another_width_is_refused_when_the_base_loads(tmp_path):
-    config = tiny_config(tmp_path, **{"head.type": "zero_shot", "head.zero_shot_file": FILE})
-    task = run_config.resolve(config).task
     with np.load(FILE) as npz:
         arrays = {k: npz[k] for k in npz.files}
     path = str(tmp_path / "digits.npz")
     np.savez(path, **arrays, **{"digits/classes": np.eye(10, 24, dtype=np.float32)})
-    config.head.zero_shot_file = path
+    config = tiny_config(tmp_path, **{"head.type": "zero_shot", "head.zero_shot_file": path})
+    parts = run_config.resolve(config)  # the file fits the task: width is checked at build
     with pytest.raises(ValueError, match=r"reads a 32-wide feature; allowed: a file made for "):
-        heads.build(run_config.resolve(config).head, task, width=64)
+        heads.build(parts.head, parts.task, width=64)
 
 
 def test_clip_suite_config_takes_zero_shot_heads():
