@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -24,7 +23,7 @@ from tensorflow_datasets.core import registered
 
 from experiments import study
 from experiments.configs import clip as clip_config
-from jaxmerge import data, lora, recipes, run_config, scoring, tasks, train, zero_shot
+from jaxmerge import config_lib, data, lora, recipes, run_config, scoring, tasks, train, zero_shot
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import BUILDERS, common, gtsrb
 from jaxmerge.models import clip
@@ -100,7 +99,8 @@ def test_suite_tasks_and_their_datasets():
     for family, mean, std in [
         ("clip", clip.CLIP_MEAN, clip.CLIP_STD), ("siglip", (0.5,), (0.5,)), ("vit", (0.5,), (0.5,))
     ]:  # fmt: skip
-        config = ml_collections.ConfigDict({"model": {"family": family}})
+        config = config_lib.base_config()
+        config.model.family = family
         normalization = run_config.data_settings(config).normalization
         prepare = data.preprocess(tasks.get("mnist"), 8, True, **normalization)
         out = prepare(dict(example), np.random.default_rng(0))
