@@ -33,11 +33,12 @@ def main() -> None:
     import numpy as np
 
     from experiments.configs import offline
-    from jaxmerge import heads, learned, lora
+    from jaxmerge import heads, learned, lora, models, run_config
     from jaxmerge.models import load
 
-    model, base, _ = load.load_base(offline.get_config().train)
-    config = lora.LoraConfig(rank=8, targets=load.family_of(None).target_regex("qv"))
+    parts = run_config.of_saved(offline.get_config().train)
+    model, base, _ = load.load_base(parts.model, parts.base)
+    config = lora.LoraConfig(rank=8, targets=models.get(parts.model.family).target_regex("qv"))
 
     def adapter(seed):
         fresh = lora.init_adapter(jax.random.key(seed), base, config)

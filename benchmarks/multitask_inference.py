@@ -49,6 +49,7 @@ def median_seconds(fn, repeats: int) -> float:
 def load_model(args):
     import jax
 
+    from jaxmerge import run_config
     from jaxmerge.models import load, vit
 
     if args.variant:
@@ -56,8 +57,8 @@ def load_model(args):
         return model, vit.init_params(model, jax.random.key(0))
     from experiments.configs import offline
 
-    config = offline.get_config().train
-    model, base, _ = load.load_base(config)
+    parts = run_config.of_saved(offline.get_config().train)
+    model, base, _ = load.load_base(parts.model, parts.base)
     return model, base
 
 

@@ -99,7 +99,7 @@ def jax_speed(shape: dict, batch_size: int, args) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxmerge import config_lib, data, heads, scoring, tasks, train
+    from jaxmerge import config_lib, data, heads, run_config, scoring, tasks, train
     from jaxmerge.models import vit
 
     config = config_lib.base_config()
@@ -112,10 +112,11 @@ def jax_speed(shape: dict, batch_size: int, args) -> dict:
     base = vit.init_params(model, jax.random.key(0))
     head = heads.MlpHead(HEAD_HIDDEN, CLASSES)
     task = tasks.Task("bench", "none", "classification", CLASSES)
-    optimizer = train.make_optimizer(config)
+    parts = run_config.of_saved(config)
+    optimizer = train.make_optimizer(parts.optimizer)
     mesh = data.data_mesh()
     replicated = NamedSharding(mesh, P())
-    params = train.init_params(config, model, head, base, jax.random.key(1))
+    params = train.init_params(parts.lora, "lora", model, head, base, jax.random.key(1))
     state = jax.device_put(
         train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params)), replicated
     )

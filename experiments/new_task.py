@@ -47,7 +47,7 @@ from PIL import Image
 
 from experiments import study
 from experiments.configs import offline
-from jaxmerge import compose, config_lib, data, fuse, fusion, heads, logs, scoring, train
+from jaxmerge import compose, data, fuse, fusion, heads, logs, run_config, scoring, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import photo_scenes
 
@@ -130,12 +130,13 @@ def train_examples(task, config, model, copies: int = 0) -> tuple[np.ndarray, np
     """(images, labels) of the training split, preprocessed for evaluation (`runs.examples`),
     followed by `copies` passes of the train path's own augmentation (`config.crop_padding`
     shifts and flips, `data.preprocess(train=True)`), each pass with its own seed."""
-    source = data.open_split(task, task.train_split, config)
-    normalization = data.normalization(config)
+    settings = run_config.resolve(config).data
+    source = data.open_split(task, task.train_split, settings)
+    normalization = settings.normalization
     rows = []
     for copy in range(copies + 1):
         train = copy > 0
-        padding = config.crop_padding if train else 0
+        padding = settings.crop_padding if train else 0
         preprocess = data.preprocess(task, model.image_size, train, padding, **normalization)
         rng = np.random.default_rng(copy)
         rows += [preprocess(source[i], rng) for i in range(len(source))]
@@ -145,8 +146,9 @@ def train_examples(task, config, model, copies: int = 0) -> tuple[np.ndarray, np
 
 def run_compose(args, config, model, base, stacked, seed: int) -> dict:
     start = time.perf_counter()
-    task = config_lib.task_of(config)
-    head_def = heads.build(config.head, task, model.width)
+    parts = run_config.resolve(config)
+    task = parts.task
+    head_def = heads.build(parts.head, task, model.width)
     images, labels = train_examples(task, config, model, args.augment_copies)
     settings = compose.Settings(
         steps=args.steps,
@@ -158,7 +160,7 @@ def run_compose(args, config, model, base, stacked, seed: int) -> dict:
     gates, head, record = compose.learn_composition(
         model, base, stacked, head_def, task, images, labels, settings, jax.random.key(seed)
     )
-    scorer = scoring.Scorer(task, head_def, model, config)
+    scorer = scoring.Scorer(task, head_def, model, parts.data, None, parts.model.family)
     result = scorer(base, head, fusion.fused_tree(stacked, gates, "static"))
     gate_values = np.stack([np.asarray(g) for g in gates.values()])  # (targets, adapters)
     return {
@@ -173,9 +175,9 @@ def run_compose(args, config, model, base, stacked, seed: int) -> dict:
 def run_train(args, config, model, base, work: str) -> dict:
     start = time.perf_counter()
     result = train.train_and_evaluate(config, work)
-    task = config_lib.task_of(config)
-    head = heads.build(config.head, task, model.width)
-    params = train.init_params(config, model, head, base, jax.random.key(0))
+    parts = run_config.resolve(config)
+    head = heads.build(parts.head, parts.task, model.width)
+    params = train.init_params(parts.lora, parts.train.mode, model, head, base, jax.random.key(0))
     trained = [
         x for path, x in jax.tree_util.tree_leaves_with_path(params) if "scale" not in str(path)
     ]

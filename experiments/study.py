@@ -33,7 +33,6 @@ from absl import flags
 from experiments import report
 from jaxmerge import cli as cli_lib
 from jaxmerge import (
-    config_lib,
     fuse,
     fusion,
     learned,
@@ -46,6 +45,7 @@ from jaxmerge import (
     tasks,
     train,
 )
+from jaxmerge import run_config as run_config_lib
 from jaxmerge import runs as runs_lib
 
 MODES = ("lora", "head")
@@ -98,7 +98,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     for name in config.tasks:
         for mode in MODES:
-            config_lib.validate(run_config(config, name, mode, config.seeds[0]))
+            run_config_lib.resolve(run_config(config, name, mode, config.seeds[0]))
 
 
 def run_config(
@@ -219,7 +219,7 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
     model_def, base = runs_lib.base_of(list(runs.values()))
     for name, run in runs.items():
         if name not in scorers:
-            scorers[name] = scoring.Scorer(run.task, run.head_def, model_def, run.config)
+            scorers[name] = scoring.run_scorer(run, model_def)
     out = {}
 
     path = os.path.join(workdir, "no_adapter.jsonl")

@@ -1,7 +1,10 @@
 """The training config: its defaults and its validation.
 
 Every `configs/*.py` starts from `base_config()` and overrides what it needs, so every config
-has every field and `validate` can check each one before anything compiles.
+has every field and `validate` can check each one before anything compiles, without reading
+any data. What needs more than the fields is here too: `define_task` (a task named by its
+dataset reads the dataset), `check_head_fits_task` and `lora_config`. `run_config.resolve`
+calls them once and hands each owner its typed part.
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field, its value and what is allowed."""
     import jax
 
-    task = task_of(c)
+    _check_task(c)
     _check(c.mode in MODES, "mode", c.mode, str(MODES))
     # JAX keeps the low 32 bits of a seed (seed 2**32 is seed 0) and the base's key is seed +
     # 10000: a larger seed would silently repeat a smaller one, or overflow in JAX.
@@ -181,7 +184,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.head.hidden,
         "an integer >= 0",
     )
-    _check_head(c.head, task)
+    _check_head(c.head)
     devices = jax.device_count()
     for field in ("batch_size", "eval_batch_size"):
         value = c[field]
@@ -234,10 +237,65 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
 
 
-def _check_head(head: ml_collections.ConfigDict, task: tasks.Task) -> None:
-    """The head type, and a zero-shot head's file against the task (`heads.build` checks the
-    backbone width once the base is loaded)."""
+def _check_head(head: ml_collections.ConfigDict) -> None:
+    """The head type, and that a zero-shot head's file exists (`check_head_fits_task` checks it
+    against the task, `heads.build` against the backbone width once the base is loaded)."""
     _check(head.type in heads.HEAD_TYPES, "head.type", head.type, str(heads.HEAD_TYPES))
+    if head.type != zero_shot.HEAD:
+        return
+    path = head.zero_shot_file
+    _check(
+        bool(path) and os.path.isfile(os.path.expanduser(path)),
+        "head.zero_shot_file",
+        path,
+        "an existing file of `python -m jaxmerge.zero_shot_heads`",
+    )
+
+
+def _check_task(c: ml_collections.ConfigDict) -> None:
+    """The registered `config.task`, or the fields of the task `config.dataset` defines that
+    can be checked without reading the dataset (`define_task` reads it)."""
+    plain_names.check_plain_name("task", c.task)
+    if not c.dataset.name:
+        tasks.get(c.task)
+        return
+    d = c.dataset
+    plain_names.check_dataset_name(d.name)
+    _check(isinstance(d.outputs, int) and d.outputs >= 0, "dataset.outputs", d.outputs, ">= 0")
+    _int_list("dataset.norm_points", d.get("norm_points", ""), "'i,j'")
+    _int_list("dataset.flip_permutation", d.get("flip_permutation", ""), "'0,2,1'")
+
+
+def define_task(c: ml_collections.ConfigDict, data_dir: str) -> tasks.Task:
+    """The run's task: the registered `config.task`, or the one `config.dataset` defines (read
+    from the dataset's features in `data_dir`, so it is prepared first where it is not yet;
+    `validate` checks every field that it can without the dataset)."""
+    if not c.dataset.name:
+        return tasks.get(c.task)
+    from jaxmerge.tasks import from_dataset
+
+    d = c.dataset
+    norm_points = _int_list("dataset.norm_points", d.get("norm_points", ""), "'i,j'")
+    permutation = _int_list("dataset.flip_permutation", d.get("flip_permutation", ""), "'0,2,1'")
+    return from_dataset.define(
+        c.task,
+        d.name,
+        data_dir,
+        c.manual_dir,
+        d.kind,
+        d.target,
+        d.outputs,
+        d.train_split,
+        d.eval_split,
+        bool(d.flip),
+        norm_points,
+        permutation,
+    )
+
+
+def check_head_fits_task(head: ml_collections.ConfigDict, task: tasks.Task) -> None:
+    """A zero-shot head's file against the task (`validate` checked the type and that the
+    file exists; `heads.build` checks the backbone width once the base is loaded)."""
     if head.type != zero_shot.HEAD:
         return
     field, path = "head.zero_shot_file", head.zero_shot_file
@@ -246,12 +304,6 @@ def _check_head(head: ml_collections.ConfigDict, task: tasks.Task) -> None:
         "head.type",
         head.type,
         f"'mlp' for task {task.name!r} ({task.kind}); zero-shot heads classify",
-    )
-    _check(
-        bool(path) and os.path.isfile(os.path.expanduser(path)),
-        field,
-        path,
-        "an existing file of `python -m jaxmerge.zero_shot_heads`",
     )
     classes = zero_shot.load_heads(os.path.abspath(os.path.expanduser(path)))["classes"]
     _check(
@@ -266,36 +318,6 @@ def _check_head(head: ml_collections.ConfigDict, task: tasks.Task) -> None:
         field,
         path,
         f"a file with {task.outputs} classes for task {task.name!r} (it has {count})",
-    )
-
-
-def task_of(c: ml_collections.ConfigDict) -> tasks.Task:
-    """The run's task: the registered `config.task`, or the one `config.dataset` defines."""
-    plain_names.check_plain_name("task", c.task)
-    if c.dataset.name:
-        plain_names.check_dataset_name(c.dataset.name)
-    if not c.dataset.name:
-        return tasks.get(c.task)
-    from jaxmerge import data
-    from jaxmerge.tasks import from_dataset
-
-    d = c.dataset
-    _check(isinstance(d.outputs, int) and d.outputs >= 0, "dataset.outputs", d.outputs, ">= 0")
-    norm_points = _int_list("dataset.norm_points", d.get("norm_points", ""), "'i,j'")
-    permutation = _int_list("dataset.flip_permutation", d.get("flip_permutation", ""), "'0,2,1'")
-    return from_dataset.define(
-        c.task,
-        d.name,
-        data.data_dir(c),
-        c.manual_dir,
-        d.kind,
-        d.target,
-        d.outputs,
-        d.train_split,
-        d.eval_split,
-        bool(d.flip),
-        norm_points,
-        permutation,
     )
 
 
@@ -329,20 +351,6 @@ def lora_config(c: ml_collections.ConfigDict) -> lora.LoraConfig:
         targets=family.target_regex(c.lora.targets),
         use_rslora=c.lora.use_rslora,
         dropout=c.lora.dropout,
-    )
-
-
-def model_kwargs(c: ml_collections.ConfigDict) -> dict:
-    """Model constructor arguments from `config.model` (a variant plus explicit overrides)."""
-    overrides = {k: v for k, v in c.model.overrides.items() if v}
-    return models.get(c.model.family).variant(
-        c.model.variant,
-        image_size=c.model.image_size,
-        pool=c.model.pool,
-        pooler=c.model.pooler,
-        layer_norm_eps=c.model.layer_norm_eps,
-        gelu_approximate=c.model.gelu_approximate,
-        **overrides,
     )
 
 

@@ -39,8 +39,7 @@ Tree = Any
 
 def score(run: runs_lib.Run, model_def, backbone: Tree, split: str | None = None):
     """Metrics of `run.task` with the run's head on `backbone` (base params, adapter folded)."""
-    scorer = scoring.Scorer(run.task, run.head_def, model_def, run.config, split)
-    return scorer(backbone, run.head)
+    return scoring.run_scorer(run, model_def, split)(backbone, run.head)
 
 
 def evaluate_runs(
@@ -94,11 +93,13 @@ def evaluate_model(
     "model": the folder, its format and its method or gating."""
     model = model_folder.load(folder)
     info = model.info
-    config = model_folder.data_config(info, data_dir)
+    settings = model_folder.data_settings(info, data_dir)
+    family = info["model"]["family"]
     results: dict[str, dict[str, Any]] = {}
     for name in model.tasks:
         task = model_folder.task_of(info, name)
-        scorer = scoring.Scorer(task, model.head_defs[name], model.model_def, config, split)
+        head_def = model.head_defs[name]
+        scorer = scoring.Scorer(task, head_def, model.model_def, settings, split, family)
         results[name] = scorer(model.backbone, model.head_params[name], model.lora)
     recipe = info.get("fusion") or info.get("merge") or {}
     for source in recipe.get("runs", []):

@@ -41,18 +41,18 @@ class MlpHead(nn.Module):
 HEAD_TYPES = ("mlp", zero_shot.HEAD)  # `config.head.type`
 
 
-def build(head_config, task, width: int) -> nn.Module:
-    """The head `config.head` asks for on a backbone whose pooled feature has `width`:
-    `MlpHead(hidden, task.outputs)`, or the zero-shot head of `task` in
-    `head_config.zero_shot_file` (its parameters read by `init`, frozen in training).
+def build(settings, task, width: int) -> nn.Module:
+    """The head a run's `run_config.HeadSettings` ask for on a backbone whose pooled feature
+    has `width`: `MlpHead(hidden, task.outputs)`, or the zero-shot head of `task` in
+    `settings.zero_shot_file` (its parameters read by `init`, frozen in training).
 
     Raises:
       ValueError: naming `config.head.zero_shot_file` when the file's projection does not
-        read a `width` feature (config_lib.validate checks the rest before anything loads).
+        read a `width` feature (`run_config.resolve` checks the rest before anything loads).
     """
-    if head_config.get("type", "mlp") != zero_shot.HEAD:
-        return MlpHead(head_config.hidden, task.outputs)
-    path = os.path.abspath(os.path.expanduser(head_config.zero_shot_file))
+    if settings.type != zero_shot.HEAD:
+        return MlpHead(settings.hidden, task.outputs)
+    path = os.path.abspath(os.path.expanduser(settings.zero_shot_file))
     head = zero_shot.head_def(path, task.name)
     if head.width != width:
         raise ValueError(

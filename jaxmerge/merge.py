@@ -41,7 +41,17 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from jaxmerge import checkpoint, config_lib, fuse, heads, logs, model_folder, recipes, tasks
+from jaxmerge import (
+    checkpoint,
+    config_lib,
+    fuse,
+    heads,
+    logs,
+    model_folder,
+    recipes,
+    run_config,
+    tasks,
+)
 from jaxmerge import cli as cli_lib
 from jaxmerge import runs as runs_lib
 from jaxmerge.models import load
@@ -139,7 +149,8 @@ def load_peft_run(folder: str, base: str | None) -> runs_lib.Run:
     config.base.source, config.base.path = "hf", os.path.abspath(os.path.expanduser(base))
     outputs = int(np.shape(head["out"]["bias"])[0])
     task = tasks.Task(name, "", "classification", outputs, suite="user", about=f"PEFT {folder}")
-    model_def, base_params, _ = load.load_base(config)
+    parts = run_config.of_saved(config)
+    model_def, base_params, _ = load.load_base(parts.model, parts.base)
     return runs_lib.Run(
         os.path.abspath(folder),
         config,
@@ -179,7 +190,7 @@ def _merge_runs(
     recipe, model_def, base)."""
     runs, model_def, base_params = load_runs(directories, peft_folders, base)
     if export_hf is not None:  # refused before anything is written
-        model_folder.check_hf_exportable(model_def, load.family_of(runs[0].config).name)
+        model_folder.check_hf_exportable(model_def, runs[0].parts.model.family)
     merged, recipe = recipes.merge_runs(runs, model_def, base_params, method, weights, params, seed)
     if export_peft is not None:  # refused before anything is written
         model_folder.check_peft_exportable(merged, fold, method)

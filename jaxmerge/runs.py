@@ -9,6 +9,7 @@ examples of its task that merges and refits adapt on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxmerge import checkpoint, data, heads, tasks
+from jaxmerge import checkpoint, data, heads, run_config, tasks
 from jaxmerge.models import load as load_models
 
 Tree = Any
@@ -37,6 +38,12 @@ class Run:
     # The architecture the run trained (metadata "model": width, depth, layer_norm_eps, ...);
     # None where it is not recorded (PEFT adapters: their base folder fixes it).
     architecture: dict | None = None
+
+    @functools.cached_property
+    def parts(self) -> run_config.RunParts:
+        """The saved config resolved into its parts (`run_config.of_saved`), read once: the
+        model and base `base_of` loads, the data settings its examples and scores read."""
+        return run_config.of_saved(self.config, self.task)
 
 
 RUN_SEARCH_DEPTH = 3  # WORKDIR/<mode>/<task>, and one level above (a study's seed folders)
@@ -102,12 +109,8 @@ def model_definition(run: Run) -> dict[str, Any] | None:
     architecture = getattr(run, "architecture", None)
     if architecture is None:
         return None
-    model = run.config.get("model", {})
-    return {
-        "family": model.get("family", "vit"),
-        **architecture,
-        "dtype": model.get("dtype", "float32"),
-    }
+    model = run.parts.model
+    return {"family": model.family, **architecture, "dtype": model.dtype}
 
 
 def check_one_model(runs: Sequence[Run]) -> None:
@@ -137,11 +140,12 @@ def base_of(runs: Sequence[Run]):
     if len(prints) != 1:
         listing = ", ".join(f"{r.directory} ({r.base_fingerprint})" for r in runs)
         raise ValueError(f"runs were trained on different bases and cannot be merged: {listing}")
-    model_def, base, _ = load_models.load_base(runs[0].config)
+    parts = runs[0].parts
+    model_def, base, _ = load_models.load_base(parts.model, parts.base)
     if checkpoint.fingerprint(base) != runs[0].base_fingerprint:
         raise checkpoint.CheckpointError(
-            f"the base named in {runs[0].directory}'s config ({runs[0].config.base.source}: "
-            f"{runs[0].config.base.path!r}) no longer has fingerprint {runs[0].base_fingerprint}"
+            f"the base named in {runs[0].directory}'s config ({parts.base.source}: "
+            f"{parts.base.path!r}) no longer has fingerprint {runs[0].base_fingerprint}"
         )
     return model_def, base
 
@@ -156,11 +160,11 @@ def examples(run: Run, model_def, count: int = 0, seed: int = 0) -> tuple[np.nda
     float32: 0.6 MB an image at 224 px.
     """
     task = run.task
-    source = data.open_split(task, task.train_split, run.config)
+    source = data.open_split(task, task.train_split, run.parts.data)
     index = np.arange(len(source))
     if 0 < count < len(source):
         index = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
-    normalization = data.normalization(run.config)
+    normalization = run.parts.data.normalization
     preprocess = data.preprocess(task, model_def.image_size, train=False, **normalization)
     rows = [preprocess(source[int(i)], np.random.default_rng(0)) for i in index]
     images = np.stack([r["image"] for r in rows]).astype(np.float32)

@@ -84,12 +84,22 @@ class Scorer:
     forward (a fused model's gated adapters, `jaxmerge.fusion`).
     """
 
-    def __init__(self, task: tasks.Task, head_def, model_def, config, split: str | None = None):
+    def __init__(
+        self,
+        task: tasks.Task,
+        head_def,
+        model_def,
+        settings,
+        split: str | None = None,
+        family: str = "vit",
+    ):
+        """`settings`: the `run_config.DataSettings` the runs read their data with (a run's
+        `parts.data`, a model folder's `model_folder.data_settings`); `family`: the model's."""
         self.task = task
         self.mesh = data.data_mesh()
         self.eval_step = make_eval_step(model_def, head_def, task)
-        batches = data.eval_batches(task, config, model_def, split)
-        family = models.get(config.model.get("family", "vit"))  # runs saved before families
+        batches = data.eval_batches(task, settings, model_def.image_size, split)
+        family = models.get(family)
         self.batches = [
             data.shard_batch(_cached_images(batch, model_def, family), self.mesh)
             for batch in batches
@@ -100,3 +110,9 @@ class Scorer:
         params = {"base": backbone, "head": head} | ({} if lora is None else {"lora": lora})
         params = jax.device_put(params, NamedSharding(self.mesh, P()))
         return average(self.eval_step(params, None, batch) for batch in self.batches)
+
+
+def run_scorer(run, model_def, split: str | None = None) -> Scorer:
+    """A `Scorer` of a run's task and head (`runs.Run`), reading the data as the run did."""
+    parts = run.parts
+    return Scorer(run.task, run.head_def, model_def, parts.data, split, parts.model.family)

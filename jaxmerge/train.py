@@ -33,13 +33,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmerge import (
     checkpoint,
-    config_lib,
     config_resume,
     data,
     heads,
     logs,
     lora,
     plain_names,
+    run_config,
     run_lock,
     scoring,
     tasks,
@@ -65,39 +65,42 @@ def run_dir(workdir: str, mode: str, task: str) -> str:
     return os.path.join(workdir, {"lora": "adapters", "head": "heads", "full": "full"}[mode], task)
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def make_schedule(settings: run_config.OptimizerSettings) -> optax.Schedule:
     """The learning rate of update k (0-based): linear warmup, then cosine decay."""
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=max(config.steps, config.warmup_steps + 1),
-        end_value=config.learning_rate * config.end_learning_rate_factor,
+        peak_value=settings.learning_rate,
+        warmup_steps=settings.warmup_steps,
+        decay_steps=max(settings.steps, settings.warmup_steps + 1),
+        end_value=settings.learning_rate * settings.end_learning_rate_factor,
     )
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(settings: run_config.OptimizerSettings) -> optax.GradientTransformation:
     """AdamW with `make_schedule`'s learning rate and global-norm clipping.
 
     Weight decay applies to matrices only (not biases, norms or the constant LoRA `scale`).
     """
-    schedule = make_schedule(config)
+    schedule = make_schedule(settings)
     matrices_only = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip_norm),
-        optax.adamw(schedule, weight_decay=config.weight_decay, mask=matrices_only),
+        optax.clip_by_global_norm(settings.grad_clip_norm),
+        optax.adamw(schedule, weight_decay=settings.weight_decay, mask=matrices_only),
     )
 
 
-def init_params(config, model_def, head_def, base: Tree, key: jax.Array) -> Tree:
-    """The trained parameters of a new run: adapter and/or base copy, and a fresh head (a
-    zero-shot head's `init` reads its file; it stays frozen)."""
+def init_params(
+    lora_config: lora.LoraConfig | None, mode: str, model_def, head_def, base: Tree, key: jax.Array
+) -> Tree:
+    """The trained parameters of a new run in `mode`: a LoRA adapter of `lora_config` (mode
+    "lora") or a copy of the base ("full"), and a fresh head (a zero-shot head's `init` reads
+    its file; it stays frozen)."""
     lora_key, head_key = jax.random.split(key)
     feature = jnp.zeros((1, model_def.width), jnp.float32)
     params = {"head": head_def.init(head_key, feature)["params"]}
-    if config.mode == "lora":
-        params["lora"] = lora.init_adapter(lora_key, base, config_lib.lora_config(config))
-    elif config.mode == "full":
+    if mode == "lora":
+        params["lora"] = lora.init_adapter(lora_key, base, lora_config)
+    elif mode == "full":
         params["base"] = base
     return params
 
@@ -122,27 +125,6 @@ def make_train_step(model_def, head_def, task: tasks.Task, optimizer):
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(update, donate_argnums=(0,))
-
-
-def _config_record(config: ml_collections.ConfigDict) -> dict:
-    """The config as saved with a run, its paths (base, data_dir, manual_dir, the zero-shot
-    head file) made absolute: `evaluate`, merges and predict load the run from any working
-    directory."""
-    record = json.loads(config.to_json_best_effort())
-    # The normalisation the run trained with, even where it came from the family's default.
-    normalization = data.normalization(config)
-    record["model"]["pixel_mean"] = list(normalization["mean"])
-    record["model"]["pixel_std"] = list(normalization["std"])
-    record["base"]["path"] = _absolute(record["base"]["path"])
-    record["data_dir"] = _absolute(record["data_dir"])
-    record["manual_dir"] = _absolute(record["manual_dir"])
-    if record["head"].get("zero_shot_file"):
-        record["head"]["zero_shot_file"] = _absolute(record["head"]["zero_shot_file"])
-    return record
-
-
-def _absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
 def _drop_logged_after(path: str, step: int) -> None:
@@ -171,14 +153,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from the checkpoint's in a field that changes the result is refused unless
     `config.resume_with_changed_config`.
     """
-    config_lib.validate(config)  # every value checked before anything compiles
-    directory = run_dir(workdir, config.mode, config.task)
+    # Every value checked and resolved into each owner's part before anything compiles.
+    parts = run_config.resolve(config)
+    directory = run_dir(workdir, parts.train.mode, parts.task.name)
     check_not_a_model_folder(workdir, directory)
     make_writable_folder(directory)
     # Process 0 holds the lock for the whole multi-host job: on a shared filesystem the other
     # processes would find it taken by their own job.
     with run_lock.hold(directory) if logs.is_writer() else contextlib.nullcontext():
-        return _train_and_evaluate(config, directory)
+        return _train_and_evaluate(parts, directory)
 
 
 def make_writable_folder(directory: str) -> None:
@@ -211,18 +194,19 @@ def check_not_a_model_folder(workdir: str, directory: str) -> None:
         folder = os.path.dirname(folder)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
-    task = config_lib.task_of(config)
+def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str, float]:
+    task, settings = parts.task, parts.train
     mesh = data.data_mesh()
     replicated = NamedSharding(mesh, P())
 
-    model_def, base, base_info = load.load_base(config)
-    head_def = heads.build(config.head, task, model_def.width)
+    model_def, base, base_info = load.load_base(parts.model, parts.base)
+    head_def = heads.build(parts.head, task, model_def.width)
     base = jax.device_put(base, replicated)
     base_print = checkpoint.fingerprint(base)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(parts.optimizer)
 
-    params = init_params(config, model_def, head_def, base, jax.random.key(config.seed))
+    key = jax.random.key(settings.seed)
+    params = init_params(parts.lora, settings.mode, model_def, head_def, base, key)
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
     state = jax.device_put(state, replicated)
 
@@ -231,25 +215,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
         "task": task.name,
         # The task itself, so the run loads where the task is not registered.
         "task_definition": tasks.registry.to_record(task),
-        "mode": config.mode,
+        "mode": settings.mode,
         "model": base_info,
-        "lora": config.lora.to_dict() if config.mode == "lora" else None,
+        "lora": parts.record["lora"] if settings.mode == "lora" else None,
         # The head module (`heads.from_record` rebuilds it) and the task's head kind.
         "head": {**heads.to_record(head_def), "kind": task.kind},
         "base_fingerprint": base_print,
-        "config": _config_record(config),
+        "config": parts.record,
     }
     if mngr.all_steps():
         # The config first, from the newest step's metadata alone: a changed lora.rank or head
         # makes arrays of other shapes, which must be named as a changed config, not a
         # corrupted step (`checkpoint.restore` also refuses them, without moving anything).
         newest = checkpoint.read_metadata(mngr, max(mngr.all_steps()))
-        if newest is not None and not config.resume_with_changed_config:
+        if newest is not None and not settings.resume_with_changed_config:
             config_resume.check_unchanged(newest.get("config", {}), metadata["config"], directory)
         params, opt_state, saved = checkpoint.restore(
             mngr, state.params, state.opt_state, expected_base=base_print
         )
-        if not config.resume_with_changed_config:
+        if not settings.resume_with_changed_config:
             config_resume.check_unchanged(saved.get("config", {}), metadata["config"], directory)
         state = jax.device_put(
             TrainState(jnp.asarray(saved["step"]), params, opt_state), replicated
@@ -260,27 +244,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
 
     train_step = make_train_step(model_def, head_def, task, optimizer)
     eval_step = scoring.make_eval_step(model_def, head_def, task)
-    rng = jax.random.key(config.seed + 1)
+    rng = jax.random.key(settings.seed + 1)
     metrics_path = os.path.join(directory, "metrics.jsonl")
-    batches = data.train_batches(task, config, model_def, start_step=start)
-    sync_every = min(config.log_every, MAX_STEPS_WITHOUT_SYNC)
-    schedule = make_schedule(config)
+    batches = data.train_batches(task, parts.data, model_def.image_size, start_step=start)
+    sync_every = min(settings.log_every, MAX_STEPS_WITHOUT_SYNC)
+    schedule = make_schedule(parts.optimizer)
     tensorboard = logs.Scalars(
         os.path.join(directory, "tensorboard"),
-        enabled=config.tensorboard,
+        enabled=settings.tensorboard,
         # A resume logs the steps after `start` again: TensorBoard hides the old ones.
         purge_step=start + 1 if start else None,
     )
 
     bar = logs.progress(
-        total=config.steps, initial=start, desc=f"{config.mode}:{task.name}", unit="step"
+        total=settings.steps, initial=start, desc=f"{settings.mode}:{task.name}", unit="step"
     )
     last_time, last_step = time.perf_counter(), start
     with contextlib.closing(tensorboard), contextlib.closing(bar):
-        for step in range(start, config.steps):
+        for step in range(start, settings.steps):
             state, metrics = train_step(state, base, data.shard_batch(next(batches), mesh), rng)
             done = step + 1
-            if done % sync_every and done != config.steps:
+            if done % sync_every and done != settings.steps:
                 continue
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not math.isfinite(metrics["loss"]):
@@ -289,7 +273,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
                     f"checkpoint (step {mngr.latest_step()}) is kept; lower config.learning_rate"
                 )
             now = time.perf_counter()
-            images_per_s = (done - last_step) * config.batch_size / (now - last_time)
+            images_per_s = (done - last_step) * parts.data.batch_size / (now - last_time)
             last_time, last_step = now, done
             bar.update(done - bar.n)
             main = task.head_kind.main_metric
@@ -298,20 +282,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> di
                 **{main: f"{metrics.get(main, 0):.3f}"},
                 img_s=f"{images_per_s:.0f}",
             )
-            if done % config.log_every == 0 or done == config.steps:
+            if done % settings.log_every == 0 or done == settings.steps:
                 # The rate of the last update (update k uses schedule(k)).
                 learning_rate = float(schedule(done - 1))
                 record = {"images_per_s": images_per_s, "learning_rate": learning_rate, **metrics}
                 logs.append_jsonl(metrics_path, {"step": done, "split": "train", **record})
                 tensorboard.write("train", record, done)
-            if done % config.checkpoint_every == 0 or done == config.steps:
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
                 checkpoint.save(mngr, done, state.params, state.opt_state, metadata)
         bar.close()
 
         result = scoring.evaluate(
-            eval_step, state.params, base, data.eval_batches(task, config, model_def), mesh
+            eval_step,
+            state.params,
+            base,
+            data.eval_batches(task, parts.data, model_def.image_size),
+            mesh,
         )
-        result = {"task": task.name, "mode": config.mode, "step": int(state.step), **result}
+        result = {"task": task.name, "mode": settings.mode, "step": int(state.step), **result}
         logs.append_jsonl(metrics_path, {"split": task.eval_split, **result})
         tensorboard.write(task.eval_split, result, result["step"])
     if logs.is_writer():

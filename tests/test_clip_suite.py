@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -24,7 +23,7 @@ from tensorflow_datasets.core import registered
 
 from experiments import study
 from experiments.configs import clip as clip_config
-from jaxmerge import data, lora, recipes, scoring, tasks, train, zero_shot
+from jaxmerge import config_lib, data, lora, recipes, run_config, scoring, tasks, train, zero_shot
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import BUILDERS, common, gtsrb
 from jaxmerge.models import clip
@@ -100,8 +99,10 @@ def test_suite_tasks_and_their_datasets():
     for family, mean, std in [
         ("clip", clip.CLIP_MEAN, clip.CLIP_STD), ("siglip", (0.5,), (0.5,)), ("vit", (0.5,), (0.5,))
     ]:  # fmt: skip
-        config = ml_collections.ConfigDict({"model": {"family": family}})
-        prepare = data.preprocess(tasks.get("mnist"), 8, True, **data.normalization(config))
+        config = config_lib.base_config()
+        config.model.family = family
+        normalization = run_config.data_settings(config).normalization
+        prepare = data.preprocess(tasks.get("mnist"), 8, True, **normalization)
         out = prepare(dict(example), np.random.default_rng(0))
         want = np.broadcast_to((1 - np.asarray(mean)) / np.asarray(std), (3,))
         np.testing.assert_allclose(out["image"][0, 0], want, 1e-6)
@@ -161,9 +162,9 @@ def rescore(config, workdir: str, record: dict) -> dict[str, dict[str, float]]:
     backbone = lora.fold_into_base(base, merged)
     scores = {}
     for run in runs:
-        source = data.open_split(run.task, run.task.eval_split, run.config)
+        source = data.open_split(run.task, run.task.eval_split, run.parts.data)
         prepare = data.preprocess(
-            run.task, model_def.image_size, False, **data.normalization(run.config)
+            run.task, model_def.image_size, False, **run.parts.data.normalization
         )
         rng = np.random.default_rng(0)
         examples = [prepare(dict(source[i]), rng) for i in range(len(source))]

@@ -130,7 +130,7 @@ def test_scorer_reproduces_the_training_evaluation(finished):
 
     run = runs_lib.load(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
     model_def, base = runs_lib.base_of([run])
-    scorer = scoring.Scorer(run.task, run.head_def, model_def, run.config)
+    scorer = scoring.run_scorer(run, model_def)
     scores = scorer(lora.fold_into_base(base, run.adapter), run.head)
     with open(os.path.join(run.directory, "result.json")) as f:
         result = json.load(f)

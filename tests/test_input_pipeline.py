@@ -259,12 +259,12 @@ def test_closing_or_dropping_an_iterator_stops_its_thread():
 def test_config_data_threads_sets_the_loader_threads():
     """`config.data_threads` picks the loader's threads, 0 one per core; batches do not depend
     on it (test_threads_and_prefetch_do_not_change_the_batches)."""
-    from jaxmerge import config_lib, data
+    from jaxmerge import config_lib, run_config
 
     config = config_lib.base_config()
-    assert data.num_threads(config) == min(32, os.cpu_count() or 1)
+    assert run_config.data_settings(config).threads == min(32, os.cpu_count() or 1)
     config.data_threads = 3
-    assert data.num_threads(config) == 3
+    assert run_config.data_settings(config).threads == 3
     config.data_threads = -1
     with pytest.raises(ValueError, match="config.data_threads: got -1"):
         config_lib.validate(config)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmerge import checkpoint, config_lib, heads, scoring, tasks, train
+from jaxmerge import checkpoint, config_lib, heads, run_config, scoring, tasks, train
 from jaxmerge.models import vit
 from tests.tiny import tiny_config
 
@@ -28,7 +28,8 @@ def _setup():
     config = config_lib.base_config()
     config.lora.targets = "all"
     head = heads.MlpHead(16, 10)
-    params = train.init_params(config, vit.ViT(**MU), head, base, jax.random.key(1))
+    lora_config = run_config.of_saved(config).lora
+    params = train.init_params(lora_config, "lora", vit.ViT(**MU), head, base, jax.random.key(1))
     # A trained-looking adapter: lora_b is zero at initialisation, which would hide its maths.
     keys = iter(jax.random.split(jax.random.key(3), 100))
     params["lora"] = jax.tree.map(
@@ -145,10 +146,11 @@ def test_bfloat16_scorer_keeps_images_in_bfloat16_with_the_same_scores(data_dir)
     head_def = heads.MlpHead(16, 10)
     head = head_def.init(jax.random.key(1), jnp.zeros((1, model.width)))["params"]
     task = tasks.get("digits")
-    scorer = scoring.Scorer(task, head_def, model, config)
+    settings = run_config.resolve(config).data
+    scorer = scoring.Scorer(task, head_def, model, settings)
     assert {b["image"].dtype for b in scorer.batches} == {jnp.dtype(jnp.bfloat16)}
     cached = scorer(base, head)
     step = scoring.make_eval_step(model, head_def, task)
-    batches = data.eval_batches(task, config, model)  # float32 images
+    batches = data.eval_batches(task, settings, model.image_size)  # float32 images
     plain = scoring.evaluate(step, {"head": head}, base, batches, data.data_mesh())
     assert cached == pytest.approx(plain, abs=1e-6) and cached["examples"] == 359

@@ -23,6 +23,7 @@ from jaxmerge import (
     merging,
     model_folder,
     predict,
+    run_config,
     train,
 )
 from jaxmerge import runs as runs_lib
@@ -410,7 +411,7 @@ def test_runs_normalised_differently_cannot_share_a_folder():
 
     def run(directory, **model):
         config = ml_collections.ConfigDict({"model": {"family": "vit", **model}})
-        return SimpleNamespace(directory=directory, config=config)
+        return SimpleNamespace(directory=directory, parts=run_config.of_saved(config))
 
     same = [run("a"), run("b", pixel_mean=[0.5], pixel_std=[0.5])]
     model_folder.check_one_normalization(same)  # the family's default, recorded or not
@@ -469,7 +470,7 @@ def test_predict_on_a_file_is_the_model_on_what_prepare_stored_for_it(folder_run
     assert model.tasks["pics"]["input"] == {"size": 32, "channels": 3, "encoding": "jpeg"}
     rows = list(predict.predict_paths(model, files, batch_size=4))
     run = runs_lib.load(run_dir)
-    steps = data.preprocess(run.task, 8, False, **data.normalization(config))
+    steps = data.preprocess(run.task, 8, False, **run.parts.data.normalization)
     stored = [
         example
         for split in ("train", "test")

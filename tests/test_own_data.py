@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from configs import adapter
-from jaxmerge import config_lib, data, train
+from jaxmerge import data, run_config, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.data import ops, sources
 from jaxmerge.datasets import demo_shapes, prepare
@@ -33,7 +33,7 @@ def digits_config(data_dir, **overrides):
 
 
 def test_classification_is_read_from_the_label_feature(tmp_path):
-    task = config_lib.task_of(digits_config(tmp_path))
+    task = run_config.resolve(digits_config(tmp_path)).task
     assert (task.name, task.kind, task.outputs, task.target) == (
         "digit_values", "classification", 10, "label"
     )  # fmt: skip
@@ -41,7 +41,7 @@ def test_classification_is_read_from_the_label_feature(tmp_path):
 
 
 def test_regression_is_read_from_a_scalar_feature_with_its_training_statistics(tmp_path):
-    task = config_lib.task_of(digits_config(tmp_path, **{"dataset.target": "value"}))
+    task = run_config.resolve(digits_config(tmp_path, **{"dataset.target": "value"})).task
     values = [ex["value"] for ex in sources.open_source("sklearn_digits", "train", str(tmp_path))]
     assert (task.kind, task.outputs, task.spec["loss"]) == ("regression", 1, "l1")
     np.testing.assert_allclose(task.spec["mean"], np.mean(values), rtol=1e-6)
@@ -49,7 +49,7 @@ def test_regression_is_read_from_a_scalar_feature_with_its_training_statistics(t
 
 
 def test_kind_override_reads_class_indices_as_values(tmp_path):
-    task = config_lib.task_of(digits_config(tmp_path, **{"dataset.kind": "regression"}))
+    task = run_config.resolve(digits_config(tmp_path, **{"dataset.kind": "regression"})).task
     assert (task.kind, task.target, task.outputs) == ("regression", "label", 1)
 
 
@@ -80,7 +80,7 @@ def test_bad_dataset_fields_name_field_value_and_allowed(tmp_path, overrides, me
         *parents, leaf = key.split(".")
         (config[parents[0]] if parents else config)[leaf] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        config_lib.validate(config)
+        run_config.resolve(config)
 
 
 def box_config(data_dir, **dataset):
@@ -91,11 +91,12 @@ def box_config(data_dir, **dataset):
 
 
 def test_landmarks_are_read_from_a_point_feature(tmp_path):
-    task = config_lib.task_of(box_config(tmp_path, target="landmarks"))
+    task = run_config.resolve(box_config(tmp_path, target="landmarks")).task
     assert (task.kind, task.outputs, task.spec, task.flip) == ("landmarks", 4, {}, False)
-    named = config_lib.task_of(box_config(tmp_path, target="landmarks", norm_points="0,1"))
+    named = run_config.resolve(box_config(tmp_path, target="landmarks", norm_points="0,1")).task
     assert named.spec == {"norm_points": (0, 1)}
-    flips = config_lib.task_of(box_config(tmp_path, target="landmarks", flip_permutation="1,0"))
+    flipping = box_config(tmp_path, target="landmarks", flip_permutation="1,0")
+    flips = run_config.resolve(flipping).task
     assert flips.flip and flips.flip_permutation == (1, 0)
 
 
@@ -111,7 +112,7 @@ def test_landmarks_are_read_from_a_point_feature(tmp_path):
 def test_bad_landmark_fields_name_field_value_and_allowed(tmp_path, field, value, allowed):
     config = box_config(tmp_path, target="landmarks", **{field: value})
     with pytest.raises(ValueError) as error:
-        config_lib.validate(config)
+        run_config.resolve(config)
     assert str(error.value).startswith(f"config.dataset.{field}: got {value!r}; allowed: {allowed}")
 
 
@@ -197,5 +198,6 @@ def test_readme_walkthrough_reaches_its_accuracy_and_loads_without_the_task(shap
     assert out.returncode == 0, out.stderr[-2000:]
     scores = json.loads(out.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(scores["shapes"]["accuracy"], result["accuracy"], atol=1e-6)
-    assert runs_lib.load(run).task == config_lib.task_of(config)
-    assert data.open_split(runs_lib.load(run).task, "test", config).__len__() == 120
+    assert runs_lib.load(run).task == run_config.resolve(config).task
+    settings = run_config.resolve(config).data
+    assert data.open_split(runs_lib.load(run).task, "test", settings).__len__() == 120

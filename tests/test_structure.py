@@ -197,7 +197,7 @@ def test_a_new_task_is_one_builder_and_one_task(tmp_path):
         run = runs_lib.load(train.run_dir(str(tmp_path), "lora", task.name))
         model_def, base = runs_lib.base_of([run])
         prepare = data.preprocess(
-            task, config.model.image_size, False, **data.normalization(config)
+            task, config.model.image_size, False, **run.parts.data.normalization
         )
         images, labels = _tiny_digits()
         rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmerge import checkpoint, config_lib, data, heads, tasks, train
+from jaxmerge import checkpoint, config_lib, data, heads, run_config, tasks, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.models import vit
 from tests.tiny import tiny_config
@@ -36,7 +36,8 @@ def test_sharded_step_equals_single_device_step():
     head = heads.MlpHead(16, 10)
     task = tasks.get("digits")
     base = vit.init_params(model, jax.random.key(0))
-    optimizer = train.make_optimizer(config)
+    parts = run_config.resolve(config)
+    optimizer = train.make_optimizer(parts.optimizer)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
@@ -45,7 +46,7 @@ def test_sharded_step_equals_single_device_step():
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = data.data_mesh(devices)
-        params = train.init_params(config, model, head, base, jax.random.key(1))
+        params = train.init_params(parts.lora, "lora", model, head, base, jax.random.key(1))
         state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
         state = jax.device_put(state, NamedSharding(mesh, P()))
         step = train.make_train_step(model, head, task, optimizer)
@@ -62,7 +63,10 @@ def test_sharded_step_equals_single_device_step():
         results.append((flat(state.params), float(metrics["loss"])))
     (single, loss1), (sharded, loss8) = results
     assert (
-        np.abs(single - flat(train.init_params(config, model, head, base, jax.random.key(1)))).max()
+        np.abs(
+            single
+            - flat(train.init_params(parts.lora, "lora", model, head, base, jax.random.key(1)))
+        ).max()
         > 1e-4
     )
     np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-6)
@@ -278,9 +282,9 @@ def test_a_run_records_its_pixel_normalisation_and_is_scored_with_it(data_dir, t
     config = tiny_config(data_dir, steps=4, **{"model.pixel_mean": mean, "model.pixel_std": std})
     result = train.train_and_evaluate(config, str(tmp_path / "b"))
     run = runs_lib.load(train.run_dir(str(tmp_path / "b"), "lora", "digits"))
-    assert data.normalization(run.config) == {"mean": mean, "std": std}
+    assert run.parts.data.normalization == {"mean": mean, "std": std}
     example = {"image": np.full((8, 8, 1), 255, np.uint8), "label": 0}
-    image = data.preprocess(run.task, 8, False, **data.normalization(run.config))(example, None)
+    image = data.preprocess(run.task, 8, False, **run.parts.data.normalization)(example, None)
     np.testing.assert_allclose(image["image"][0, 0], (1 - np.array(mean)) / std, rtol=1e-6)
     again = evaluate.evaluate_runs([run.directory])["digits"]
     assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)

@@ -8,11 +8,10 @@ import os
 import golden_files
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from jaxmerge import lora, train, zero_shot
+from jaxmerge import lora, run_config, train, zero_shot
 from jaxmerge.models import clip
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "clip")
@@ -46,11 +45,11 @@ def test_head_is_frozen_under_the_trainer_optimizer():
             jax.random.key(1), base, lora.LoraConfig(rank=2, targets=clip.TARGET_PRESETS["qv"])
         ),
     }
-    config = ml_collections.ConfigDict(
-        dict(learning_rate=1e-2, warmup_steps=0, steps=10, end_learning_rate_factor=1.0,
-             weight_decay=0.1, grad_clip_norm=1.0)
+    settings = run_config.OptimizerSettings(
+        learning_rate=1e-2, steps=10, warmup_steps=0, end_learning_rate_factor=1.0,
+        weight_decay=0.1, grad_clip_norm=1.0,
     )  # fmt: skip
-    optimizer = train.make_optimizer(config)
+    optimizer = train.make_optimizer(settings)
     state = optimizer.init(params)
 
     def loss(p):

@@ -17,13 +17,13 @@ import pytest
 
 from jaxmerge import (
     checkpoint,
-    config_lib,
     data,
     evaluate,
     heads,
     lora,
     model_folder,
     predict,
+    run_config,
     train,
     zero_shot,
 )
@@ -125,7 +125,7 @@ def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shape
     assert info["preprocessing"]["mean"] == list(clip.CLIP_MEAN)
     assert info["preprocessing"]["std"] == list(clip.CLIP_STD)
     image = {"image": np.random.default_rng(1).integers(0, 256, (20, 24, 3), np.uint8), "label": 0}
-    trained_on = data.preprocess(run.task, 16, False, **data.normalization(run.config))
+    trained_on = data.preprocess(run.task, 16, False, **run.parts.data.normalization)
     np.testing.assert_array_equal(
         model_folder.preprocess_fn(info["preprocessing"])(dict(image), None)["image"],
         trained_on(dict(image), None)["image"],
@@ -150,7 +150,7 @@ def test_zero_shot_file_errors_name_the_field_value_and_what_is_allowed(tmp_path
     def error(**overrides):
         config = tiny_config(tmp_path, **{"head.type": "zero_shot", **overrides})
         with pytest.raises(ValueError) as caught:
-            config_lib.validate(config)
+            run_config.resolve(config)
         return str(caught.value)
 
     missing = str(tmp_path / "none.npz")
@@ -195,15 +195,14 @@ def test_head_records_round_trip_and_old_records_are_mlp_heads():
 
 
 def test_a_zero_shot_file_for_another_width_is_refused_when_the_base_loads(tmp_path):
-    config = tiny_config(tmp_path, **{"head.type": "zero_shot", "head.zero_shot_file": FILE})
-    task = config_lib.task_of(config)
     with np.load(FILE) as npz:
         arrays = {k: npz[k] for k in npz.files}
     path = str(tmp_path / "digits.npz")
     np.savez(path, **arrays, **{"digits/classes": np.eye(10, 24, dtype=np.float32)})
-    config.head.zero_shot_file = path
+    config = tiny_config(tmp_path, **{"head.type": "zero_shot", "head.zero_shot_file": path})
+    parts = run_config.resolve(config)  # the file fits the task: width is checked at build
     with pytest.raises(ValueError, match=r"reads a 32-wide feature; allowed: a file made for "):
-        heads.build(config.head, task, width=64)
+        heads.build(parts.head, parts.task, width=64)
 
 
 def test_clip_suite_config_takes_zero_shot_heads():
@@ -217,7 +216,7 @@ def test_clip_suite_config_takes_zero_shot_heads():
     run = config.train.copy_and_resolve_references()
     run.task = "sun397"
     with pytest.raises(ValueError, match=r"allowed: a file holding task 'sun397' \(it holds"):
-        config_lib.validate(run)
+        run_config.resolve(run)
     with pytest.raises(ValueError, match=r"clip.py: heads='mlp'; allowed: linear, zero_shot"):
         clip_config.get_config("heads=mlp")
     with pytest.raises(ValueError, match="zero_shot_file is read with heads=zero_shot only"):

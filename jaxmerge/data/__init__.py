@@ -2,8 +2,9 @@
 
 This joins the task registry to the TF-free input pipeline: it opens the task's dataset
 (preparing it on first use: offline builders need nothing, the paper's need
-`config.manual_dir`), picks the task's preprocessing for the model's image size, and places
-each host's slice of the global batch on the ('data',) mesh.
+`manual_dir`), picks the task's preprocessing for the model's image size, and places each
+host's slice of the global batch on the ('data',) mesh. Its settings are a run's
+`run_config.DataSettings`, resolved once from the config.
 
 The pipeline itself, one job per module: `ops` (preprocessing functions), `loader` (resumable,
 host-sliced batches), `prefetch` (a background thread), `sources` (TFDS datasets by name).
@@ -11,7 +12,6 @@ host-sliced batches), `prefetch` (a background thread), `sources` (TFDS datasets
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import jax
@@ -19,20 +19,15 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmerge import models, tasks
+from jaxmerge import tasks
 from jaxmerge.data import loader, ops, sources
 
 
-def data_dir(config) -> str:
-    return os.path.expanduser(config.data_dir or os.path.join("~", "tensorflow_datasets"))
-
-
-def open_split(task: tasks.Task, split: str, config) -> loader.Source:
+def open_split(task: tasks.Task, split: str, settings) -> loader.Source:
     """The task's split as a random-access source, preparing the dataset if it is not yet (or
-    if its source folder changed since)."""
-    directory = data_dir(config)
-    ensure_prepared(task.dataset, directory, config.manual_dir)
-    return sources.open_source(task.dataset, split, directory)
+    if its source folder changed since); `settings`: a `run_config.DataSettings`."""
+    ensure_prepared(task.dataset, settings.data_dir, settings.manual_dir)
+    return sources.open_source(task.dataset, split, settings.data_dir)
 
 
 def ensure_prepared(dataset: str, directory: str, manual_dir: str = "") -> None:
@@ -50,17 +45,6 @@ def ensure_prepared(dataset: str, directory: str, manual_dir: str = "") -> None:
         rechecks = hasattr(builder, "source_change") and bool(manual_dir)
         if not builder.is_prepared() or rechecks:
             prepare.prepare(dataset, directory, manual_dir or None)
-
-
-def normalization(config) -> dict[str, tuple[float, ...]]:
-    """`{"mean", "std"}`, as keyword arguments of `preprocess`: `config.model.pixel_mean` and
-    `pixel_std` where set (a run records them), else the base model family's (CLIP's own
-    statistics, [-1, 1] for the others)."""
-    mean, std = config.model.get("pixel_mean") or (), config.model.get("pixel_std") or ()
-    if mean and std:
-        return {"mean": tuple(mean), "std": tuple(std)}
-    family = models.get(config.model.get("family", "vit"))
-    return {"mean": family.pixel_mean, "std": family.pixel_std}
 
 
 def image_steps(
@@ -103,43 +87,42 @@ def preprocess(
     task: tasks.Task, image_size: int, train: bool, crop_padding: int = 0, **normalization
 ):
     """The task's own preprocessing (`Task.preprocess`, which brings its own normalisation),
-    or `default_preprocess` with `normalization` (see `normalization`)."""
+    or `default_preprocess` with `normalization` (`run_config.DataSettings.normalization`)."""
     if task.preprocess is not None:
         return task.preprocess(task, image_size, train, crop_padding)
     return default_preprocess(task, image_size, train, crop_padding, **normalization)
 
 
-def train_batches(task: tasks.Task, config, model_def, start_step: int = 0) -> Iterator[dict]:
-    """This host's slices of the global training batches, from `start_step` on."""
-    source = open_split(task, task.train_split, config)
+def train_batches(
+    task: tasks.Task, settings, image_size: int, start_step: int = 0
+) -> Iterator[dict]:
+    """This host's slices of the global training batches, from `start_step` on (`settings`: a
+    `run_config.DataSettings`)."""
+    source = open_split(task, task.train_split, settings)
     return loader.train_batches(
         source,
-        preprocess(task, model_def.image_size, True, config.crop_padding, **normalization(config)),
-        config.batch_size,
-        seed=config.seed,
+        preprocess(task, image_size, True, settings.crop_padding, **settings.normalization),
+        settings.batch_size,
+        seed=settings.seed,
         start_step=start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        num_threads=num_threads(config),
+        num_threads=settings.threads,
     )
 
 
-def num_threads(config) -> int:
-    """`config.data_threads`, or one thread per CPU core (at most 32) when it is 0. JPEG
-    decoding and numpy release the GIL, so threads scale with cores (benchmarks/RESULTS.md)."""
-    return config.get("data_threads", 0) or min(32, os.cpu_count() or 1)
-
-
-def eval_batches(task: tasks.Task, config, model_def, split: str | None = None) -> Iterator[dict]:
+def eval_batches(
+    task: tasks.Task, settings, image_size: int, split: str | None = None
+) -> Iterator[dict]:
     """Every example of the eval split once, with a `mask` marking padding."""
-    source = open_split(task, split or task.eval_split, config)
+    source = open_split(task, split or task.eval_split, settings)
     return loader.eval_batches(
         source,
-        preprocess(task, model_def.image_size, False, **normalization(config)),
-        config.eval_batch_size,
+        preprocess(task, image_size, False, **settings.normalization),
+        settings.eval_batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        num_threads=num_threads(config),
+        num_threads=settings.threads,
     )
 
 

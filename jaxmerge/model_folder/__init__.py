@@ -33,7 +33,7 @@ from jaxmerge.model_folder import fused, multitask, staging
 from jaxmerge.model_folder.describe import (
     FORMAT,
     check_one_normalization,
-    data_config,
+    data_settings,
     describe,
     label_names,
     preprocess_fn,
@@ -77,7 +77,7 @@ __all__ = [
     "check_one_normalization",
     "check_output_folder",
     "check_peft_exportable",
-    "data_config",
+    "data_settings",
     "describe",
     "export_hf",
     "export_peft",

@@ -1,5 +1,5 @@
 """model.json's content: the model, each task, the preprocessing and the merge recipe; and
-what it gives back to score a folder (`task_of`, `data_config`)."""
+what it gives back to score a folder (`task_of`, `data_settings`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jaxmerge
-from jaxmerge import checkpoint, config_lib, data, heads, image_input, models, tasks
+from jaxmerge import checkpoint, config_lib, heads, image_input, models, run_config, tasks
 from jaxmerge.data import ops
 
 FORMAT = "jaxmerge.multitask_model/1"
@@ -45,8 +45,8 @@ def task_info(run) -> dict[str, Any]:
         "outputs": task.outputs,
         "hidden": heads.to_record(run.head_def)["hidden"],
         "head": heads.to_record(run.head_def),
-        "labels": label_names(task, data.data_dir(run.config)),
-        "input": image_input.dataset_input(task.dataset, data.data_dir(run.config)),
+        "labels": label_names(task, run.parts.data.data_dir),
+        "input": image_input.dataset_input(task.dataset, run.parts.data.data_dir),
         "metric": task.head_kind.main_metric,
         "higher_is_better": task.head_kind.higher_is_better,
         "target": task.target,
@@ -63,25 +63,22 @@ def task_of(info: Mapping[str, Any], name: str) -> tasks.Task:
     return tasks.registry.of_run(name, info["tasks"][name].get("definition"))
 
 
-def data_config(info: Mapping[str, Any], data_dir: str = ""):
-    """A config that reads and prepares a folder's tasks' data as its runs did: their data
-    folder `data_dir` ("" = the TFDS default) and the normalisation model.json records."""
+def data_settings(info: Mapping[str, Any], data_dir: str = "") -> run_config.DataSettings:
+    """The `run_config.DataSettings` that read and prepare a folder's tasks' data as its runs
+    did: their data folder `data_dir` ("" = the TFDS default), the normalisation model.json
+    records, and the default batch size and threads."""
     config = config_lib.base_config()
     config.data_dir = data_dir
-    config.model.family = info["model"]["family"]
-    config.model.dtype = info["model"]["dtype"]
     preprocessing = info["preprocessing"]
     config.model.pixel_mean = tuple(preprocessing.get("mean", [0.5]))
     config.model.pixel_std = tuple(preprocessing.get("std", [0.5]))
-    return config
+    return run_config.data_settings(config)
 
 
-def preprocessing_info(model_def, config) -> dict[str, Any]:
+def preprocessing_info(model_def, settings: run_config.DataSettings) -> dict[str, Any]:
     """model.json's "preprocessing" (`image_input.describe`): a file's steps, then
     `data.image_steps` at evaluation with the run's normalisation."""
-    return image_input.describe(
-        model_def.image_size, model_def.channels, data.normalization(config)
-    )
+    return image_input.describe(model_def.image_size, model_def.channels, settings.normalization)
 
 
 def preprocess_fn(preprocessing: Mapping[str, Any]) -> ops.Preprocess:
@@ -93,7 +90,7 @@ def preprocess_fn(preprocessing: Mapping[str, Any]) -> ops.Preprocess:
 def check_one_normalization(runs) -> None:
     """A model folder prepares images once for every head: its runs must have trained on
     images normalised alike (`data.normalization`)."""
-    normalizations = {run.directory: data.normalization(run.config) for run in runs}
+    normalizations = {run.directory: run.parts.data.normalization for run in runs}
     if len({json.dumps(n) for n in normalizations.values()}) > 1:
         listing = "; ".join(f"{d}: {n}" for d, n in normalizations.items())
         raise ValueError(
@@ -104,9 +101,9 @@ def check_one_normalization(runs) -> None:
 
 def describe(runs, model_def, recipe: Mapping[str, Any], fold: bool) -> dict[str, Any]:
     """model.json's content for runs merged by `recipe` (method, weights, params, learned)."""
-    config = runs[0].config
+    parts = runs[0].parts
     check_one_normalization(runs)
-    family = config.model.get("family", "vit")
+    family = parts.model.family
     keys = models.get(family).architecture_keys
     sources = [
         {
@@ -123,11 +120,11 @@ def describe(runs, model_def, recipe: Mapping[str, Any], fold: bool) -> dict[str
         "model": {
             "family": family,
             "kwargs": {k: getattr(model_def, k) for k in keys},
-            "dtype": config.model.dtype,
+            "dtype": parts.model.dtype,
         },
         "tasks": {run.task.name: task_info(run) for run in runs},
-        "preprocessing": preprocessing_info(model_def, config),
-        "base": {"source": config.base.source, "path": config.base.path},
+        "preprocessing": preprocessing_info(model_def, parts.data),
+        "base": {"source": parts.base.source, "path": parts.base.path},
         "base_fingerprint": runs[0].base_fingerprint,
         "folded": bool(fold),
         "merge": {**recipe, "runs": sources},

@@ -121,9 +121,6 @@ HF_NAMES = NameMap(
     prefix={"v4": "vision_model."},
 )
 
-# ViT knobs that `config_lib.model_kwargs` passes to every family; a tower's family fixes them.
-_VIT_ONLY = ("pool", "pooler", "gelu_approximate")
-
 
 def _variant(sizes: dict, family: str, defaults: dict, name: str, **overrides: Any) -> dict:
     match = re.fullmatch(r"(\w+)/(\d+)", name)
@@ -142,15 +139,15 @@ def _variant(sizes: dict, family: str, defaults: dict, name: str, **overrides: A
         projection_dim=projection_dim,
         **defaults,
     )
-    kwargs.update({k: v for k, v in overrides.items() if k not in _VIT_ONLY})
+    kwargs.update(overrides)
     return kwargs
 
 
 def clip_variant(name: str, **overrides: Any) -> dict[str, Any]:
     """`VisionTower` kwargs of a CLIP variant ("B/32", "B/16", "L/14", tiny "mu/4").
 
-    Overrides replace entries; `pool`, `pooler` and `gelu_approximate` (ViT settings) are
-    ignored, the family fixes them.
+    Overrides replace entries (a training config passes `image_size` and `layer_norm_eps`,
+    the family's `config_fields`).
     """
     defaults = dict(
         image_size=224, layer_norm_eps=1e-5, activation="quick_gelu", pre_norm=True, pool="cls"
@@ -346,7 +343,7 @@ def load_siglip_npz(
 
 def load_pretrained(source: str, path: str, model) -> tuple[dict, dict]:
     """(tower kwargs, params) of a pretrained base: "hf", a CLIP or SigLIP folder; "bigvision",
-    a SigLIP `.npz` at `config.model` `model`'s image_size."""
+    a SigLIP `.npz` at `model`'s image_size (`run_config.ModelSettings`)."""
     if source == "bigvision":
         return load_siglip_npz(path, image_size=model.image_size)[:2]
     return load_hf(path)[:2]

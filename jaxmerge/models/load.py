@@ -1,7 +1,8 @@
-"""Builds the model a config describes and loads its base parameters from any supported source.
+"""Builds the model a run's model part describes and loads its base parameters from any
+supported source.
 
 Sources (`config.base.source`):
-  random      fresh parameters from `config.seed` (tests; pretraining from scratch)
+  random      fresh parameters from `config.seed` + 10000 (tests; pretraining from scratch)
   checkpoint  a jaxmerge run folder trained with mode "full" (e.g. `configs/pretrain.py`);
               its metadata names the ViT it holds
   hf, bigvision, ...  a pretrained checkpoint, read by the family's own `load_pretrained`
@@ -17,38 +18,34 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from jaxmerge import checkpoint, config_lib, models
+from jaxmerge import checkpoint, models
 
 Tree = Any
 
 
-def family_of(config: ml_collections.ConfigDict | None) -> models.Family:
-    """The model family a config names (runs saved before families existed are ViTs)."""
-    return models.get("vit" if config is None else config.model.get("family", "vit"))
-
-
-def build(kwargs: dict, config: ml_collections.ConfigDict | None = None):
-    """A model from architecture kwargs, with the run's compute dtype, LoRA dropout, how LoRA
-    is computed and which kernels run."""
-    family = family_of(config)
+def build(kwargs: dict, model=None):
+    """A model of `model`'s family (`run_config.ModelSettings`; None: a ViT, as runs saved
+    before families) from architecture kwargs, with the run's compute dtype, LoRA dropout, how
+    LoRA is computed and which kernels run."""
+    family = models.get("vit" if model is None else model.family)
     extra = {}
-    if config is not None:
+    if model is not None:
         extra = dict(
-            dtype=jnp.dtype(config.model.dtype),
-            lora_dropout=config.lora.dropout,
-            lora_compute=config.model.get("lora_compute", "branch"),
-            kernels=config.model.get("kernels", "auto"),
+            dtype=jnp.dtype(model.dtype),
+            lora_dropout=model.lora_dropout,
+            lora_compute=model.lora_compute,
+            kernels=model.kernels,
         )
     keys = family.architecture_keys
     return family.module(**{k: kwargs[k] for k in keys if k in kwargs}, **extra)
 
 
-def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
-    """(model, base params, architecture kwargs) for the config's base source."""
-    source, path = config.base.source, os.path.expanduser(config.base.path)
-    family = family_of(config)
+def load_base(model, base) -> tuple[Any, Tree, dict]:
+    """(model, base params, architecture kwargs) for `run_config.RunParts`' `model` and
+    `base` parts: `model` names the family and its variant, `base` the source."""
+    source, path = base.source, os.path.expanduser(base.path)
+    family = models.get(model.family)
     family.check_source(source)
     wants_folder = source in ("checkpoint", "hf")
     if source != "random" and not (os.path.isdir(path) if wants_folder else os.path.isfile(path)):
@@ -61,8 +58,8 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
             f"base.source={source!r} needs {kind}"
         )
     if source == "random":
-        kwargs = config_lib.model_kwargs(config)
-        params = family.init_params(build(kwargs, config), jax.random.key(config.seed + 10_000))
+        kwargs = model.kwargs
+        params = family.init_params(build(kwargs, model), jax.random.key(base.seed))
     elif source == "checkpoint":
         params, metadata = checkpoint.load(os.path.join(path, "checkpoints"))
         if "base" not in params:
@@ -72,7 +69,7 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Tree, dict]:
             )
         params, kwargs = params["base"], metadata["model"]
     else:
-        kwargs, params = family.load_pretrained(source, path, config.model)
+        kwargs, params = family.load_pretrained(source, path, model)
     kwargs = {k: (v.item() if hasattr(v, "item") else v) for k, v in kwargs.items()}
     keys = family.architecture_keys
-    return build(kwargs, config), params, {k: kwargs[k] for k in keys if k in kwargs}
+    return build(kwargs, model), params, {k: kwargs[k] for k in keys if k in kwargs}

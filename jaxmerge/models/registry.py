@@ -21,6 +21,8 @@ class Family:
       module: the flax module; called as `module(**kwargs)` with kwargs from `variant`.
       variant: `variant(name, **overrides) -> kwargs` for a named size such as "B/16".
       architecture_keys: the kwargs a base checkpoint fixes (stored with every run).
+      config_fields: the fields of `config.model` that `variant` takes (besides the variant's
+        name and `overrides`): the family's own, so no family filters out another's knobs.
       target_presets: {preset name: regex over target paths} for `LoraConfig.targets`.
       init_params: `init_params(model, key) -> params`, random base parameters.
       pixel_mean, pixel_std: the normalisation the family's checkpoints were pretrained with;
@@ -30,8 +32,9 @@ class Family:
         reads checkpoints and PEFT adapters and writes them (`export_peft`); None: none.
       sources: the `config.base.source` values besides "random" and "checkpoint" that
         `load_pretrained` reads, e.g. ("hf", "bigvision").
-      load_pretrained: `load_pretrained(source, path, config.model) -> (kwargs, params)`, the
-        base parameters of a pretrained checkpoint (numpy or jax arrays).
+      load_pretrained: `load_pretrained(source, path, model) -> (kwargs, params)` the base
+        parameters of a pretrained checkpoint (numpy or jax arrays) for `model`, a
+        `run_config.ModelSettings` (its image_size, a ViT's pooler).
       save_hf: `save_hf(folder, kwargs, params, naming)` writes a backbone as a Hugging Face
         model folder (`export_hf`); None where the family has no such export.
       images_in_compute_dtype: the module casts the images to its compute dtype before
@@ -56,6 +59,7 @@ class Family:
     load_pretrained: Callable[[str, str, Any], tuple[dict, Any]] | None = None
     save_hf: Callable[..., str] | None = None
     images_in_compute_dtype: bool = False
+    config_fields: tuple[str, ...] = ("image_size", "layer_norm_eps")
 
     def target_regex(self, targets: str) -> str:
         """The regex `LoraConfig.targets` takes for `targets`: a preset of this family (e.g.

@@ -238,9 +238,9 @@ def load_bigvision(
 
 def load_pretrained(source: str, path: str, model) -> tuple[dict, dict]:
     """(ViT kwargs, params) of a pretrained base: `source` "hf" (a ViTModel folder) or
-    "bigvision" (an .npz), for `config.model` `model` (its image_size; its pooler: a ViTModel
-    checkpoint's pooler is left out unless asked for, as heads read the class token, as
-    ViTForImageClassification's classifier does)."""
+    "bigvision" (an .npz), for `model`, a `run_config.ModelSettings` (its image_size; its
+    pooler: a ViTModel checkpoint's pooler is left out unless asked for, as heads read the
+    class token, as ViTForImageClassification's classifier does)."""
     if source == "bigvision":
         return load_bigvision(path, image_size=model.image_size)[:2]
     kwargs, params = load_hf(path)[:2]
@@ -283,5 +283,6 @@ registry.register(
         load_pretrained=load_pretrained,
         save_hf=save_hf,
         images_in_compute_dtype=True,
+        config_fields=("image_size", "pool", "pooler", "layer_norm_eps", "gelu_approximate"),
     )
 )
