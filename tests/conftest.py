@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (set before jax starts) for the data-parallel tests."""
 
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -11,10 +12,17 @@ os.environ["XLA_FLAGS"] = (
 # subprocesses (set here, before they start, so they inherit it): the tests build the same tiny
 # train steps and merges many times, and a compile found in the cache is about a third of the
 # suite's CPU time saved. A fresh folder per session, so no run reads another run's programs.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # True in the process that made it
+if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxmerge-tests-xla-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's compilation cache goes with it (removed by the process that made it)."""
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 import pytest  # noqa: E402
