@@ -32,7 +32,8 @@ joins, "+"-separated, default "2+3"; "2+3+4+5+6" adds every larger merge up to a
 report's `scaling.png`, normalised score against the number of merged adapters), methods (a
 "+"-separated subset of the methods below, e.g. "cat+tsv+regmean"; `main_method` is kept),
 fusion ("static+router", the default, or "static", "router", "none"; "none" with learned=quick:
-the fused rows of pairs, triples and all six adapters, `jaxmerge.fuse`). The
+the fused rows of pairs, triples and all six adapters, `jaxmerge.fuse`; 36 gate fits per
+seed, 78 s a pair and 108 s a triple measured on 2 busy CPU cores). The
 supervised and entropy presets of `jaxmerge.recipes` can be added in a copy of this file.
 """
 
