@@ -17,6 +17,7 @@ folder records the last step in model.json's "preprocessing" and each task's sto
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -109,3 +110,17 @@ def input_crop(height: int, width: int) -> tuple[int, int, int]:
     """(top, left, side) of the centre square a model input is cut from in an upright
     height x width image (`common.center_square_box`)."""
     return common.center_square_box(height, width)
+
+
+def read_upright(path: str) -> tuple[np.ndarray | None, str | None]:
+    """(the file's upright uint8 (H, W, 3) pixels, None), or (None, "Type: cause") for a file
+    that cannot be decoded, named in one line on stderr: that file's problem, never the run's."""
+    try:
+        return common.load_upright(path), None
+    # Any decoder failure (PIL raises OSError, SyntaxError, ValueError, struct.error,
+    # DecompressionBombError...).
+    except Exception as error:
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = f"{type(error).__name__}: {cause}"
+        print(f"predict: skipped {path}: {message}", file=sys.stderr)
+        return None, message

@@ -17,14 +17,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from jaxmerge import image_input, logs, mixed_batch, model_folder
-from jaxmerge.datasets import common
 
 FIELDS = ("path", "task")
 
@@ -98,12 +96,9 @@ def predict_requests(
         rows: list[dict[str, Any]] = [{"path": p, "task": t} for p, t in chunk]
         inputs, names, shapes, good = [], [], [], []
         for index, (path, task) in enumerate(chunk):
-            try:
-                rgb = common.load_upright(path)
-            except Exception as error:  # the file's problem, never the run's (as predict)
-                cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-                rows[index]["error"] = f"{type(error).__name__}: {cause}"
-                print(f"predict: skipped {path}: {rows[index]['error']}", file=sys.stderr)
+            rgb, error = image_input.read_upright(path)
+            if error is not None:
+                rows[index]["error"] = error
                 continue
             model = described[task]
             preprocessing = model.info["preprocessing"]

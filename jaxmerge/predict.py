@@ -32,7 +32,7 @@ from typing import Any
 from absl import flags
 
 from jaxmerge import cli as cli_lib
-from jaxmerge import heads, logs, mixed_requests, model_folder
+from jaxmerge import heads, image_input, logs, mixed_requests, model_folder
 from jaxmerge.datasets import common, folder_check
 
 
@@ -106,15 +106,11 @@ def predict_paths(
         rows: list[dict[str, Any]] = [{"path": p} for p in chunk]
         images, good = [], []
         for index, path in enumerate(chunk):
-            try:
-                images.append(common.load_upright(path))
-            # Any decoder failure (PIL raises OSError, SyntaxError, ValueError, struct.error,
-            # DecompressionBombError...) is this file's problem, never the run's.
-            except Exception as error:
-                cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-                rows[index]["error"] = f"{type(error).__name__}: {cause}"
-                print(f"predict: skipped {path}: {rows[index]['error']}", file=sys.stderr)
+            rgb, error = image_input.read_upright(path)
+            if error is not None:
+                rows[index]["error"] = error
                 continue
+            images.append(rgb)
             good.append(index)
         if images:
             for index, prediction in zip(good, model.predict_images(images, batch_size)):
