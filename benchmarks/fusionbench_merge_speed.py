@@ -1,5 +1,5 @@
-"""FusionBench's side of `merge_speed.py --fusionbench PYTHON`: its own Iso-C, Iso-CTS and TSV-M
-timed on the task vectors of a factors file, in a process of its own (torch, no jax).
+"""FusionBench's side of `merge_speed.py --fusionbench PYTHON`: its own Iso-C, Iso-CTS, TSV-M
+and WUDI timed on the task vectors of a factors file, in a process of its own (torch, no jax).
 
     PYTHON benchmarks/fusionbench_merge_speed.py FACTORS.npz --methods iso_c,tsv --repeats 2
 
@@ -24,11 +24,13 @@ from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
 from fusion_bench.method.task_singular_vector.utils.TSVM_utils import (
     compute_and_sum_svd_mem_reduction,
 )
+from fusion_bench.method.wudi.wudi import wudi_merging
 
 METHODS = {
     "iso_c": lambda tvs: iso_c(tvs, accelerator="cpu"),
     "iso_cts": lambda tvs: iso_cts(tvs, common_space_fraction=0.8, accelerator="cpu"),
     "tsv": lambda tvs: compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu"),
+    "wudi": lambda tvs: wudi_merging(tvs, accelerator="cpu"),  # 300 Adam steps, lr 1e-5
 }
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/merge_speed.py [--repeats 5] [--methods svd,ties] [--json] [--no-peft]
     python benchmarks/merge_speed.py --fusionbench /work/venv-iso/bin/python [--rounds 3]
+    python benchmarks/merge_speed.py --fusionbench PYTHON --methods wudi --blocks 2 --repeats 1
 
 Three adapters, 12 blocks with query and value targets of width 768, rank 16, random nonzero
 factors. For each method of `jaxmerge.merging.METHODS` it reports the first call (compile
@@ -10,11 +11,12 @@ and peft import, PEFT's `add_weighted_adapter` runs the same method on the same 
 torch module of 12 blocks of q/v `nn.Linear(768, 768)` under `get_peft_model`). `--json`
 prints one line {method: jaxmerge steady-state seconds}.
 
-`--fusionbench PYTHON` compares `iso_c`, `iso_cts` and `tsv` (or `--methods`) with FusionBench's
-own functions on the same task vectors: the factors go to a temporary file, and each round
-runs jaxmerge (this script with --json) and FusionBench (`fusionbench_merge_speed.py` under
-PYTHON, a virtualenv with torch and fusion-bench) in processes of their own, in alternating
-order; the table gives medians over `--rounds` and the load averages before and after.
+`--fusionbench PYTHON` compares `iso_c`, `iso_cts` and `tsv` (or `--methods`, `wudi` among
+them) with FusionBench's own functions on the same task vectors: the factors go to a temporary
+file, and each round runs jaxmerge (this script with --json) and FusionBench
+(`fusionbench_merge_speed.py` under PYTHON, a virtualenv with torch and fusion-bench) in
+processes of their own, in alternating order; the table gives medians over `--rounds` and the
+load averages before and after. `--blocks` sets the number of q/v blocks (default 12).
 
 Where OPENBLAS_CORETYPE is set in the environment (this project's CI machines set it to
 Haswell), the LAPACK that jax takes from scipy's OpenBLAS runs older kernels: the header names
@@ -63,6 +65,9 @@ ARGS.add_argument("--json", action="store_true", help="print one JSON line only"
 ARGS.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison")
 ARGS.add_argument("--fusionbench", default="", help="python of a venv with fusion-bench")
 ARGS.add_argument("--rounds", type=int, default=3, help="alternated rounds with --fusionbench")
+ARGS.add_argument(
+    "--blocks", type=int, default=12, help="ViT blocks of q/v targets (fewer for wudi's 300 steps)"
+)
 FUSIONBENCH_METHODS = "iso_c,iso_cts,tsv"
 
 WIDTH, DEPTH, RANK, ALPHA, TASKS = 768, 12, 16, 16.0, 3
@@ -70,11 +75,11 @@ WEIGHTS = [0.5, 0.3, 0.2]
 DENSITY = 0.5
 
 
-def random_factors(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def random_factors(seed: int, depth: int = DEPTH) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{jaxmerge path: (a (in, r), b (r, out))} of one task, nonzero and of LoRA-like size."""
     rng = np.random.default_rng(seed)
     factors = {}
-    for block in range(DEPTH):
+    for block in range(depth):
         for name in ("query", "value"):
             a = (rng.standard_normal((WIDTH, RANK)) / np.sqrt(WIDTH)).astype(np.float32)
             b = (rng.standard_normal((RANK, WIDTH)) * 0.01).astype(np.float32)
@@ -117,8 +122,8 @@ def time_jaxmerge(adapters, method: str, repeats: int) -> tuple[float, float]:
     )
 
 
-def peft_model(task_factors):
-    """A PEFT model of 12 blocks of q/v Linear(768, 768) holding the tasks' factors."""
+def peft_model(task_factors, depth: int = DEPTH):
+    """A PEFT model of `depth` blocks of q/v Linear(768, 768) holding the tasks' factors."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -130,14 +135,14 @@ def peft_model(task_factors):
     class Encoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.blocks = torch.nn.ModuleList(Block() for _ in range(DEPTH))
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(depth))
 
     config = dict(r=RANK, lora_alpha=ALPHA, target_modules=["q", "v"])
     model = get_peft_model(Encoder(), LoraConfig(**config), adapter_name="task0")
     for index in range(1, TASKS):
         model.add_adapter(f"task{index}", LoraConfig(**config))
     for index, factors in enumerate(task_factors):
-        for block in range(DEPTH):
+        for block in range(depth):
             for name, module in (("query", "q"), ("value", "v")):
                 layer = getattr(model.base_model.model.blocks[block], module)
                 a, b = factors[f"block_{block}/attention/{name}"]
@@ -182,9 +187,10 @@ def compare_with_fusionbench(args) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "factors.npz")
-        save_factors([random_factors(seed) for seed in range(TASKS)], path)
+        save_factors([random_factors(seed, args.blocks) for seed in range(TASKS)], path)
+        blocks = ["--blocks", str(args.blocks)]
         sides = {
-            "jaxmerge": [sys.executable, os.path.abspath(__file__), "--json"],
+            "jaxmerge": [sys.executable, os.path.abspath(__file__), "--json", *blocks],
             "fusionbench": [
                 args.fusionbench,
                 os.path.join(here, "fusionbench_merge_speed.py"),
@@ -201,7 +207,7 @@ def compare_with_fusionbench(args) -> None:
                 runs[side].append(json.loads(out.strip().splitlines()[-1]))
             loads.append(os.getloadavg())
     print(
-        f"jaxmerge vs FusionBench: {TASKS} adapters, {DEPTH} blocks x q/v, width {WIDTH}, "
+        f"jaxmerge vs FusionBench: {TASKS} adapters, {args.blocks} blocks x q/v, width {WIDTH}, "
         f"r={RANK}, medians over {args.rounds} alternated rounds of the median of "
         f"{args.repeats} calls; load averages (1, 5, 15 min) before and after each round: "
         + "; ".join("/".join(f"{x:.1f}" for x in load) for load in loads)
@@ -211,7 +217,7 @@ def compare_with_fusionbench(args) -> None:
     for method in methods.split(","):
         ours = statistics.median(run[method] for run in runs["jaxmerge"])
         theirs = statistics.median(run[method] for run in runs["fusionbench"])
-        per_layer = theirs / (2 * DEPTH)
+        per_layer = theirs / (2 * args.blocks)
         print(f"| {method} | {ours:.4f} | {theirs:.3f} | {per_layer:.3f} | {theirs / ours:.1f}x |")
 
 
@@ -221,10 +227,10 @@ def main(argv=None) -> None:
         compare_with_fusionbench(args)
         return
     methods = [m for m in args.methods.split(",") if m] or sorted(merging.METHODS)
-    task_factors = [random_factors(seed) for seed in range(TASKS)]
+    task_factors = [random_factors(seed, args.blocks) for seed in range(TASKS)]
     adapters = [to_adapter(factors) for factors in task_factors]
     use_peft = not args.no_peft and not args.json and peft_available()
-    model = peft_model(task_factors) if use_peft else None
+    model = peft_model(task_factors, args.blocks) if use_peft else None
     rows, steady = [], {}
     for method in methods:
         first, median = time_jaxmerge(adapters, method, args.repeats)
@@ -237,7 +243,7 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(steady))
         return
-    shape = f"{TASKS} adapters, {DEPTH} blocks x q/v, width {WIDTH}, r={RANK}"
+    shape = f"{TASKS} adapters, {args.blocks} blocks x q/v, width {WIDTH}, r={RANK}"
     print(
         f"merge speed: {shape}, {jax.devices()[0].platform}, median of {args.repeats}, "
         f"OpenBLAS kernel {openblas_kernel()}"
