@@ -99,7 +99,7 @@ def jax_speed(shape: dict, batch_size: int, args) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxmerge import config_lib, data, heads, run_config, scoring, tasks, train
+    from jaxmerge import config_lib, heads, input_pipeline, run_config, scoring, tasks, train
     from jaxmerge.models import vit
 
     config = config_lib.base_config()
@@ -114,7 +114,7 @@ def jax_speed(shape: dict, batch_size: int, args) -> dict:
     task = tasks.Task("bench", "none", "classification", CLASSES)
     parts = run_config.of_saved(config)
     optimizer = train.make_optimizer(parts.optimizer)
-    mesh = data.data_mesh()
+    mesh = input_pipeline.data_mesh()
     replicated = NamedSharding(mesh, P())
     params = train.init_params(parts.lora, "lora", model, head, base, jax.random.key(1))
     state = jax.device_put(
@@ -128,7 +128,7 @@ def jax_speed(shape: dict, batch_size: int, args) -> dict:
         "label": rng.integers(0, CLASSES, batch_size).astype(np.int32),
         "mask": np.ones(batch_size, bool),
     }
-    batch = data.shard_batch(batch, mesh)
+    batch = input_pipeline.shard_batch(batch, mesh)
     step_fn = train.make_train_step(model, head, task, optimizer)
     eval_fn = scoring.make_eval_step(model, head, task)
     key = jax.random.key(2)

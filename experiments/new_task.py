@@ -47,7 +47,7 @@ from PIL import Image
 
 from experiments import study
 from experiments.configs import offline
-from jaxmerge import compose, data, fuse, fusion, heads, logs, run_config, scoring, train
+from jaxmerge import compose, fuse, fusion, heads, input_pipeline, logs, run_config, scoring, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import photo_scenes
 
@@ -129,15 +129,17 @@ def task_config(args, folder: str, name: str, mode: str, seed: int):
 def train_examples(task, config, model, copies: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of the training split, preprocessed for evaluation (`runs.examples`),
     followed by `copies` passes of the train path's own augmentation (`config.crop_padding`
-    shifts and flips, `data.preprocess(train=True)`), each pass with its own seed."""
+    shifts and flips, `input_pipeline.preprocess(train=True)`), each pass with its own seed."""
     settings = run_config.resolve(config).data
-    source = data.open_split(task, task.train_split, settings)
+    source = input_pipeline.open_split(task, task.train_split, settings)
     normalization = settings.normalization
     rows = []
     for copy in range(copies + 1):
         train = copy > 0
         padding = settings.crop_padding if train else 0
-        preprocess = data.preprocess(task, model.image_size, train, padding, **normalization)
+        preprocess = input_pipeline.preprocess(
+            task, model.image_size, train, padding, **normalization
+        )
         rng = np.random.default_rng(copy)
         rows += [preprocess(source[i], rng) for i in range(len(source))]
     images = np.stack([r["image"] for r in rows]).astype(np.float32)

@@ -34,8 +34,8 @@ from jax.sharding import PartitionSpec as P
 from jaxmerge import (
     checkpoint,
     config_resume,
-    data,
     heads,
+    input_pipeline,
     logs,
     lora,
     plain_names,
@@ -196,7 +196,7 @@ def check_not_a_model_folder(workdir: str, directory: str) -> None:
 
 def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str, float]:
     task, settings = parts.task, parts.train
-    mesh = data.data_mesh()
+    mesh = input_pipeline.data_mesh()
     replicated = NamedSharding(mesh, P())
 
     model_def, base, base_info = load.load_base(parts.model, parts.base)
@@ -246,7 +246,7 @@ def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str,
     eval_step = scoring.make_eval_step(model_def, head_def, task)
     rng = jax.random.key(settings.seed + 1)
     metrics_path = os.path.join(directory, "metrics.jsonl")
-    batches = data.train_batches(task, parts.data, model_def.image_size, start_step=start)
+    batches = input_pipeline.train_batches(task, parts.data, model_def.image_size, start_step=start)
     sync_every = min(settings.log_every, MAX_STEPS_WITHOUT_SYNC)
     schedule = make_schedule(parts.optimizer)
     tensorboard = logs.Scalars(
@@ -262,7 +262,9 @@ def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str,
     last_time, last_step = time.perf_counter(), start
     with contextlib.closing(tensorboard), contextlib.closing(bar):
         for step in range(start, settings.steps):
-            state, metrics = train_step(state, base, data.shard_batch(next(batches), mesh), rng)
+            state, metrics = train_step(
+                state, base, input_pipeline.shard_batch(next(batches), mesh), rng
+            )
             done = step + 1
             if done % sync_every and done != settings.steps:
                 continue
@@ -296,7 +298,7 @@ def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str,
             eval_step,
             state.params,
             base,
-            data.eval_batches(task, parts.data, model_def.image_size),
+            input_pipeline.eval_batches(task, parts.data, model_def.image_size),
             mesh,
         )
         result = {"task": task.name, "mode": settings.mode, "step": int(state.step), **result}

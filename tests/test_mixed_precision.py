@@ -138,7 +138,7 @@ def test_bfloat16_training_on_eight_devices_keeps_float32_master_weights(data_di
 def test_bfloat16_scorer_keeps_images_in_bfloat16_with_the_same_scores(data_dir):  # noqa: F811
     """The study's scorer caches eval images on the device; for a bfloat16 ViT in bfloat16
     (half the memory), which changes no score: the patch embedding casts them first."""
-    from jaxmerge import data
+    from jaxmerge import input_pipeline
 
     config = tiny_config(data_dir, **{"model.dtype": "bfloat16"})
     model = vit.ViT(**vit.variant("mu/4", image_size=8), dtype=jnp.bfloat16)
@@ -151,6 +151,6 @@ def test_bfloat16_scorer_keeps_images_in_bfloat16_with_the_same_scores(data_dir)
     assert {b["image"].dtype for b in scorer.batches} == {jnp.dtype(jnp.bfloat16)}
     cached = scorer(base, head)
     step = scoring.make_eval_step(model, head_def, task)
-    batches = data.eval_batches(task, settings, model.image_size)  # float32 images
-    plain = scoring.evaluate(step, {"head": head}, base, batches, data.data_mesh())
+    batches = input_pipeline.eval_batches(task, settings, model.image_size)  # float32 images
+    plain = scoring.evaluate(step, {"head": head}, base, batches, input_pipeline.data_mesh())
     assert cached == pytest.approx(plain, abs=1e-6) and cached["examples"] == 359

@@ -16,8 +16,8 @@ from PIL import Image, ImageOps
 
 from jaxmerge import (
     checkpoint,
-    data,
     image_input,
+    input_pipeline,
     learned,
     lora,
     merging,
@@ -27,8 +27,8 @@ from jaxmerge import (
     train,
 )
 from jaxmerge import runs as runs_lib
-from jaxmerge.data import sources
 from jaxmerge.datasets import common, prepare
+from jaxmerge.input_pipeline import sources
 from jaxmerge.interop import peft
 from jaxmerge.model_folder import multitask
 from jaxmerge.models import vit
@@ -470,7 +470,7 @@ def test_predict_on_a_file_is_the_model_on_what_prepare_stored_for_it(folder_run
     assert model.tasks["pics"]["input"] == {"size": 32, "channels": 3, "encoding": "jpeg"}
     rows = list(predict.predict_paths(model, files, batch_size=4))
     run = runs_lib.load(run_dir)
-    steps = data.preprocess(run.task, 8, False, **run.parts.data.normalization)
+    steps = input_pipeline.preprocess(run.task, 8, False, **run.parts.data.normalization)
     stored = [
         example
         for split in ("train", "test")

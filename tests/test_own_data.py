@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from configs import adapter
-from jaxmerge import data, run_config, train
+from jaxmerge import input_pipeline, run_config, train
 from jaxmerge import runs as runs_lib
-from jaxmerge.data import ops, sources
 from jaxmerge.datasets import demo_shapes, prepare
+from jaxmerge.input_pipeline import ops, sources
 from jaxmerge.tasks import from_dataset, registry
 from tests.tiny import tiny_config
 
@@ -200,4 +200,4 @@ def test_readme_walkthrough_reaches_its_accuracy_and_loads_without_the_task(shap
     np.testing.assert_allclose(scores["shapes"]["accuracy"], result["accuracy"], atol=1e-6)
     assert runs_lib.load(run).task == run_config.resolve(config).task
     settings = run_config.resolve(config).data
-    assert data.open_split(runs_lib.load(run).task, "test", settings).__len__() == 120
+    assert input_pipeline.open_split(runs_lib.load(run).task, "test", settings).__len__() == 120

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 import experiments
 import jaxmerge
-from jaxmerge import data, lora, merging, models, scoring, tasks, train
+from jaxmerge import input_pipeline, lora, merging, models, scoring, tasks, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import common
 from jaxmerge.models.layers import LoraDense
@@ -196,7 +196,7 @@ def test_a_new_task_is_one_builder_and_one_task(tmp_path):
         # TFDS, the eval batches or the scorer: the new task's data reached the score intact.
         run = runs_lib.load(train.run_dir(str(tmp_path), "lora", task.name))
         model_def, base = runs_lib.base_of([run])
-        prepare = data.preprocess(
+        prepare = input_pipeline.preprocess(
             task, config.model.image_size, False, **run.parts.data.normalization
         )
         images, labels = _tiny_digits()
@@ -360,11 +360,11 @@ def test_a_new_model_family_is_one_module(tmp_path):
 
 
 def test_a_task_can_bring_its_own_preprocessing():
-    from jaxmerge import data
-    from jaxmerge.data import ops
+    from jaxmerge import input_pipeline
+    from jaxmerge.input_pipeline import ops
 
     def inverted(task, image_size, train, crop_padding):
-        default = data.default_preprocess(task, image_size, train, crop_padding)
+        default = input_pipeline.default_preprocess(task, image_size, train, crop_padding)
         return ops.compose(default, lambda ex, rng: {**ex, "image": -ex["image"]})
 
     plain = tasks.get("digits")
@@ -373,7 +373,7 @@ def test_a_task_can_bring_its_own_preprocessing():
     )
     example = {"image": np.full((8, 8, 1), 255, np.uint8), "label": 3}
     rng = np.random.default_rng(0)
-    default_out = data.preprocess(plain, 8, train=False)(example, rng)
-    own_out = data.preprocess(own, 8, train=False)(example, rng)
+    default_out = input_pipeline.preprocess(plain, 8, train=False)(example, rng)
+    own_out = input_pipeline.preprocess(own, 8, train=False)(example, rng)
     np.testing.assert_array_equal(own_out["image"], -default_out["image"])
     assert default_out["image"].shape == (8, 8, 3) and float(default_out["image"].max()) == 1.0

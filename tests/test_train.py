@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmerge import checkpoint, config_lib, data, heads, run_config, tasks, train
+from jaxmerge import checkpoint, config_lib, heads, input_pipeline, run_config, tasks, train
 from jaxmerge import runs as runs_lib
 from jaxmerge.models import vit
 from tests.tiny import tiny_config
@@ -45,7 +45,7 @@ def test_sharded_step_equals_single_device_step():
     }
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = data.data_mesh(devices)
+        mesh = input_pipeline.data_mesh(devices)
         params = train.init_params(parts.lora, "lora", model, head, base, jax.random.key(1))
         state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
         state = jax.device_put(state, NamedSharding(mesh, P()))
@@ -54,7 +54,7 @@ def test_sharded_step_equals_single_device_step():
             state, metrics = step(
                 state,
                 jax.device_put(base, NamedSharding(mesh, P())),
-                data.shard_batch(batch, mesh),
+                input_pipeline.shard_batch(batch, mesh),
                 jax.random.key(2),
             )
         assert len(
@@ -284,7 +284,9 @@ def test_a_run_records_its_pixel_normalisation_and_is_scored_with_it(data_dir, t
     run = runs_lib.load(train.run_dir(str(tmp_path / "b"), "lora", "digits"))
     assert run.parts.data.normalization == {"mean": mean, "std": std}
     example = {"image": np.full((8, 8, 1), 255, np.uint8), "label": 0}
-    image = data.preprocess(run.task, 8, False, **run.parts.data.normalization)(example, None)
+    image = input_pipeline.preprocess(run.task, 8, False, **run.parts.data.normalization)(
+        example, None
+    )
     np.testing.assert_allclose(image["image"][0, 0], (1 - np.array(mean)) / std, rtol=1e-6)
     again = evaluate.evaluate_runs([run.directory])["digits"]
     assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)

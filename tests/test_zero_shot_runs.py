@@ -17,9 +17,9 @@ import pytest
 
 from jaxmerge import (
     checkpoint,
-    data,
     evaluate,
     heads,
+    input_pipeline,
     lora,
     model_folder,
     predict,
@@ -125,7 +125,7 @@ def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shape
     assert info["preprocessing"]["mean"] == list(clip.CLIP_MEAN)
     assert info["preprocessing"]["std"] == list(clip.CLIP_STD)
     image = {"image": np.random.default_rng(1).integers(0, 256, (20, 24, 3), np.uint8), "label": 0}
-    trained_on = data.preprocess(run.task, 16, False, **run.parts.data.normalization)
+    trained_on = input_pipeline.preprocess(run.task, 16, False, **run.parts.data.normalization)
     np.testing.assert_array_equal(
         model_folder.preprocess_fn(info["preprocessing"])(dict(image), None)["image"],
         trained_on(dict(image), None)["image"],

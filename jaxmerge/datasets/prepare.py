@@ -6,7 +6,7 @@
 The paper's datasets (and `image_folder`) are read from files downloaded by hand into
 manual_dir; the offline ones (sklearn_digits, fashion_mnist_idx, skimage_textures, lfw_subset)
 need no manual_dir. Afterwards read a split with
-`jaxmerge.data.sources.open_source(name, split, data_dir)`.
+`jaxmerge.input_pipeline.sources.open_source(name, split, data_dir)`.
 
 Your own folders (`image_folder`, see its module docstring) are checked before anything is
 written: unreadable images stop the run, one line per file, unless --skip_bad_files; a single

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxmerge.data.loader import Source
+from jaxmerge.input_pipeline.loader import Source
 
 
 def open_source(name: str, split: str, data_dir: str | None = None) -> Source:
