@@ -8,7 +8,7 @@
                                          3 channels, `(x / 255 - mean) / std`
 
 `prepare` stores the first two steps' result for whole-image datasets (image_folder, utkface,
-firerisk); training and evaluation read it back and apply the third; `jaxmerge.predict`
+firerisk); training and evaluation read it back and apply the third; `jaxmerge.prediction`
 applies all three to a file, so a file predicts exactly what its prepared example does. A model
 folder records the last step in model.json's "preprocessing" and each task's stored form
 (`dataset_input`) as the task's "input"; tasks stored alike share one backbone pass.

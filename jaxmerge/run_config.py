@@ -7,7 +7,7 @@
 `resolve` checks every field (`config_lib.validate`, which reads no data), defines the task and
 hands back `RunParts`: the model family with its own variant arguments (`models.load`), the
 LoRA settings (`lora.init_adapter`), the head (`heads.build`), the optimiser
-(`train.make_optimizer`), the input pipeline's settings (`input_pipeline`), the loop's and the
+(`training.make_optimizer`), the input pipeline's settings (`input_pipeline`), the loop's and the
 config as a run saves it. Nothing downstream decodes the ConfigDict again. A run folder's saved
 config (its format unchanged, so old runs load) comes back as parts through `of_saved`.
 """
@@ -71,7 +71,7 @@ class HeadSettings:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-    """AdamW on a warmup-cosine schedule, clipped by global norm (`train.make_optimizer`)."""
+    """AdamW on a warmup-cosine schedule, clipped by global norm (`training.make_optimizer`)."""
 
     learning_rate: float
     steps: int

@@ -31,7 +31,7 @@ from jaxmerge import (
     run_config,
     scoring,
     tasks,
-    train,
+    training,
     zero_shot,
 )
 from jaxmerge import runs as runs_lib
@@ -142,7 +142,7 @@ DRY_RUN_TASKS = os.environ.get("JAXMERGE_CLIP_DRY_RUN_TASKS", "mnist+gtsrb").rep
 
 
 def random_zero_shot_file(path, task_names, width: int = 768, embed: int = 512) -> str:
-    """A heads file of `jaxmerge.zero_shot_heads`'s format for a random CLIP B/32: unit class
+    """A heads file of `jaxmerge.text_heads`'s format for a random CLIP B/32: unit class
     embeddings, a random image projection (a random base has no text tower to embed with)."""
     rng = np.random.default_rng(1)
     arrays = {
@@ -164,7 +164,7 @@ def rescore(config, workdir: str, record: dict) -> dict[str, dict[str, float]]:
     the runs merged again by the record's method, folded into the base and applied to every
     image of each task's test split in one batch, through that task's own head."""
     seed_dir = study.seed_dir(workdir, record["seed"])
-    runs = [runs_lib.load(train.run_dir(seed_dir, "lora", t)) for t in record["tasks"]]
+    runs = [runs_lib.load(training.run_dir(seed_dir, "lora", t)) for t in record["tasks"]]
     model_def, base = runs_lib.base_of(runs)
     weights = [config.merge_weight] * len(runs)
     params = config.methods[record["method"]].to_dict()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmerge import checkpoint, config_lib, heads, run_config, scoring, tasks, train
+from jaxmerge import checkpoint, config_lib, heads, run_config, scoring, tasks, training
 from jaxmerge.models import vit
 from tests.tiny import tiny_config
 
@@ -29,7 +29,7 @@ def _setup():
     config.lora.targets = "all"
     head = heads.MlpHead(16, 10)
     lora_config = run_config.of_saved(config).lora
-    params = train.init_params(lora_config, "lora", vit.ViT(**MU), head, base, jax.random.key(1))
+    params = training.init_params(lora_config, "lora", vit.ViT(**MU), head, base, jax.random.key(1))
     # A trained-looking adapter: lora_b is zero at initialisation, which would hide its maths.
     keys = iter(jax.random.split(jax.random.key(3), 100))
     params["lora"] = jax.tree.map(
@@ -119,10 +119,10 @@ def test_bfloat16_training_on_eight_devices_keeps_float32_master_weights(data_di
     results = {}
     for dtype in ("float32", "bfloat16"):
         config = tiny_config(data_dir, steps=20, **{"model.dtype": dtype})
-        results[dtype] = train.train_and_evaluate(config, str(tmp_path / dtype))
+        results[dtype] = training.train_and_evaluate(config, str(tmp_path / dtype))
     assert abs(results["bfloat16"]["accuracy"] - results["float32"]["accuracy"]) < 0.1
     assert results["bfloat16"]["loss"] == pytest.approx(results["float32"]["loss"], rel=0.1)
-    run = train.run_dir(str(tmp_path / "bfloat16"), "lora", "digits")
+    run = training.run_dir(str(tmp_path / "bfloat16"), "lora", "digits")
     params, metadata = checkpoint.load(os.path.join(run, "checkpoints"))
     assert metadata["config"]["model"]["dtype"] == "bfloat16"
     assert set(params) == {"lora", "head"}

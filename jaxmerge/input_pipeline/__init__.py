@@ -59,7 +59,7 @@ def image_steps(
 ) -> ops.Preprocess:
     """A stored uint8 image -> the model's input: resized to (image_size, image_size)
     (antialiased bilinear; a no-op at that size), 3 channels, `augmentation`, then
-    `(x / 255 - mean) / std`. Training, evaluation and `jaxmerge.predict` (after
+    `(x / 255 - mean) / std`. Training, evaluation and `jaxmerge.prediction` (after
     `datasets.common.file_image` and `as_stored`) all prepare images with it."""
     return ops.compose(
         ops.resize(image_size), ops.to_rgb(), *augmentation, ops.normalize(mean, std)

@@ -44,7 +44,7 @@ def builder(name: str, data_dir: str | None = None):
     if not found.is_prepared():
         raise ValueError(
             f"dataset {name!r} is not prepared in data_dir={where}; run `python -m "
-            f"jaxmerge.datasets.prepare --dataset {builder_name} --data_dir DIR "
+            f"jaxmerge prepare --dataset {builder_name} --data_dir DIR "
             "[--manual_dir DIR]` first"
         )
     return found

@@ -1,6 +1,6 @@
 """A task defined by a dataset's name alone: no Python registration.
 
-    python -m jaxmerge.train --config configs/adapter.py:dataset=image_folder/shapes-size64
+    python -m jaxmerge train --config configs/adapter.py:dataset=image_folder/shapes-size64
 
 The head kind comes from the target feature: a `ClassLabel` is classification with its number
 of classes, a scalar float `Tensor` is regression (standardised with the mean and standard

@@ -1,10 +1,10 @@
-"""Train one LoRA adapter (or a head-finetuning baseline, or the full model) for one task.
+"""Training one run: a LoRA adapter (or a head-finetuning baseline, or the full model) of a task.
 
-    python -m jaxmerge.train --config configs/adapter.py:task=digits --workdir /tmp/jm
-
-Data parallel: one jitted update (state donated) on a 1-D ('data',) mesh over every device of
-every host; the batch is sharded along it and parameters are replicated. The base is an input
-of the update, never part of the optimised state, so it has no optimizer state.
+`train_and_evaluate(config, workdir)` trains or resumes the run a config describes
+(`python -m jaxmerge train` is the command over it). Data parallel: one jitted update (state
+donated) on a 1-D ('data',) mesh over every device of every host; the batch is sharded along
+it and parameters are replicated. The base is an input of the update, never part of the
+optimised state, so it has no optimizer state.
 
 Outputs, under `workdir/<mode>/<task>/`: Orbax checkpoints (`checkpoint.py`), `metrics.jsonl`
 (one line per logged step and per evaluation), `result.json` (the final evaluation) and, with
@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,7 +43,6 @@ from jaxmerge import (
     scoring,
     tasks,
 )
-from jaxmerge import cli as cli_lib
 from jaxmerge.models import load
 
 Tree = Any
@@ -188,8 +186,8 @@ def check_not_a_model_folder(workdir: str, directory: str) -> None:
     while folder != top and folder != os.path.dirname(folder):
         if os.path.isfile(os.path.join(folder, MODEL_FILE)):
             raise ValueError(
-                f"--workdir: {folder} is a model folder ({MODEL_FILE}, written by "
-                f"jaxmerge.merge), not a training run; allowed: a workdir outside model folders"
+                f"--workdir: {folder} is a model folder ({MODEL_FILE}, written by `python -m "
+                f"jaxmerge merge`), not a training run; allowed: a workdir outside model folders"
             )
         folder = os.path.dirname(folder)
 
@@ -308,23 +306,3 @@ def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str,
         with open(os.path.join(directory, "result.json"), "w") as f:
             json.dump(result, f, indent=2)
     return result
-
-
-def define_flags():
-    cli_lib.define_config("A configs/*.py file.")
-    flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-
-
-def main(argv):
-    del argv
-    result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    if logs.is_writer():
-        print(json.dumps(result))
-
-
-def cli():
-    cli_lib.run(main, define_flags, required=["config", "workdir"], distributed=True)
-
-
-if __name__ == "__main__":
-    cli()
