@@ -1,8 +1,11 @@
 """`python -m jaxmerge COMMAND [flags]`: the dispatch to `jaxmerge.commands`, its list of
 commands and its one-line errors."""
 
+import glob
 import importlib
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +16,12 @@ from jaxmerge.commands import COMMANDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOWED = "allowed: prepare, train, evaluate, merge, predict, zero_shot_heads"
+# Where command lines are written for users: the READMEs and results, and every docstring,
+# error message and config of the code.
+DOCUMENTED = ["README.md", "experiments/README.md", "benchmarks/*.md"] + [
+    f"{folder}/**/*.py"
+    for folder in ("jaxmerge", "experiments", "benchmarks", "configs", "scripts")
+]
 
 
 @pytest.mark.parametrize(
@@ -62,3 +71,21 @@ def test_a_commands_help_names_it_and_lists_its_flags():
     assert {"--config", "--workdir", "--[no]distributed"} <= {
         line.split(":")[0].strip() for line in lines
     }
+
+
+def test_every_documented_command_line_runs_a_command():
+    """`python -m jaxmerge WORD` names a command (the old `python -m jaxmerge.train` forms are
+    gone); `python -m jaxmerge.a.b` a module that runs as a script."""
+    bad = []
+    for pattern in DOCUMENTED:
+        for path in glob.glob(os.path.join(ROOT, pattern), recursive=True):
+            text = open(path).read()
+            for module, word in re.findall(r"python -m\s+(jaxmerge[\w.]*)[ \t]*(\w*)", text):
+                if module == "jaxmerge":  # no word: the dispatcher itself; COMMAND: a placeholder
+                    runs = word in COMMANDS or not word or word.isupper()
+                else:
+                    spec = importlib.util.find_spec(module)
+                    runs = spec is not None and "__main__" in open(spec.origin).read()
+                if not runs:
+                    bad.append(f"{os.path.relpath(path, ROOT)}: python -m {module} {word}")
+    assert bad == []

@@ -1,5 +1,6 @@
 """The layout: no import cycle, registries in a fixed order whichever module is imported first,
-and a new merge method, task or model family is one new unit that the rest picks up."""
+thin commands that no library module imports, and a new merge method, task or model family is
+one new unit that the rest picks up."""
 
 import ast
 import json
