@@ -91,7 +91,7 @@ def test_rerun_skips_every_cached_stage(finished, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a cached stage ran again")
 
-    monkeypatch.setattr(study.train, "train_and_evaluate", fail)
+    monkeypatch.setattr(study.training, "train_and_evaluate", fail)
     monkeypatch.setattr(study, "merge_combo", fail)
     monkeypatch.setattr(study.fuse, "fuse_runs", fail)
     study.run_study(config, workdir)
