@@ -7,8 +7,8 @@ quality 95 in array_record, as every paper builder stores its images) from crops
 scikit-image's photographs, then times, one process per setting:
 
   decode        `source[i]` for every index (array_record read + JPEG decode, TFDS's decoder)
-  preprocess    `data.default_preprocess` in training (random crop with 8 px padding, flip,
-                scaling to [-1, 1]) on decoded images
+  preprocess    `input_pipeline.default_preprocess` in training (random crop with 8 px
+                padding, flip, scaling to [-1, 1]) on decoded images
   loader        `loader.train_batches` end to end (batches of --batch, prefetch thread) with
                 N threads preparing the examples of a batch (`num_threads=N`, what
                 `config.data_threads` sets; 0 there means one per core)
@@ -67,8 +67,8 @@ def _rate(count: int, seconds: float) -> float:
 def measure(data_dir: str, args) -> dict:
     import numpy as np
 
-    from jaxmerge import data, tasks
-    from jaxmerge.data import loader, sources
+    from jaxmerge import input_pipeline, tasks
+    from jaxmerge.input_pipeline import loader, sources
 
     source = sources.open_source("image_folder/size224", "train", data_dir)
     task = tasks.Task("bench", "image_folder/size224", "classification", 4)
@@ -76,7 +76,7 @@ def measure(data_dir: str, args) -> dict:
     start = time.perf_counter()
     decoded = [source[i] for i in range(n)]
     decode = _rate(n, time.perf_counter() - start)
-    preprocess = data.default_preprocess(task, 224, train=True, crop_padding=8)
+    preprocess = input_pipeline.default_preprocess(task, 224, train=True, crop_padding=8)
     start = time.perf_counter()
     for i, example in enumerate(decoded):
         preprocess(example, np.random.default_rng(i))

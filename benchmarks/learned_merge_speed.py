@@ -8,7 +8,7 @@ classification, one regression, one landmark head), 256 images per task, output 
 300 Adam steps of 16 images per task. For each granularity (task-wise, layer-wise, and "core",
 jaxmerge's default) and 2 and 3 adapters it reports the first call (compile included) and the
 median of `--repeats` further calls with a new key (the compiled program reused). One CPU
-device, as the study and `jaxmerge.evaluate` run it.
+device, as the study and `python -m jaxmerge evaluate` run it.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Two models, both with LoRA r=8 (alpha 8) on query and value and a 2-layer head (
          dim 128, depth 6, 4 heads, MLP 512, 28x28x3, patch 7 (17 tokens), batch 64.
 
 Each round starts one fresh process per side, jaxmerge's jitted train and eval steps (the ones
-`train.py` and `scoring.py` run, on the device mesh the command-line entry points use) and
+`training.py` and `scoring.py` run, on the device mesh the command-line entry points use) and
 PyTorch + PEFT (`transformers.ViTForImageClassification`, its default attention), so neither
 inherits the other's threads or allocator. The order flips every round (J T, T J, J T, ...);
 the table gives each side's median and range over the rounds, and the ratio of the medians.
@@ -99,7 +99,7 @@ def jax_speed(shape: dict, batch_size: int, args) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxmerge import config_lib, data, heads, run_config, scoring, tasks, train
+    from jaxmerge import config_lib, heads, input_pipeline, run_config, scoring, tasks, training
     from jaxmerge.models import vit
 
     config = config_lib.base_config()
@@ -113,12 +113,12 @@ def jax_speed(shape: dict, batch_size: int, args) -> dict:
     head = heads.MlpHead(HEAD_HIDDEN, CLASSES)
     task = tasks.Task("bench", "none", "classification", CLASSES)
     parts = run_config.of_saved(config)
-    optimizer = train.make_optimizer(parts.optimizer)
-    mesh = data.data_mesh()
+    optimizer = training.make_optimizer(parts.optimizer)
+    mesh = input_pipeline.data_mesh()
     replicated = NamedSharding(mesh, P())
-    params = train.init_params(parts.lora, "lora", model, head, base, jax.random.key(1))
+    params = training.init_params(parts.lora, "lora", model, head, base, jax.random.key(1))
     state = jax.device_put(
-        train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params)), replicated
+        training.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params)), replicated
     )
     base = jax.device_put(base, replicated)
     rng = np.random.default_rng(0)
@@ -128,8 +128,8 @@ def jax_speed(shape: dict, batch_size: int, args) -> dict:
         "label": rng.integers(0, CLASSES, batch_size).astype(np.int32),
         "mask": np.ones(batch_size, bool),
     }
-    batch = data.shard_batch(batch, mesh)
-    step_fn = train.make_train_step(model, head, task, optimizer)
+    batch = input_pipeline.shard_batch(batch, mesh)
+    step_fn = training.make_train_step(model, head, task, optimizer)
     eval_fn = scoring.make_eval_step(model, head, task)
     key = jax.random.key(2)
     # XLA's cost analysis counts one device's share of the sharded program.

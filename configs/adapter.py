@@ -1,8 +1,8 @@
 # ruff: noqa: E501  (the docstring holds runnable one-line commands)
 r"""Train one LoRA adapter (mode=lora) or a head-finetuning baseline (mode=head) for a task.
 
-    python -m jaxmerge.train --config configs/adapter.py:task=digits,base=jaxmerge/assets/fashion_vit --workdir /tmp/jm
-    python -m jaxmerge.train --config configs/adapter.py:task=digits,mode=head,base=jaxmerge/assets/fashion_vit --workdir /tmp/jm
+    python -m jaxmerge train --config configs/adapter.py:task=digits,base=jaxmerge/assets/fashion_vit --workdir /tmp/jm
+    python -m jaxmerge train --config configs/adapter.py:task=digits,mode=head,base=jaxmerge/assets/fashion_vit --workdir /tmp/jm
 
 Arguments (after the colon, comma-separated key=value): task (any name in
 `jaxmerge.tasks.TASKS`), dataset (instead of a registered task: a prepared dataset by name,

@@ -1,8 +1,8 @@
 # ruff: noqa: E501  (the docstring holds runnable one-line commands)
 r"""Train one LoRA adapter (or head baseline) of a paper task on ViT-B/16 at 224 px, bfloat16.
 
-    python -m jaxmerge.train --config configs/paper_adapter.py:task=wflw,path=$HOME/vit-base-patch16-224-in21k,manual_dir=$HOME/downloads --workdir ./workdir_paper
-    python -m jaxmerge.train --config configs/paper_adapter.py:task=wflw,mode=head,path=$HOME/vit-base-patch16-224-in21k,manual_dir=$HOME/downloads --workdir ./workdir_paper
+    python -m jaxmerge train --config configs/paper_adapter.py:task=wflw,path=$HOME/vit-base-patch16-224-in21k,manual_dir=$HOME/downloads --workdir ./workdir_paper
+    python -m jaxmerge train --config configs/paper_adapter.py:task=wflw,mode=head,path=$HOME/vit-base-patch16-224-in21k,manual_dir=$HOME/downloads --workdir ./workdir_paper
 
 The run of one task of `experiments/configs/paper.py` (same settings: 2,000 steps of batch 64,
 LoRA r=16 on q and v, AdamW 1e-3, bfloat16 compute with float32 master weights). Arguments:

@@ -1,6 +1,6 @@
 r"""Pretrain the offline suite's base ViT from scratch (mode="full") on Fashion-MNIST.
 
-    python -m jaxmerge.train --config configs/pretrain.py --workdir /tmp/jm_pretrain
+    python -m jaxmerge train --config configs/pretrain.py --workdir /tmp/jm_pretrain
     python -m experiments.export_base /tmp/jm_pretrain/full/fashion_mnist \
         jaxmerge/assets/fashion_vit
 

@@ -24,7 +24,7 @@ steps of batch 64 and scored on the test crops:
   compose  static gates (6 adapters x 12 targets = 72 numbers) and a new head over the frozen
            stack (`jaxmerge.compose`), on the k-shot images and `--augment_copies` passes of
            the train path's own crops and flips over them;
-  lora     a new rank-8 LoRA adapter and head (`train.train_and_evaluate`, mode "lora", the
+  lora     a new rank-8 LoRA adapter and head (`training.train_and_evaluate`, mode "lora", the
            offline suite's settings, its crops and flips);
   head     head finetuning on the frozen base (the same, mode "head").
 
@@ -47,7 +47,17 @@ from PIL import Image
 
 from experiments import study
 from experiments.configs import offline
-from jaxmerge import compose, data, fuse, fusion, heads, logs, run_config, scoring, train
+from jaxmerge import (
+    compose,
+    fuse,
+    fusion,
+    heads,
+    input_pipeline,
+    logs,
+    run_config,
+    scoring,
+    training,
+)
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import photo_scenes
 
@@ -129,15 +139,17 @@ def task_config(args, folder: str, name: str, mode: str, seed: int):
 def train_examples(task, config, model, copies: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of the training split, preprocessed for evaluation (`runs.examples`),
     followed by `copies` passes of the train path's own augmentation (`config.crop_padding`
-    shifts and flips, `data.preprocess(train=True)`), each pass with its own seed."""
+    shifts and flips, `input_pipeline.preprocess(train=True)`), each pass with its own seed."""
     settings = run_config.resolve(config).data
-    source = data.open_split(task, task.train_split, settings)
+    source = input_pipeline.open_split(task, task.train_split, settings)
     normalization = settings.normalization
     rows = []
     for copy in range(copies + 1):
         train = copy > 0
         padding = settings.crop_padding if train else 0
-        preprocess = data.preprocess(task, model.image_size, train, padding, **normalization)
+        preprocess = input_pipeline.preprocess(
+            task, model.image_size, train, padding, **normalization
+        )
         rng = np.random.default_rng(copy)
         rows += [preprocess(source[i], rng) for i in range(len(source))]
     images = np.stack([r["image"] for r in rows]).astype(np.float32)
@@ -174,10 +186,12 @@ def run_compose(args, config, model, base, stacked, seed: int) -> dict:
 
 def run_train(args, config, model, base, work: str) -> dict:
     start = time.perf_counter()
-    result = train.train_and_evaluate(config, work)
+    result = training.train_and_evaluate(config, work)
     parts = run_config.resolve(config)
     head = heads.build(parts.head, parts.task, model.width)
-    params = train.init_params(parts.lora, parts.train.mode, model, head, base, jax.random.key(0))
+    params = training.init_params(
+        parts.lora, parts.train.mode, model, head, base, jax.random.key(0)
+    )
     trained = [
         x for path, x in jax.tree_util.tree_leaves_with_path(params) if "scale" not in str(path)
     ]

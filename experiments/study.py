@@ -3,7 +3,7 @@ r"""The paper's study end to end: train, merge every pair and triple, score, rep
     python -m experiments.study --config experiments/configs/offline.py:seeds=1 --workdir W
 
 For each seed and task it trains a LoRA adapter and a head-finetuning baseline
-(`train.train_and_evaluate`); merges every pair and every triple of adapters with each method
+(`training.train_and_evaluate`); merges every pair and every triple of adapters with each method
 of `config.methods`, folds the merge into the base and scores each task of the merge with its
 own head; scores each head on the bare base ("adapter removed"); measures how alike every pair
 of adapters is (`jaxmerge.similarity`); then writes the report (`experiments/report/`).
@@ -43,7 +43,7 @@ from jaxmerge import (
     scoring,
     similarity,
     tasks,
-    train,
+    training,
 )
 from jaxmerge import run_config as run_config_lib
 from jaxmerge import runs as runs_lib
@@ -160,14 +160,14 @@ def train_all(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     bar = logs.progress(jobs, desc="train runs", unit="run")
     for seed, task, mode in bar:
         bar.set_postfix_str(f"seed {seed} {mode}:{task}")
-        directory = train.run_dir(seed_dir(workdir, seed), mode, task)
+        directory = training.run_dir(seed_dir(workdir, seed), mode, task)
         path = os.path.join(directory, "result.json")
         start = time.perf_counter()
         if os.path.exists(path):  # finished: read back rather than load and re-evaluate
             with open(path) as f:
                 result = json.load(f)
         else:
-            result = train.train_and_evaluate(
+            result = training.train_and_evaluate(
                 run_config(config, task, mode, seed), seed_dir(workdir, seed)
             )
         seconds = time.perf_counter() - start
@@ -214,7 +214,7 @@ def evaluate_seed(config, workdir: str, seed: int, scorers: dict) -> dict[str, l
     task's eval step compiles once per study.
     """
     runs = {
-        t: runs_lib.load(train.run_dir(seed_dir(workdir, seed), "lora", t)) for t in config.tasks
+        t: runs_lib.load(training.run_dir(seed_dir(workdir, seed), "lora", t)) for t in config.tasks
     }
     model_def, base = runs_lib.base_of(list(runs.values()))
     for name, run in runs.items():

@@ -8,14 +8,12 @@ The public API, re-exported here (the modules keep the full set):
     merged = jm.merging.merge([adapter_a, adapter_b], "ties", [0.5, 0.5], density=0.5)
     backbone = jm.fold_into_base(base, merged)
 
-(`jaxmerge.merge` is the command that writes a merged multi-task model folder,
-`python -m jaxmerge.merge`; the merge function is `jaxmerge.merging.merge`.)
-
 Where things live: `lora` (adapter trees), `merging` (merge methods by name), `models` (model
-families by name: `models.vit`), `interop` (Hugging Face, big_vision and PEFT files), `data`
-(the TF-free input pipeline), `tasks` and `heads` (what each task trains and scores),
-`scoring`, `train`, `evaluate`, `merge`, `predict` (entry points), `model_folder` (merged
-multi-task models), `datasets` (TFDS builders).
+families by name: `models.vit`), `interop` (Hugging Face, big_vision and PEFT files),
+`datasets` (builders that prepare raw files), `input_pipeline` (prepared datasets to batches),
+`tasks` and `heads` (what each task learns and how it is scored), `training`, `evaluation`,
+`merge_folder`, `prediction` (the library under the commands), `model_folder` (merged
+multi-task models), `commands` (`python -m jaxmerge COMMAND`: the thin command-line layer).
 """
 
 __version__ = "0.1.0"

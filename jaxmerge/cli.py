@@ -1,13 +1,14 @@
 """Every command-line entry point in one style: absl flags, one-line errors, a console script.
 
-Each entry point module has a `main(argv)` over library functions that tests call directly, a
-`define_flags()` that declares its flags, and `cli()`, the console script:
+Each command (`jaxmerge.commands`, and the study's and scripts' own) has a `main(argv)` over
+library functions that tests call directly, a `define_flags()` that declares its flags, and
+`cli()`, which runs it:
 
     def cli():
         cli_lib.run(main, define_flags, required=["config", "workdir"])
 
-Flags are defined when the command runs, never on import, so library modules (and the study,
-which imports `train`) can import each other without clashing flag definitions. A command that
+Flags are defined when the command runs, never on import, so importing a command module
+defines no flag and several can be imported in one process (as tests do). A command that
 computes on a pod passes `distributed=True` and gets `--distributed` (and the three flags of a
 launch by hand), which joins the multi-host job before `main` runs.
 """
@@ -147,10 +148,16 @@ def run(
     multi-host job when `--distributed` is given."""
     split_cpu_into_devices()
     keep_freed_memory()
+    defined_before = set(flags.FLAGS)
     define_flags()
     if distributed:
         define_distributed_flags()
     flags.mark_flags_as_required(list(required))
+    # absl's --help lists the flags of the module named sys.argv[0] alone: under `python -m
+    # jaxmerge COMMAND` the command's flags were defined by another module (and `--config` by
+    # this one), so they are named the program's own.
+    for name in sorted(set(flags.FLAGS) - defined_before):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
     def quiet_main(argv):
         sys.unraisablehook = drop_closed_loop_reports

@@ -83,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.head = ml_collections.ConfigDict()
     c.head.hidden = 256
     # "mlp": a trained MlpHead (hidden 0: linear); "zero_shot": CLIP's frozen classifier of
-    # the task from `zero_shot_file` (`jaxmerge.zero_shot_heads` makes it; `jaxmerge.zero_shot`).
+    # the task from `zero_shot_file` (`python -m jaxmerge zero_shot_heads` makes it;
+    # `jaxmerge.zero_shot` reads it).
     c.head.type = "mlp"
     c.head.zero_shot_file = ""
 
@@ -248,7 +249,7 @@ def _check_head(head: ml_collections.ConfigDict) -> None:
         bool(path) and os.path.isfile(os.path.expanduser(path)),
         "head.zero_shot_file",
         path,
-        "an existing file of `python -m jaxmerge.zero_shot_heads`",
+        "an existing file of `python -m jaxmerge zero_shot_heads`",
     )
 
 

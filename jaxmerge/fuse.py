@@ -1,5 +1,5 @@
 """Fuse trained runs into one gated multi-task model (`jaxmerge.fusion`): the settings of
-`python -m jaxmerge.merge --fuse static|router`, checked before anything loads, and the fit
+`python -m jaxmerge merge --fuse static|router`, checked before anything loads, and the fit
 of the gates on each task's training images.
 
     settings = fuse.check("router", {"steps": 300})

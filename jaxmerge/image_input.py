@@ -8,7 +8,7 @@
                                          3 channels, `(x / 255 - mean) / std`
 
 `prepare` stores the first two steps' result for whole-image datasets (image_folder, utkface,
-firerisk); training and evaluation read it back and apply the third; `jaxmerge.predict`
+firerisk); training and evaluation read it back and apply the third; `jaxmerge.prediction`
 applies all three to a file, so a file predicts exactly what its prepared example does. A model
 folder records the last step in model.json's "preprocessing" and each task's stored form
 (`dataset_input`) as the task's "input"; tasks stored alike share one backbone pass.
@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxmerge import data
-from jaxmerge.data import ops
+from jaxmerge import input_pipeline
 from jaxmerge.datasets import common
+from jaxmerge.input_pipeline import ops
 
 FILE_STEPS = (
     "decoded to RGB (any PIL mode), turned upright by its EXIF orientation, centre-cropped to "
@@ -57,7 +57,7 @@ def dataset_input(dataset: str | None, data_dir: str) -> dict[str, Any] | None:
 
 
 def describe(image_size: int, channels: int, normalization: Mapping[str, Sequence[float]]):
-    """model.json's "preprocessing": the file steps in words, then `data.image_steps`."""
+    """model.json's "preprocessing": the file steps in words, then `input_pipeline.image_steps`."""
     mean, std = list(normalization["mean"]), list(normalization["std"])
     return {
         "image_size": image_size,
@@ -72,10 +72,10 @@ def describe(image_size: int, channels: int, normalization: Mapping[str, Sequenc
 
 
 def model_steps(preprocessing: Mapping[str, Any]) -> ops.Preprocess:
-    """`data.image_steps` as model.json records them. Folders written before `mean` and `std`
-    were recorded scale to [-1, 1]."""
+    """`input_pipeline.image_steps` as model.json records them. Folders written before `mean`
+    and `std` were recorded scale to [-1, 1]."""
     mean, std = preprocessing.get("mean", [0.5]), preprocessing.get("std", [0.5])
-    return data.image_steps(preprocessing["image_size"], tuple(mean), tuple(std))
+    return input_pipeline.image_steps(preprocessing["image_size"], tuple(mean), tuple(std))
 
 
 def task_input(task: Mapping[str, Any], preprocessing: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Requests of several tasks served together: each image to its own task's adapter and head, in
 mixed-adapter batches (`mixed_batch`: the base computed once per batch, each image's low-rank
-branch gathered), as `python -m jaxmerge.predict --run A --run B --requests FILE` does.
+branch gathered), as `python -m jaxmerge predict --run A --run B --requests FILE` does.
 
     rows = mixed_requests.predict_requests(["W/adapters/digits", "W/adapters/digit_box"],
                                            [("a.png", "digits"), ("b.png", "digit_box")])

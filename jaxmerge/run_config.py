@@ -7,9 +7,9 @@
 `resolve` checks every field (`config_lib.validate`, which reads no data), defines the task and
 hands back `RunParts`: the model family with its own variant arguments (`models.load`), the
 LoRA settings (`lora.init_adapter`), the head (`heads.build`), the optimiser
-(`train.make_optimizer`), the input pipeline's settings (`data`), the loop's and the config as
-a run saves it. Nothing downstream decodes the ConfigDict again. A run folder's saved config
-(its format unchanged, so old runs load) comes back as parts through `of_saved`.
+(`training.make_optimizer`), the input pipeline's settings (`input_pipeline`), the loop's and the
+config as a run saves it. Nothing downstream decodes the ConfigDict again. A run folder's saved
+config (its format unchanged, so old runs load) comes back as parts through `of_saved`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class HeadSettings:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-    """AdamW on a warmup-cosine schedule, clipped by global norm (`train.make_optimizer`)."""
+    """AdamW on a warmup-cosine schedule, clipped by global norm (`training.make_optimizer`)."""
 
     learning_rate: float
     steps: int
@@ -98,7 +98,7 @@ class DataSettings:
 
     @property
     def normalization(self) -> dict[str, tuple[float, ...]]:
-        """`{"mean", "std"}`, as keyword arguments of `data.preprocess`."""
+        """`{"mean", "std"}`, as keyword arguments of `input_pipeline.preprocess`."""
         return {"mean": self.mean, "std": self.std}
 
 

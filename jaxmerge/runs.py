@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxmerge import checkpoint, data, heads, run_config, tasks
+from jaxmerge import checkpoint, heads, input_pipeline, run_config, tasks
 from jaxmerge.models import load as load_models
 
 Tree = Any
@@ -160,12 +160,12 @@ def examples(run: Run, model_def, count: int = 0, seed: int = 0) -> tuple[np.nda
     float32: 0.6 MB an image at 224 px.
     """
     task = run.task
-    source = data.open_split(task, task.train_split, run.parts.data)
+    source = input_pipeline.open_split(task, task.train_split, run.parts.data)
     index = np.arange(len(source))
     if 0 < count < len(source):
         index = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
     normalization = run.parts.data.normalization
-    preprocess = data.preprocess(task, model_def.image_size, train=False, **normalization)
+    preprocess = input_pipeline.preprocess(task, model_def.image_size, train=False, **normalization)
     rows = [preprocess(source[int(i)], np.random.default_rng(0)) for i in index]
     images = np.stack([r["image"] for r in rows]).astype(np.float32)
     return images, np.stack([np.asarray(r[task.target]) for r in rows])

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmerge import data, models, tasks
+from jaxmerge import input_pipeline, models, tasks
 
 Tree = Any
 
@@ -63,7 +63,9 @@ def average(step_sums: Iterable[dict]) -> dict[str, float]:
 def evaluate(eval_step, params: Tree, base: Tree, batches, mesh) -> dict[str, float]:
     """Averages each metric over every example of an eval split (padding masked out)."""
     params, base = jax.device_put((params, base), NamedSharding(mesh, P()))
-    return average(eval_step(params, base, data.shard_batch(batch, mesh)) for batch in batches)
+    return average(
+        eval_step(params, base, input_pipeline.shard_batch(batch, mesh)) for batch in batches
+    )
 
 
 def _cached_images(batch: dict, model_def, family) -> dict:
@@ -96,12 +98,12 @@ class Scorer:
         """`settings`: the `run_config.DataSettings` the runs read their data with (a run's
         `parts.data`, a model folder's `model_folder.data_settings`); `family`: the model's."""
         self.task = task
-        self.mesh = data.data_mesh()
+        self.mesh = input_pipeline.data_mesh()
         self.eval_step = make_eval_step(model_def, head_def, task)
-        batches = data.eval_batches(task, settings, model_def.image_size, split)
+        batches = input_pipeline.eval_batches(task, settings, model_def.image_size, split)
         family = models.get(family)
         self.batches = [
-            data.shard_batch(_cached_images(batch, model_def, family), self.mesh)
+            input_pipeline.shard_batch(_cached_images(batch, model_def, family), self.mesh)
             for batch in batches
         ]
 

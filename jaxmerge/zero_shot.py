@@ -7,7 +7,7 @@ scores every task with CLIP's zero-shot head and never trains it:
 
 with `pooled` the tower's post-LayerNorm class token, `classes` (C, E) the unit-normalised text
 embeddings of the task's class names (mean over prompt templates) and `scale` CLIP's
-exp(logit_scale). `python -m jaxmerge.zero_shot_heads` computes them once from a real CLIP
+exp(logit_scale). `python -m jaxmerge zero_shot_heads` computes them once from a real CLIP
 checkpoint (its text tower, in JAX) and writes one `.npz` per task set; this module reads it.
 `scripts/make_zero_shot_heads.py` is the torch reference that command is checked against.
 
@@ -33,7 +33,7 @@ HEAD = "zero_shot"  # the head's name in configs and run metadata
 @functools.cache
 def load_heads(path: str) -> dict:
     """{"scale": float, "visual_projection": (D, E), "classes": {task: (C, E)},
-    "class_names": {task: [names]}} from a file of `jaxmerge.zero_shot_heads`.
+    "class_names": {task: [names]}} from a file of `jaxmerge.text_heads`.
 
     Raises:
       ValueError: a missing file or array, naming it.
@@ -41,7 +41,7 @@ def load_heads(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(
             f"zero-shot heads: {path!r} does not exist; make it with "
-            f"`python -m jaxmerge.zero_shot_heads --model CLIP_FOLDER --output FILE`"
+            f"`python -m jaxmerge zero_shot_heads --model CLIP_FOLDER --output FILE`"
         )
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}

@@ -1,17 +1,17 @@
 r"""The reference for the zero-shot heads file, in torch and transformers.
 
-Users make the file with `python -m jaxmerge.zero_shot_heads` (JAX, no torch; same flags, same
+Users make the file with `python -m jaxmerge zero_shot_heads` (JAX, no torch; same flags, same
 arrays). This script computes it with transformers' `CLIPModel` and tokenizer: it wrote
 tests/golden/clip/zero_shot.npz (`scripts/make_golden_clip.py`), which the JAX command is
 checked against (`tests/test_clip_text.py`). It takes the class names and templates from
-`jaxmerge.zero_shot_heads`. In a virtualenv with torch, transformers and jaxmerge, on a CLIP
+`jaxmerge.tasks.prompts`. In a virtualenv with torch, transformers and jaxmerge, on a CLIP
 checkpoint saved with `save_pretrained` (model and tokenizer, e.g.
 openai/clip-vit-base-patch32), after preparing the datasets:
 
     python scripts/make_zero_shot_heads.py --model ~/models/clip-vit-base-patch32 \
         --data_dir ~/tensorflow_datasets --output ~/models/clip-vit-base-patch32/zero_shot.npz
 
-The file's arrays, class names and templates are described in `jaxmerge/zero_shot_heads.py`.
+The file's arrays, class names and templates are described in `jaxmerge/text_heads.py`.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def data_dir(tmp_path_factory):
 def digit_runs(tmp_path_factory):
     """Two LoRA runs of 10 steps on one random base: digit classes and digit boxes
     (WORKDIR/adapters/digits, WORKDIR/adapters/digit_box), and their TFDS data folder."""
-    from jaxmerge import train
+    from jaxmerge import training
     from jaxmerge.datasets import prepare
     from tests.tiny import tiny_config
 
@@ -52,5 +52,5 @@ def digit_runs(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("digit_work")
     for task in ("digits", "digit_box"):
         config = tiny_config(data_dir, task=task, steps=10, checkpoint_every=10, log_every=5)
-        train.train_and_evaluate(config, str(workdir))
+        training.train_and_evaluate(config, str(workdir))
     return [str(workdir / "adapters" / task) for task in ("digits", "digit_box")], data_dir

@@ -12,7 +12,8 @@ import sys
 import pytest
 from absl import flags
 
-from jaxmerge import cli, runs, train
+from jaxmerge import cli, runs, training
+from jaxmerge.commands import train as train_command
 from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +61,8 @@ def runs_by_model(data_dir, tmp_path_factory):
     ]:
         workdir = tmp_path_factory.mktemp(name)
         config = tiny_config(data_dir, steps=10, checkpoint_every=10, **overrides)
-        train.train_and_evaluate(config, str(workdir))
-        out[name] = train.run_dir(str(workdir), "lora", "digits")
+        training.train_and_evaluate(config, str(workdir))
+        out[name] = training.run_dir(str(workdir), "lora", "digits")
     return out
 
 
@@ -107,7 +108,7 @@ def test_runs_of_different_models_are_refused_in_either_order(runs_by_model, oth
     ids=["empty targets", "blank targets"],
 )
 def test_train_refuses_in_one_line(tmp_path, capsys, monkeypatch, extra, message):
-    status, lines = run_command(train, train_argv(tmp_path, *extra), capsys, monkeypatch)
+    status, lines = run_command(train_command, train_argv(tmp_path, *extra), capsys, monkeypatch)
     assert status == 2 and len(lines) == 1 and lines[0].startswith(message), lines
     assert not os.path.exists(tmp_path / "adapters")  # refused before any folder is made
 
@@ -130,15 +131,15 @@ def test_task_and_dataset_names_are_plain_path_components(
     overrides = {"dataset.name": "sklearn_digits", "task": "mine", field: value}
     config = tiny_config(data_dir, **overrides)
     with pytest.raises(ValueError, match="^" + re.escape(message)):
-        train.train_and_evaluate(config, str(tmp_path / "work"))
+        training.train_and_evaluate(config, str(tmp_path / "work"))
     assert os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match=r"^config.task: got '../x'"):
-        train.run_dir(str(tmp_path), "lora", "../x")
+        training.run_dir(str(tmp_path), "lora", "../x")
 
 
 def test_a_task_named_by_path_is_refused_at_the_command_line(tmp_path, capsys, monkeypatch):
     argv = train_argv(tmp_path / "work", arg="dataset=sklearn_digits,task=../../escaped")
-    status, lines = run_command(train, argv, capsys, monkeypatch)
+    status, lines = run_command(train_command, argv, capsys, monkeypatch)
     assert status == 2 and lines == [
         "error: config.task: got '../../escaped'; allowed: a plain name: no '/', no '..', "
         "not absolute"
@@ -205,12 +206,14 @@ def test_an_expw_label_line_cannot_read_outside_the_images_folder(tmp_path, name
     ids=["2**64", "2**32 (the same key as seed 0)", "negative"],
 )
 def test_a_seed_jax_cannot_keep_is_refused(tmp_path, capsys, monkeypatch, argv, message):
-    status, lines = run_command(train, train_argv(tmp_path, *argv), capsys, monkeypatch)
+    status, lines = run_command(train_command, train_argv(tmp_path, *argv), capsys, monkeypatch)
     assert status == 2 and len(lines) == 1 and lines[0].startswith(message), lines
 
 
 def test_a_typo_inside_the_config_argument_is_one_line(tmp_path, capsys, monkeypatch):
-    status, lines = run_command(train, train_argv(tmp_path, arg="tsak=digits"), capsys, monkeypatch)
+    status, lines = run_command(
+        train_command, train_argv(tmp_path, arg="tsak=digits"), capsys, monkeypatch
+    )
     assert status == 2
     assert lines == [
         f"error: flag --config={ROOT}/configs/adapter.py:tsak=digits: configs/adapter.py: "
@@ -226,7 +229,7 @@ def test_a_read_only_workdir_is_one_line(tmp_path, capsys, monkeypatch):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(workdir))
 
     monkeypatch.setattr(os, "makedirs", read_only)
-    status, lines = run_command(train, train_argv(workdir), capsys, monkeypatch)
+    status, lines = run_command(train_command, train_argv(workdir), capsys, monkeypatch)
     assert status == 2 and lines == [
         f"error: --workdir: cannot write the run folder {workdir}/adapters/digits "
         "(Read-only file system); allowed: a writable folder"
@@ -242,7 +245,7 @@ def test_a_run_folder_without_write_permission_is_one_line(tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "TemporaryFile", denied)
     config = tiny_config(tmp_path)
     with pytest.raises(ValueError, match=r"^--workdir: cannot write .* \(Permission denied\)"):
-        train.train_and_evaluate(config, str(tmp_path))
+        training.train_and_evaluate(config, str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -267,13 +270,15 @@ def test_a_run_folder_without_write_permission_is_one_line(tmp_path, monkeypatch
 def test_a_typo_in_a_config_flag_names_the_flag_and_the_field(
     tmp_path, capsys, monkeypatch, flag, message
 ):
-    status, lines = run_command(train, train_argv(tmp_path, flag), capsys, monkeypatch)
+    status, lines = run_command(train_command, train_argv(tmp_path, flag), capsys, monkeypatch)
     assert status == 2 and lines == [message]
 
 
-@pytest.mark.parametrize("command", ["jaxmerge.train", "jaxmerge.evaluate", "experiments.study"])
+@pytest.mark.parametrize(
+    "command", ["jaxmerge.commands.train", "jaxmerge.commands.evaluate", "experiments.study"]
+)
 def test_a_multi_host_flag_without_distributed_is_one_line(tmp_path, capsys, monkeypatch, command):
-    argv = train_argv(tmp_path) if command == "jaxmerge.train" else ["--run=x"]
+    argv = train_argv(tmp_path) if command == "jaxmerge.commands.train" else ["--run=x"]
     if command == "experiments.study":
         argv = [f"--config={ROOT}/experiments/configs/offline.py", f"--workdir={tmp_path}"]
     module = importlib.import_module(command)
@@ -287,7 +292,7 @@ def test_a_multi_host_flag_without_distributed_is_one_line(tmp_path, capsys, mon
 
 
 def test_a_folder_that_is_not_a_run_lists_the_runs_under_it(runs_by_model, capsys, monkeypatch):
-    from jaxmerge import evaluate
+    from jaxmerge.commands import evaluate, merge
 
     workdir = os.path.dirname(os.path.dirname(runs_by_model["plain"]))
     os.makedirs(os.path.join(workdir, "notes"), exist_ok=True)  # a folder that is no run
@@ -296,7 +301,7 @@ def test_a_folder_that_is_not_a_run_lists_the_runs_under_it(runs_by_model, capsy
         "under it: adapters/digits; allowed: a run folder WORKDIR/<mode>/<task>, e.g. "
         "WORKDIR/adapters/digits"
     )
-    for module in (evaluate, importlib.import_module("jaxmerge.merge")):
+    for module in (evaluate, merge):
         argv = ["--run", runs_by_model["gelu"], "--run", workdir]
         if module is not evaluate:
             argv += ["--method", "task_arithmetic", f"--output={workdir}/merged"]
@@ -325,18 +330,22 @@ def test_a_run_folder_that_is_missing_or_empty_says_so(tmp_path, where):
     "module, argv, message",
     [
         (
-            "jaxmerge.merge",
+            "jaxmerge.commands.merge",
             ["--run=r1", "--fuse=moe", "--output=OUT"],
             "error: --fuse: got 'moe'; allowed: one of ['static', 'router']",
         ),
         (
-            "jaxmerge.merge",
+            "jaxmerge.commands.merge",
             ["--run=r1", "--fuse=static", "--fold", "--output=OUT"],
             "error: --fold: got True with --fuse static; allowed: --fuse alone",
         ),
-        ("jaxmerge.merge", ["--run=r1", "--output=OUT"], "error: --method: none given; allowed:"),
         (
-            "jaxmerge.evaluate",
+            "jaxmerge.commands.merge",
+            ["--run=r1", "--output=OUT"],
+            "error: --method: none given; allowed:",
+        ),
+        (
+            "jaxmerge.commands.evaluate",
             ["--model=OUT", "--run=r1"],
             "error: --run: got ['r1'] with --model; allowed: --model alone",
         ),
@@ -353,7 +362,7 @@ def test_fuse_and_model_flags_are_refused_in_one_line(
 
 
 def test_a_missing_model_folder_says_it_does_not_exist(tmp_path, capsys, monkeypatch):
-    from jaxmerge import predict
+    from jaxmerge.commands import predict
     from jaxmerge.datasets import fakes
 
     missing, image = str(tmp_path / "no_such_model"), tmp_path / "x.png"

@@ -466,7 +466,7 @@ def test_cli_flags_reach_the_checks(tmp_path):
     write_files(root, ["cat/0.png", "cat/1.png"])
     (root / "cat" / "broken.jpg").write_bytes(b"")
     command = [
-        sys.executable, "-m", "jaxmerge.datasets.prepare", "--dataset=image_folder",
+        sys.executable, "-m", "jaxmerge", "prepare", "--dataset=image_folder",
         "--config=mine-size32", f"--data_dir={tmp_path / 'data'}", f"--manual_dir={root}",
         "--skip_bad_files", "--allow_single_class",
     ]  # fmt: skip

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmerge import checkpoint, lora, merging, run_lock, train
+from jaxmerge import checkpoint, lora, merging, run_lock, training
 from jaxmerge.models import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,8 +130,8 @@ def trained_run(tmp_path_factory):
     prepare.prepare("sklearn_digits", str(data_dir))
     workdir = tmp_path_factory.mktemp("work")
     config = tiny_config(data_dir, steps=20)
-    train.train_and_evaluate(config, str(workdir))
-    return config, str(workdir), train.run_dir(str(workdir), "lora", "digits")
+    training.train_and_evaluate(config, str(workdir))
+    return config, str(workdir), training.run_dir(str(workdir), "lora", "digits")
 
 
 def _largest_array_file(step_dir):
@@ -224,7 +224,7 @@ def test_evaluate_on_a_broken_latest_step_prints_one_line(trained_run, tmp_path,
     copy = str(tmp_path / "run")
     shutil.copytree(run, copy)
     BREAKAGES[breakage](os.path.join(copy, "checkpoints", "20"))
-    command = [sys.executable, "-m", "jaxmerge.evaluate", "--run", copy]
+    command = [sys.executable, "-m", "jaxmerge", "evaluate", "--run", copy]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
@@ -248,9 +248,9 @@ def test_resume_falls_back_too_and_reaches_the_same_step(trained_run, tmp_path):
     config, workdir, run = trained_run
     copy_workdir = str(tmp_path / "work")
     shutil.copytree(workdir, copy_workdir)
-    copy = train.run_dir(copy_workdir, "lora", "digits")
+    copy = training.run_dir(copy_workdir, "lora", "digits")
     _flip_byte(os.path.join(copy, "checkpoints", "20"))
-    result = train.train_and_evaluate(config, copy_workdir)
+    result = training.train_and_evaluate(config, copy_workdir)
     assert result["step"] == 20 and os.path.isdir(os.path.join(copy, "checkpoints_bad", "20"))
 
 
@@ -270,10 +270,10 @@ def test_a_changed_model_is_a_changed_config_and_nothing_moves(trained_run, tmp_
         changed = config.copy_and_resolve_references()
         changed[section][leaf] = value
         with pytest.raises(ValueError, match=f"differs from the checkpoint's in {message}; use"):
-            train.train_and_evaluate(changed, copy_workdir)
+            training.train_and_evaluate(changed, copy_workdir)
     changed.resume_with_changed_config = True
     with pytest.raises(checkpoint.ModelMismatch, match=r"checkpoints/20 holds another model"):
-        train.train_and_evaluate(changed, copy_workdir)
+        training.train_and_evaluate(changed, copy_workdir)
     assert snapshot(copy_workdir) == before
 
 
@@ -285,11 +285,11 @@ def test_training_into_a_model_folder_is_refused(trained_run, tmp_path):
     before = snapshot(model)
     for workdir in (model, model / "adapters" / "digits" / ".." / ".."):
         with pytest.raises(ValueError, match=r"^--workdir: .*model is a model folder"):
-            train.train_and_evaluate(config, str(workdir))
+            training.train_and_evaluate(config, str(workdir))
     os.makedirs(model / "adapters" / "digits")  # the run folder inside it
     (model / "adapters" / "digits" / "model.json").write_text("{}")
     with pytest.raises(ValueError, match=r"^--workdir: .*digits is a model folder"):
-        train.train_and_evaluate(config, str(model))
+        training.train_and_evaluate(config, str(model))
     os.remove(model / "adapters" / "digits" / "model.json")
     os.removedirs(model / "adapters" / "digits")
     assert snapshot(model) == before
@@ -333,14 +333,14 @@ def test_resume_with_a_changed_config_is_refused_naming_the_fields(trained_run, 
     with pytest.raises(
         ValueError, match=r"differs from the checkpoint's in learning_rate: 0.001 -> 0.01; use"
     ):
-        train.train_and_evaluate(changed, copy_workdir)
+        training.train_and_evaluate(changed, copy_workdir)
     changed.resume_with_changed_config = True
-    assert train.train_and_evaluate(changed, copy_workdir)["step"] == 20
+    assert training.train_and_evaluate(changed, copy_workdir)["step"] == 20
 
 
 def test_a_second_process_on_the_same_run_is_refused(trained_run, tmp_path):
     config, _, _ = trained_run
-    run = train.run_dir(str(tmp_path), "lora", "digits")
+    run = training.run_dir(str(tmp_path), "lora", "digits")
     os.makedirs(run)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -349,12 +349,12 @@ def test_a_second_process_on_the_same_run_is_refused(trained_run, tmp_path):
         with pytest.raises(
             run_lock.RunLockedError, match=f"is being trained by process {holder.pid}"
         ):
-            train.train_and_evaluate(config, str(tmp_path))
+            training.train_and_evaluate(config, str(tmp_path))
     finally:
         holder.kill()
         holder.wait()
     # The holder is gone now: its stale lock is taken over and the run trains.
-    assert train.train_and_evaluate(config, str(tmp_path))["step"] == 20
+    assert training.train_and_evaluate(config, str(tmp_path))["step"] == 20
     assert not os.path.exists(os.path.join(run, run_lock.LOCK_FILE))
 
 
@@ -392,7 +392,8 @@ def test_config_errors_are_one_line_and_exit_2_before_compile(tmp_path, flag, me
     command = [
         sys.executable,
         "-m",
-        "jaxmerge.train",
+        "jaxmerge",
+        "train",
         "--config",
         f"{ROOT}/configs/adapter.py:task=digits",
         f"--workdir={tmp_path}",

@@ -23,7 +23,17 @@ from tensorflow_datasets.core import registered
 
 from experiments import study
 from experiments.configs import clip as clip_config
-from jaxmerge import config_lib, data, lora, recipes, run_config, scoring, tasks, train, zero_shot
+from jaxmerge import (
+    config_lib,
+    input_pipeline,
+    lora,
+    recipes,
+    run_config,
+    scoring,
+    tasks,
+    training,
+    zero_shot,
+)
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import BUILDERS, common, gtsrb
 from jaxmerge.models import clip
@@ -102,15 +112,15 @@ def test_suite_tasks_and_their_datasets():
         config = config_lib.base_config()
         config.model.family = family
         normalization = run_config.data_settings(config).normalization
-        prepare = data.preprocess(tasks.get("mnist"), 8, True, **normalization)
+        prepare = input_pipeline.preprocess(tasks.get("mnist"), 8, True, **normalization)
         out = prepare(dict(example), np.random.default_rng(0))
         want = np.broadcast_to((1 - np.asarray(mean)) / np.asarray(std), (3,))
         np.testing.assert_allclose(out["image"][0, 0], want, 1e-6)
 
 
 def test_gtsrb_builder_reads_the_official_layout(tmp_path):
-    from jaxmerge.data import sources
     from jaxmerge.datasets import prepare
+    from jaxmerge.input_pipeline import sources
 
     fake_gtsrb_download(tmp_path / "manual", np.random.default_rng(0))
     prepare.prepare("gtsrb/size32", str(tmp_path / "data"), str(tmp_path / "manual"))
@@ -132,7 +142,7 @@ DRY_RUN_TASKS = os.environ.get("JAXMERGE_CLIP_DRY_RUN_TASKS", "mnist+gtsrb").rep
 
 
 def random_zero_shot_file(path, task_names, width: int = 768, embed: int = 512) -> str:
-    """A heads file of `jaxmerge.zero_shot_heads`'s format for a random CLIP B/32: unit class
+    """A heads file of `jaxmerge.text_heads`'s format for a random CLIP B/32: unit class
     embeddings, a random image projection (a random base has no text tower to embed with)."""
     rng = np.random.default_rng(1)
     arrays = {
@@ -154,7 +164,7 @@ def rescore(config, workdir: str, record: dict) -> dict[str, dict[str, float]]:
     the runs merged again by the record's method, folded into the base and applied to every
     image of each task's test split in one batch, through that task's own head."""
     seed_dir = study.seed_dir(workdir, record["seed"])
-    runs = [runs_lib.load(train.run_dir(seed_dir, "lora", t)) for t in record["tasks"]]
+    runs = [runs_lib.load(training.run_dir(seed_dir, "lora", t)) for t in record["tasks"]]
     model_def, base = runs_lib.base_of(runs)
     weights = [config.merge_weight] * len(runs)
     params = config.methods[record["method"]].to_dict()
@@ -162,8 +172,8 @@ def rescore(config, workdir: str, record: dict) -> dict[str, dict[str, float]]:
     backbone = lora.fold_into_base(base, merged)
     scores = {}
     for run in runs:
-        source = data.open_split(run.task, run.task.eval_split, run.parts.data)
-        prepare = data.preprocess(
+        source = input_pipeline.open_split(run.task, run.task.eval_split, run.parts.data)
+        prepare = input_pipeline.preprocess(
             run.task, model_def.image_size, False, **run.parts.data.normalization
         )
         rng = np.random.default_rng(0)

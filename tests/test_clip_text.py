@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from golden_files import rel_err
 
-from jaxmerge import zero_shot, zero_shot_heads
+from jaxmerge import text_heads, zero_shot
 from jaxmerge.interop import files
 from jaxmerge.models import clip_text
 
@@ -41,8 +41,8 @@ def load_text():
 
 def test_tokenizer_matches_transformers():
     want = text_golden()
-    ids, mask = zero_shot_heads.tokenize(
-        zero_shot_heads.load_tokenizer(MODEL), [str(p) for p in want["prompts"]]
+    ids, mask = text_heads.tokenize(
+        text_heads.load_tokenizer(MODEL), [str(p) for p in want["prompts"]]
     )
     np.testing.assert_array_equal(ids, want["input_ids"])
     np.testing.assert_array_equal(mask, want["attention_mask"])
@@ -70,7 +70,7 @@ def test_extra_padding_changes_no_text_embedding(eos_token_id):
     model, params, _ = load_text()
     model = model.clone(eos_token_id=eos_token_id)
     ids, mask = text_golden()["input_ids"], text_golden()["attention_mask"]
-    longer = zero_shot_heads.pad_length(ids, mask, model.max_length)
+    longer = text_heads.pad_length(ids, mask, model.max_length)
     assert longer[0].shape == (len(ids), model.max_length)
     want = model.apply({"params": params}, ids, mask)["text_embeds"]
     got = model.apply({"params": params}, *longer)["text_embeds"]
@@ -106,7 +106,7 @@ def test_heads_file_matches_the_torch_reference():
     assert tasks == ["pets", "shapes"]
     classes = {t: [str(n) for n in want[f"{t}/class_names"]] for t in tasks}
     templates = {t: tuple(str(s) for s in want[f"templates/{t}"]) for t in tasks}
-    got = zero_shot_heads.zero_shot_arrays(MODEL, classes, templates)
+    got = text_heads.zero_shot_arrays(MODEL, classes, templates)
     assert sorted(got) == sorted(k for k in want if k != "model")
     for key, value in want.items():
         if key == "model":
@@ -122,7 +122,7 @@ def test_heads_file_matches_the_torch_reference():
 def test_command_writes_a_file_load_heads_reads_and_never_overwrites_it(tmp_path):
     output = str(tmp_path / "heads" / "zero_shot.npz")
     # MNIST's class names come from its TFDS builder's code: an empty data_dir will do.
-    classes = zero_shot_heads.write_heads(MODEL, output, ["mnist"], str(tmp_path))
+    classes = text_heads.write_heads(MODEL, output, ["mnist"], str(tmp_path))
     assert classes == {"mnist": [str(d) for d in range(10)]}
     heads = zero_shot.load_heads(output)
     assert heads["classes"]["mnist"].shape == (10, 24)
@@ -131,11 +131,11 @@ def test_command_writes_a_file_load_heads_reads_and_never_overwrites_it(tmp_path
     assert heads["visual_projection"].shape == (32, 24)
     assert zero_shot.head_def(output, "mnist").outputs == 10
     with np.load(output) as npz:
-        assert list(npz["templates/mnist"]) == list(zero_shot_heads.task_prompts.TEMPLATES["mnist"])
+        assert list(npz["templates/mnist"]) == list(text_heads.task_prompts.TEMPLATES["mnist"])
         assert str(npz["model"]) == os.path.abspath(MODEL)
     written = open(output, "rb").read()
     with pytest.raises(ValueError, match=rf"--output: '{output}' exists; refusing to overwrite"):
-        zero_shot_heads.write_heads(MODEL, output, ["mnist"], str(tmp_path))
+        text_heads.write_heads(MODEL, output, ["mnist"], str(tmp_path))
     assert open(output, "rb").read() == written
 
 
@@ -143,14 +143,14 @@ def test_a_prompt_longer_than_the_tower_is_refused_before_it_runs(tmp_path, monk
     def computed(*args, **kwargs):
         raise AssertionError("the text tower ran")
 
-    monkeypatch.setattr(zero_shot_heads, "class_embeddings", computed)
+    monkeypatch.setattr(text_heads, "class_embeddings", computed)
     output = tmp_path / "out.npz"
     message = (
         r"task 'eurosat': prompt 'a centered satellite photo of annual crop land.': 42 tokens; "
         r"allowed: at most 32"
     )  # the tiny tokenizer has one token per character
     with pytest.raises(ValueError, match=message):
-        zero_shot_heads.write_heads(MODEL, str(output), ["mnist", "eurosat"], str(tmp_path))
+        text_heads.write_heads(MODEL, str(output), ["mnist", "eurosat"], str(tmp_path))
     assert not output.exists()
 
 
@@ -227,18 +227,18 @@ def test_bad_inputs_are_refused_before_any_compute(case, tmp_path, monkeypatch):
     def computed(*args, **kwargs):
         raise AssertionError("computed before the inputs were checked")
 
-    monkeypatch.setattr(zero_shot_heads, "zero_shot_arrays", computed)
-    monkeypatch.setattr(zero_shot_heads.task_prompts, "suite_classes", computed)
+    monkeypatch.setattr(text_heads, "zero_shot_arrays", computed)
+    monkeypatch.setattr(text_heads.task_prompts, "suite_classes", computed)
     make, message = BAD_INPUTS[case]
     inputs = dict(model=MODEL, output=str(tmp_path / "out.npz"), task_names=["eurosat"])
     inputs.update(make(tmp_path))
     with pytest.raises(ValueError, match=message):
-        zero_shot_heads.write_heads(**inputs)
+        text_heads.write_heads(**inputs)
     assert not os.path.exists(tmp_path / "out.npz")
 
 
 def test_command_error_is_one_line(tmp_path):
-    command = [sys.executable, "-m", "jaxmerge.zero_shot_heads", "--model", str(tmp_path / "x"),
+    command = [sys.executable, "-m", "jaxmerge", "zero_shot_heads", "--model", str(tmp_path / "x"),
                "--output", str(tmp_path / "out.npz")]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
@@ -254,5 +254,5 @@ def test_tokenizer_config_sets_padding(tmp_path):
     settings.update(pad_token="!", padding_side="left")
     with open(folder / "tokenizer_config.json", "w") as f:
         json.dump(settings, f)
-    ids, mask = zero_shot_heads.tokenize(zero_shot_heads.load_tokenizer(str(folder)), ["a b", "a"])
+    ids, mask = text_heads.tokenize(text_heads.load_tokenizer(str(folder)), ["a b", "a"])
     assert ids[1, 0] == 2 and mask[1, 0] == 0 and mask[0].all()  # "!" is id 2, on the left

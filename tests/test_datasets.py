@@ -247,7 +247,7 @@ def test_prepare_rejects_unknown_name_config_and_missing_manual_dir(tmp_path):
 
 
 def test_cli_reports_one_line_errors(tmp_path):
-    command = [sys.executable, "-m", "jaxmerge.datasets.prepare", f"--data_dir={tmp_path}"]
+    command = [sys.executable, "-m", "jaxmerge", "prepare", f"--data_dir={tmp_path}"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     bad = subprocess.run([*command, "--dataset=nope"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "error: dataset='nope' is unknown" in bad.stderr

@@ -86,9 +86,9 @@ def _fake_galaxy10(tmp_path):
 
 
 def _load_tokenizer(tmp_path):
-    from jaxmerge import zero_shot_heads
+    from jaxmerge import text_heads
 
-    zero_shot_heads.load_tokenizer(os.path.join(GOLDEN, "clip", "clip_model"))
+    text_heads.load_tokenizer(os.path.join(GOLDEN, "clip", "clip_model"))
 
 
 def _save_plot(tmp_path):

@@ -46,7 +46,7 @@ def test_disk_full_during_a_save_is_one_line_and_the_run_resumes(small_disk, tmp
     data_dir = str(tmp_path / "tfds")
     prepare.prepare("sklearn_digits", data_dir)
     command = [
-        sys.executable, "-m", "jaxmerge.train",
+        sys.executable, "-m", "jaxmerge", "train",
         "--config", "configs/adapter.py:task=digits", *TINY,
         f"--config.data_dir={data_dir}", f"--workdir={small_disk / 'w'}",
     ]  # fmt: skip

@@ -91,7 +91,7 @@ def test_rerun_skips_every_cached_stage(finished, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a cached stage ran again")
 
-    monkeypatch.setattr(study.train, "train_and_evaluate", fail)
+    monkeypatch.setattr(study.training, "train_and_evaluate", fail)
     monkeypatch.setattr(study, "merge_combo", fail)
     monkeypatch.setattr(study.fuse, "fuse_runs", fail)
     study.run_study(config, workdir)
@@ -126,9 +126,9 @@ def test_normalised_scores_are_merged_over_single(finished):
 def test_scorer_reproduces_the_training_evaluation(finished):
     """The study's cached scorer on the folded adapter gives the run's own final evaluation."""
     config, workdir, _ = finished
-    from jaxmerge import lora, scoring, train
+    from jaxmerge import lora, scoring, training
 
-    run = runs_lib.load(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
+    run = runs_lib.load(training.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
     model_def, base = runs_lib.base_of([run])
     scorer = scoring.run_scorer(run, model_def)
     scores = scorer(lora.fold_into_base(base, run.adapter), run.head)
@@ -141,9 +141,11 @@ def test_scorer_reproduces_the_training_evaluation(finished):
 def test_a_cat_merge_of_one_adapter_pair_equals_the_sum_of_updates(finished):
     """cat merges are exact: the merged backbone is base + dW_a + dW_b."""
     config, workdir, _ = finished
-    from jaxmerge import lora, train
+    from jaxmerge import lora, training
 
-    runs = [runs_lib.load(train.run_dir(study.seed_dir(workdir, 0), "lora", t)) for t in TASKS[:2]]
+    runs = [
+        runs_lib.load(training.run_dir(study.seed_dir(workdir, 0), "lora", t)) for t in TASKS[:2]
+    ]
     model_def, base = runs_lib.base_of(runs)
     by_task = dict(zip(TASKS[:2], runs))
     merged, _ = study.merge_combo(config, by_task, TASKS[:2], "cat", model_def, base, 0, {})
@@ -194,11 +196,11 @@ def test_head_refit_lowers_the_training_loss_on_a_changed_backbone(finished):
     below the original head's, and the backbone is left as it was."""
     import jax
 
-    from jaxmerge import train
+    from jaxmerge import training
     from jaxmerge.learned import refit
 
     config, workdir, _ = finished
-    run = runs_lib.load(train.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
+    run = runs_lib.load(training.run_dir(study.seed_dir(workdir, 0), "lora", "digits"))
     model_def, base = runs_lib.base_of([run])
     before = jax.tree.map(np.array, base)
     new_head = refit.refit_head(run, model_def, base, steps=200, learning_rate=3e-3)

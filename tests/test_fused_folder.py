@@ -3,7 +3,6 @@ predict on files, gates of one giving the `cat` merge (predictions and scores), 
 refused in one line before compute, on two tiny runs trained on scikit-learn digits."""
 
 import dataclasses
-import importlib
 import json
 import os
 import shutil
@@ -16,17 +15,16 @@ from PIL import Image
 from jaxmerge import (
     adapter_stack,
     checkpoint,
-    evaluate,
+    evaluation,
     fuse,
     fusion,
     image_input,
+    merge_folder,
     model_folder,
-    predict,
+    prediction,
 )
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import common
-
-merge_cli = importlib.import_module("jaxmerge.merge")  # the command, not `jaxmerge.merge`
 
 TASKS = ["digits", "digit_box"]
 FAST = {"images": 32, "steps": 5}  # a real fit, in a second
@@ -40,7 +38,9 @@ def fused_folders(digit_runs, tmp_path_factory):
     folders = {}
     for gating in fusion.GATINGS:
         folder = str(root / gating)
-        summary = merge_cli.merge_to_folder(run_dirs, None, folder, params=FAST, fuse_gating=gating)
+        summary = merge_folder.merge_to_folder(
+            run_dirs, None, folder, params=FAST, fuse_gating=gating
+        )
         assert summary["fuse"] == gating and summary["tasks"] == TASKS
         folders[gating] = folder
     return folders
@@ -98,7 +98,7 @@ def test_predict_on_a_fused_folder_is_the_model_on_the_prepared_inputs(fused_fol
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / f"{i}.png")
     rows_file = tmp_path / "rows.jsonl"
-    assert predict.predict_files(fused_folders["router"], [str(tmp_path)], str(rows_file)) == 0
+    assert prediction.predict_files(fused_folders["router"], [str(tmp_path)], str(rows_file)) == 0
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     model = model_folder.load(fused_folders["router"])
     preprocessing = model.info["preprocessing"]
@@ -135,7 +135,7 @@ def gates_of_one(digit_runs, tmp_path_factory):
             gates,
             {r.task.name: r.head for r in runs},
         )
-    merge_cli.merge_to_folder(run_dirs, "cat", str(root / "cat"), weights=[1.0, 1.0])
+    merge_folder.merge_to_folder(run_dirs, "cat", str(root / "cat"), weights=[1.0, 1.0])
     return str(root / "ones"), str(root / "cat")
 
 
@@ -155,8 +155,8 @@ def test_evaluate_scores_a_folder_as_evaluate_scores_its_merged_runs(digit_runs,
     """`evaluate --model` on the gates-of-one folder and on the cat folder gives what
     `evaluate --run ... --merge cat` gives."""
     run_dirs, data_dir = digit_runs
-    ones, cat = (evaluate.evaluate_model(f, data_dir=str(data_dir)) for f in gates_of_one)
-    runs = evaluate.evaluate_runs(run_dirs, "cat", [1.0, 1.0])
+    ones, cat = (evaluation.evaluate_model(f, data_dir=str(data_dir)) for f in gates_of_one)
+    runs = evaluation.evaluate_runs(run_dirs, "cat", [1.0, 1.0])
     assert ones["model"]["fuse"] == "static" and cat["model"]["method"] == "cat"
     for task in TASKS:
         assert ones[task]["single_adapter"] == runs[task]["single_adapter"] is not None
@@ -185,7 +185,7 @@ def test_bad_requests_are_refused_before_anything_loads(tmp_path, request_args, 
     args = {"method": None, **request_args}
     method = args.pop("method")
     with pytest.raises(ValueError, match=message):  # the runs need not even exist
-        merge_cli.merge_to_folder(["no/such/run"], method, str(tmp_path / "out"), **args)
+        merge_folder.merge_to_folder(["no/such/run"], method, str(tmp_path / "out"), **args)
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -213,7 +213,7 @@ def test_runs_of_other_bases_or_models_are_refused(
 
     monkeypatch.setattr(runs_lib, "load", changed)
     with pytest.raises(ValueError, match=message):
-        merge_cli.merge_to_folder(run_dirs, None, str(tmp_path / "f"), fuse_gating="static")
+        merge_folder.merge_to_folder(run_dirs, None, str(tmp_path / "f"), fuse_gating="static")
     assert not os.path.exists(tmp_path / "f") and os.listdir(tmp_path) == []
 
 

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from jaxmerge.data import loader, ops, sources
 from jaxmerge.datasets import wflw
 from jaxmerge.datasets.prepare import prepare
+from jaxmerge.input_pipeline import loader, ops, sources
 
 
 def make_source(n, size=8, channels=1):

@@ -202,9 +202,9 @@ def test_saved_coefficients_rebuild_the_merge_without_relearning(granularity, ba
 
 @pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_learning_on_eight_devices_matches_one_device():
-    from jaxmerge import data
+    from jaxmerge import input_pipeline
 
     assert jax.device_count() == 8
     one = _learn(steps=10)
-    eight = _learn(steps=10, mesh=data.data_mesh())
+    eight = _learn(steps=10, mesh=input_pipeline.data_mesh())
     np.testing.assert_allclose(eight[2], one[2], rtol=1e-4, atol=1e-6)

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxmerge import config_lib, config_resume, logs, train
+from jaxmerge import config_lib, config_resume, logs, training
 from tests import tiny
 
 
@@ -27,8 +27,8 @@ def tiny_config(data_dir, **overrides):
 def writer_run(data_dir, tmp_path_factory):
     """(run folder, result) of the tiny run trained as process 0."""
     workdir = tmp_path_factory.mktemp("process0")
-    result = train.train_and_evaluate(tiny_config(data_dir), str(workdir))
-    return train.run_dir(str(workdir), "lora", "digits"), result
+    result = training.train_and_evaluate(tiny_config(data_dir), str(workdir))
+    return training.run_dir(str(workdir), "lora", "digits"), result
 
 
 def fake_process(monkeypatch, index: int) -> None:
@@ -73,8 +73,8 @@ def test_only_process_zero_writes_run_files(data_dir, tmp_path, monkeypatch, wri
     assert not os.path.exists(os.path.join(directory, "run.lock"))  # released
 
     fake_process(monkeypatch, 1)
-    other = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
-    other_dir = train.run_dir(str(tmp_path), "lora", "digits")
+    other = training.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+    other_dir = training.run_dir(str(tmp_path), "lora", "digits")
     assert sorted(os.listdir(other_dir)) == ["checkpoints"]  # Orbax's, on every process
     assert os.listdir(os.path.join(other_dir, "checkpoints"))
     assert other == result  # the same run, only not written down

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmerge import checkpoint, config_lib, heads, run_config, scoring, tasks, train
+from jaxmerge import checkpoint, config_lib, heads, run_config, scoring, tasks, training
 from jaxmerge.models import vit
 from tests.tiny import tiny_config
 
@@ -29,7 +29,7 @@ def _setup():
     config.lora.targets = "all"
     head = heads.MlpHead(16, 10)
     lora_config = run_config.of_saved(config).lora
-    params = train.init_params(lora_config, "lora", vit.ViT(**MU), head, base, jax.random.key(1))
+    params = training.init_params(lora_config, "lora", vit.ViT(**MU), head, base, jax.random.key(1))
     # A trained-looking adapter: lora_b is zero at initialisation, which would hide its maths.
     keys = iter(jax.random.split(jax.random.key(3), 100))
     params["lora"] = jax.tree.map(
@@ -119,10 +119,10 @@ def test_bfloat16_training_on_eight_devices_keeps_float32_master_weights(data_di
     results = {}
     for dtype in ("float32", "bfloat16"):
         config = tiny_config(data_dir, steps=20, **{"model.dtype": dtype})
-        results[dtype] = train.train_and_evaluate(config, str(tmp_path / dtype))
+        results[dtype] = training.train_and_evaluate(config, str(tmp_path / dtype))
     assert abs(results["bfloat16"]["accuracy"] - results["float32"]["accuracy"]) < 0.1
     assert results["bfloat16"]["loss"] == pytest.approx(results["float32"]["loss"], rel=0.1)
-    run = train.run_dir(str(tmp_path / "bfloat16"), "lora", "digits")
+    run = training.run_dir(str(tmp_path / "bfloat16"), "lora", "digits")
     params, metadata = checkpoint.load(os.path.join(run, "checkpoints"))
     assert metadata["config"]["model"]["dtype"] == "bfloat16"
     assert set(params) == {"lora", "head"}
@@ -138,7 +138,7 @@ def test_bfloat16_training_on_eight_devices_keeps_float32_master_weights(data_di
 def test_bfloat16_scorer_keeps_images_in_bfloat16_with_the_same_scores(data_dir):  # noqa: F811
     """The study's scorer caches eval images on the device; for a bfloat16 ViT in bfloat16
     (half the memory), which changes no score: the patch embedding casts them first."""
-    from jaxmerge import data
+    from jaxmerge import input_pipeline
 
     config = tiny_config(data_dir, **{"model.dtype": "bfloat16"})
     model = vit.ViT(**vit.variant("mu/4", image_size=8), dtype=jnp.bfloat16)
@@ -151,6 +151,6 @@ def test_bfloat16_scorer_keeps_images_in_bfloat16_with_the_same_scores(data_dir)
     assert {b["image"].dtype for b in scorer.batches} == {jnp.dtype(jnp.bfloat16)}
     cached = scorer(base, head)
     step = scoring.make_eval_step(model, head_def, task)
-    batches = data.eval_batches(task, settings, model.image_size)  # float32 images
-    plain = scoring.evaluate(step, {"head": head}, base, batches, data.data_mesh())
+    batches = input_pipeline.eval_batches(task, settings, model.image_size)  # float32 images
+    plain = scoring.evaluate(step, {"head": head}, base, batches, input_pipeline.data_mesh())
     assert cached == pytest.approx(plain, abs=1e-6) and cached["examples"] == 359

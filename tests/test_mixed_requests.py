@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmerge import mixed_requests, predict
+from jaxmerge import mixed_requests, prediction
 
 TASKS = ("digits", "digit_box")
 
@@ -44,11 +44,11 @@ def test_each_request_is_predicted_as_its_run_alone_predicts_it(digit_runs, requ
     requests, csv_path, _ = request_files
     # A batch of 4: two mixed batches, the second padded with base-only examples.
     rows = list(mixed_requests.predict_requests(run_dirs, requests, batch_size=4))
-    alone = {task: predict.open_model(d) for task, d in zip(TASKS, run_dirs)}
+    alone = {task: prediction.open_model(d) for task, d in zip(TASKS, run_dirs)}
     assert [(r["path"], r["task"]) for r in rows] == requests
     for row in rows:
         task = row["task"]
-        (want,) = predict.predict_paths(alone[task], [row["path"]])
+        (want,) = prediction.predict_paths(alone[task], [row["path"]])
         assert set(row) == {"path", "task", task}
         if task == "digits":
             assert row[task]["label"] == want[task]["label"]
@@ -65,8 +65,8 @@ def test_the_command_writes_csv_and_jsonl_with_the_same_predictions(
     run_dirs, _ = digit_runs
     requests, csv_path, jsonl_path = request_files
     out_jsonl, out_csv = tmp_path / "rows.jsonl", tmp_path / "rows.csv"
-    assert predict.predict_request_file(run_dirs, jsonl_path, str(out_jsonl), 8) == 0
-    assert predict.predict_request_file(run_dirs, csv_path, str(out_csv), 8) == 0
+    assert prediction.predict_request_file(run_dirs, jsonl_path, str(out_jsonl), 8) == 0
+    assert prediction.predict_request_file(run_dirs, csv_path, str(out_csv), 8) == 0
     rows = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
     with open(out_csv, newline="") as f:
         flat = list(csv.DictReader(f))
@@ -92,7 +92,7 @@ def test_bad_requests_are_one_line_before_any_image_is_read(digit_runs, tmp_path
     path = tmp_path / "requests.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
-        predict.predict_request_file(digit_runs[0], str(path), None)
+        prediction.predict_request_file(digit_runs[0], str(path), None)
 
 
 def test_a_file_that_cannot_be_read_is_one_row_with_its_error(digit_runs, tmp_path):

@@ -2,7 +2,6 @@
 checksums on load, no overwriting, the PEFT export, predictions on odd image files, and the
 merge and predict commands end to end, on two tiny runs trained on scikit-learn digits."""
 
-import importlib
 import json
 import os
 import shutil
@@ -16,26 +15,24 @@ from PIL import Image, ImageOps
 
 from jaxmerge import (
     checkpoint,
-    data,
     image_input,
+    input_pipeline,
     learned,
     lora,
+    merge_folder,
     merging,
     model_folder,
-    predict,
+    prediction,
     run_config,
-    train,
+    training,
 )
 from jaxmerge import runs as runs_lib
-from jaxmerge.data import sources
 from jaxmerge.datasets import common, prepare
+from jaxmerge.input_pipeline import sources
 from jaxmerge.interop import peft
 from jaxmerge.model_folder import multitask
 from jaxmerge.models import vit
 from tests.tiny import tiny_config
-
-# `jaxmerge.merge` the attribute is the public merge function; the command is its submodule.
-merge_cli = importlib.import_module("jaxmerge.merge")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("digits", "digit_box")
@@ -51,7 +48,7 @@ def run_dirs(digit_runs):
 @pytest.fixture(scope="module")
 def ties_folder(run_dirs, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("models") / "ties")
-    merge_cli.merge_to_folder(run_dirs, output=folder, **TIES)
+    merge_folder.merge_to_folder(run_dirs, output=folder, **TIES)
     return folder
 
 
@@ -75,7 +72,7 @@ def in_memory_outputs(run_dirs, method, weights, params, batch):
 @pytest.mark.parametrize("fold", [False, True])
 def test_folder_predicts_what_the_in_memory_merge_does(run_dirs, tmp_path, fold):
     folder = str(tmp_path / "model")
-    summary = merge_cli.merge_to_folder(run_dirs, output=folder, fold=fold, **TIES)
+    summary = merge_folder.merge_to_folder(run_dirs, output=folder, fold=fold, **TIES)
     assert summary["folded"] is fold and summary["tasks"] == list(TASKS)
     model = model_folder.load(folder)
     batch = images()
@@ -105,7 +102,7 @@ def test_folder_predicts_what_the_in_memory_merge_does(run_dirs, tmp_path, fold)
 def test_learned_merge_stores_a_record_that_rebuilds_it(run_dirs, tmp_path):
     folder = str(tmp_path / "learned")
     params = {"images": 16, "steps": 3}
-    merge_cli.merge_to_folder(run_dirs, "learned_output_match", folder, params=params)
+    merge_folder.merge_to_folder(run_dirs, "learned_output_match", folder, params=params)
     model = model_folder.load(folder)
     record = model.info["merge"]["learned"]
     assert record["settings"]["granularity"] == "core" and record["images_per_task"] == 16
@@ -145,17 +142,17 @@ def test_an_existing_folder_is_never_overwritten(ties_folder, tmp_path):
     before = open(os.path.join(ties_folder, "model.json")).read()
     # Checked before anything loads: the runs given need not even exist.
     with pytest.raises(ValueError, match=r"--output: .* exists and is not empty"):
-        merge_cli.merge_to_folder(["no/such/run"], output=ties_folder, **TIES)
+        merge_folder.merge_to_folder(["no/such/run"], output=ties_folder, **TIES)
     assert open(os.path.join(ties_folder, "model.json")).read() == before
     file = tmp_path / "a_file"
     file.write_text("x")
     with pytest.raises(ValueError, match="exists and is not empty"):
-        merge_cli.merge_to_folder(["no/such/run"], output=str(file), **TIES)
+        merge_folder.merge_to_folder(["no/such/run"], output=str(file), **TIES)
 
 
 def test_an_empty_folder_is_written_into(run_dirs, tmp_path):
     (tmp_path / "empty").mkdir()
-    merge_cli.merge_to_folder(run_dirs, output=str(tmp_path / "empty"), **TIES)
+    merge_folder.merge_to_folder(run_dirs, output=str(tmp_path / "empty"), **TIES)
     assert sorted(os.listdir(tmp_path / "empty")) == ["checkpoints", "model.json"]
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no partial left
 
@@ -173,15 +170,15 @@ def test_peft_export_loads_back_to_the_same_deltas(ties_folder, tmp_path):
 
 def test_peft_export_refuses_folded_models_and_dense_deltas(run_dirs, tmp_path):
     with pytest.raises(ValueError, match="saved folded"):
-        merge_cli.merge_to_folder(
+        merge_folder.merge_to_folder(
             run_dirs, output=str(tmp_path / "f"), fold=True, export_peft=str(tmp_path / "p"), **TIES
         )
     with pytest.raises(ValueError, match="'task_arithmetic' returned dense deltas"):
-        merge_cli.merge_to_folder(
+        merge_folder.merge_to_folder(
             run_dirs, "task_arithmetic", str(tmp_path / "ta"), export_peft=str(tmp_path / "p")
         )
     assert not os.path.exists(tmp_path / "f") and not os.path.exists(tmp_path / "ta")
-    merge_cli.merge_to_folder(run_dirs, output=str(tmp_path / "folded"), fold=True, **TIES)
+    merge_folder.merge_to_folder(run_dirs, output=str(tmp_path / "folded"), fold=True, **TIES)
     with pytest.raises(ValueError, match="saved folded"):
         model_folder.export_peft(str(tmp_path / "folded"), str(tmp_path / "p"))
 
@@ -201,7 +198,7 @@ def test_golden_hf_export_of_a_folded_ties_merge_gives_pefts_merge(naming):
 
 
 def test_hf_export_round_trips_the_backbone(run_dirs, tmp_path):
-    summary = merge_cli.merge_to_folder(
+    summary = merge_folder.merge_to_folder(
         run_dirs, output=str(tmp_path / "m"), export_hf=str(tmp_path / "hf"), **TIES
     )
     model = model_folder.load(summary["output"])
@@ -217,7 +214,7 @@ def test_hf_export_refuses_what_a_vit_model_cannot_hold(run_dirs, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="--export_hf"):
-        merge_cli.merge_to_folder(
+        merge_folder.merge_to_folder(
             run_dirs, output=str(tmp_path / "m"), export_hf=str(tmp_path / "taken"), **TIES
         )
     assert not os.path.exists(tmp_path / "m")  # refused before anything was written
@@ -232,7 +229,7 @@ def test_peft_folders_merge_into_a_model_that_gives_transformers_logits(tmp_path
     golden = os.path.join(ROOT, "tests", "golden")
     shutil.copytree(os.path.join(golden, "adapters", "cls"), tmp_path / "cls_copy")
     folders = [os.path.join(golden, "adapters", "cls"), str(tmp_path / "cls_copy")]
-    summary = merge_cli.merge_to_folder(
+    summary = merge_folder.merge_to_folder(
         [], "cat", str(tmp_path / "m"), weights=[0.5, 0.5], peft_folders=folders,
         base=os.path.join(golden, "hf_vit"),
     )  # fmt: skip
@@ -246,11 +243,13 @@ def test_peft_folders_merge_into_a_model_that_gives_transformers_logits(tmp_path
 def test_peft_folders_without_a_classifier_or_a_base_are_refused(tmp_path):
     golden = os.path.join(ROOT, "tests", "golden")
     with pytest.raises(ValueError, match="has no classifier"):
-        merge_cli.load_peft_run(
+        merge_folder.load_peft_run(
             os.path.join(golden, "adapters", "a"), os.path.join(golden, "hf_vit")
         )
     with pytest.raises(ValueError, match="--base: .*nowhere.* is not a folder"):
-        merge_cli.load_peft_run(os.path.join(golden, "adapters", "cls"), str(tmp_path / "nowhere"))
+        merge_folder.load_peft_run(
+            os.path.join(golden, "adapters", "cls"), str(tmp_path / "nowhere")
+        )
 
 
 def test_outputs_to_predictions_are_in_task_units():
@@ -295,14 +294,14 @@ def odd_images(tmp_path_factory):
 
 def test_predict_reads_odd_images_and_skips_broken_ones(ties_folder, odd_images, capsys):
     assert Image.open(odd_images / "sub" / "sixteen.png").mode.startswith("I;16")
-    paths = predict.image_paths([str(odd_images)])
+    paths = prediction.image_paths([str(odd_images)])
     names = [os.path.relpath(p, odd_images) for p in paths]
     assert names == ["cmyk.jpg", "grey.png", "rgba.png", "truncated.jpg"] + [
         "sub/sixteen.png",
         "sub/whole.jpg",
     ]
     model = model_folder.load(ties_folder)
-    rows = {os.path.basename(r["path"]): r for r in predict.predict_paths(model, paths, 4)}
+    rows = {os.path.basename(r["path"]): r for r in prediction.predict_paths(model, paths, 4)}
     skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
     assert len(skipped) == 1 and "truncated.jpg" in skipped[0]
     assert set(rows["truncated.jpg"]) == {"path", "error"}
@@ -325,14 +324,14 @@ def test_predict_reads_odd_images_and_skips_broken_ones(ties_folder, odd_images,
 
 def test_predict_refuses_paths_that_match_nothing(tmp_path):
     with pytest.raises(ValueError, match="not a file, a folder or a glob"):
-        predict.image_paths([str(tmp_path / "missing*.png")])
+        prediction.image_paths([str(tmp_path / "missing*.png")])
     (tmp_path / ".DS_Store").write_text("x")
     with pytest.raises(ValueError, match="no image files"):
-        predict.image_paths([str(tmp_path)])
+        prediction.image_paths([str(tmp_path)])
 
 
 def test_a_run_folder_predicts_with_its_adapter_folded(run_dirs):
-    model = predict.open_model(run_dirs[0])
+    model = prediction.open_model(run_dirs[0])
     run = runs_lib.load(run_dirs[0])
     model_def, base = runs_lib.base_of([run])
     single = multitask.make_single_task_predictor(model_def, run.head_def)
@@ -342,10 +341,10 @@ def test_a_run_folder_predicts_with_its_adapter_folded(run_dirs):
     np.testing.assert_allclose(model.predict(batch)["digits"], expected, rtol=1e-5, atol=1e-6)
 
 
-def _command(module, *args):
+def _command(command, *args):
     env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": ""}
     return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
+        [sys.executable, "-m", "jaxmerge", command, *map(str, args)],
         env=env,
         capture_output=True,
         text=True,
@@ -358,7 +357,7 @@ def test_merge_then_predict_commands(run_dirs, odd_images, tmp_path):
     output = tmp_path / "model"
     runs = [a for d in run_dirs for a in ("--run", d)]
     merged = _command(
-        "jaxmerge.merge",
+        "merge",
         *runs,
         "--method=ties",
         "--weights=0.5,0.5",
@@ -368,7 +367,7 @@ def test_merge_then_predict_commands(run_dirs, odd_images, tmp_path):
     assert merged.returncode == 0, merged.stderr[-2000:]
     assert json.loads(merged.stdout)["output"] == str(output)
 
-    again = _command("jaxmerge.merge", *runs, "--method=ties", f"--output={output}")
+    again = _command("merge", *runs, "--method=ties", f"--output={output}")
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
         f"error: --output: {str(output)!r} exists and is not empty; allowed: a new or empty "
@@ -377,7 +376,7 @@ def test_merge_then_predict_commands(run_dirs, odd_images, tmp_path):
 
     rows_file = tmp_path / "rows.jsonl"
     predicted = _command(
-        "jaxmerge.predict",
+        "predict",
         f"--model={output}",
         "--batch_size=2",
         f"--output={rows_file}",
@@ -394,7 +393,7 @@ def test_merge_then_predict_commands(run_dirs, odd_images, tmp_path):
 
     csv_file = tmp_path / "rows.csv"
     single = _command(
-        "jaxmerge.predict",
+        "predict",
         f"--model={run_dirs[0]}",
         f"--output={csv_file}",
         odd_images / "sub" / "*.png",
@@ -459,18 +458,18 @@ def folder_run(tmp_path_factory):
         log_every=2,
         **{"dataset.name": "image_folder/pics-size32"},
     )
-    train.train_and_evaluate(config, str(workdir))
+    training.train_and_evaluate(config, str(workdir))
     return root, config, str(workdir / "adapters" / "pics")
 
 
 def test_predict_on_a_file_is_the_model_on_what_prepare_stored_for_it(folder_run):
     root, config, run_dir = folder_run
     files = sorted(str(p) for p in root.glob("*/*.png"))
-    model = predict.open_model(run_dir)
+    model = prediction.open_model(run_dir)
     assert model.tasks["pics"]["input"] == {"size": 32, "channels": 3, "encoding": "jpeg"}
-    rows = list(predict.predict_paths(model, files, batch_size=4))
+    rows = list(prediction.predict_paths(model, files, batch_size=4))
     run = runs_lib.load(run_dir)
-    steps = data.preprocess(run.task, 8, False, **run.parts.data.normalization)
+    steps = input_pipeline.preprocess(run.task, 8, False, **run.parts.data.normalization)
     stored = [
         example
         for split in ("train", "test")
@@ -509,8 +508,8 @@ def test_exif_rotated_files_predict_as_the_upright_picture(folder_run, ties_fold
     _exif_rotated(pixels, tmp_path / "tagged.png")
     assert Image.open(tmp_path / "tagged.png").size == (30, 55)  # stored sideways
     paths = [str(tmp_path / "upright.png"), str(tmp_path / "tagged.png")]
-    for model in (predict.open_model(folder_run[2]), model_folder.load(ties_folder)):
-        upright, tagged = list(predict.predict_paths(model, paths))
+    for model in (prediction.open_model(folder_run[2]), model_folder.load(ties_folder)):
+        upright, tagged = list(prediction.predict_paths(model, paths))
         for task in model.tasks:
             assert upright[task] == tagged[task], task
     points = np.asarray(upright["digit_box"]["points"])

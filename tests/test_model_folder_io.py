@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import errno
 import hashlib
-import importlib
 import io
 import json
 import os
@@ -24,7 +23,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmerge import checkpoint, heads, image_input, lora, model_folder, models, predict
+from jaxmerge import (
+    checkpoint,
+    heads,
+    image_input,
+    lora,
+    merge_folder,
+    model_folder,
+    models,
+    prediction,
+)
 from jaxmerge.datasets import common
 from jaxmerge.models import vit
 
@@ -48,11 +56,11 @@ def test_a_new_head_kind_is_decoded_and_written_without_touching_callers(monkeyp
     assert [r["d"] for r in rows] == [{"twice": 3.0}, {"twice": -4.0}]
     assert [r["c"]["label"] for r in rows] == ["yes", "no"]
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=predict.csv_columns(tasks))
+    writer = csv.DictWriter(out, fieldnames=prediction.csv_columns(tasks))
     writer.writeheader()
     for row in rows:
-        writer.writerow(predict.flat_row({"path": "a.png", **row}, tasks))
-    writer.writerow(predict.flat_row({"path": "b.png", "error": "OSError: bad"}, tasks))
+        writer.writerow(prediction.flat_row({"path": "a.png", **row}, tasks))
+    writer.writerow(prediction.flat_row({"path": "b.png", "error": "OSError: bad"}, tasks))
     lines = out.getvalue().splitlines()
     assert lines[0] == "path,d.twice,c.label,c.probability,error"
     assert lines[1] == f"a.png,3.0,yes,{float(1 / (1 + np.exp(-1.0)))!r},"
@@ -61,9 +69,16 @@ def test_a_new_head_kind_is_decoded_and_written_without_touching_callers(monkeyp
 
 def test_landmark_columns_follow_the_points():
     tasks = {"box": {"kind": "landmarks", "outputs": 4}}
-    assert predict.csv_columns(tasks) == ["path", "box.x0", "box.y0", "box.x1", "box.y1", "error"]
+    assert prediction.csv_columns(tasks) == [
+        "path",
+        "box.x0",
+        "box.y0",
+        "box.x1",
+        "box.y1",
+        "error",
+    ]
     row = {"path": "p", "box": {"points": [[1.0, 2.0], [3.0, 4.0]]}}
-    assert predict.flat_row(row, tasks) == {
+    assert prediction.flat_row(row, tasks) == {
         "path": "p", "error": "", "box.x0": 1.0, "box.y0": 2.0, "box.x1": 3.0, "box.y1": 4.0,
     }  # fmt: skip
 
@@ -189,7 +204,6 @@ def test_an_edited_and_rechecksummed_model_json_is_refused_naming_the_field(part
 
 # ----------------------------------------------------------------------------- --output places
 
-merge_cli = importlib.import_module("jaxmerge.merge")  # the command (jaxmerge.merge is a function)
 TIES = dict(method="ties", weights=[0.5, 0.5], params={"density": 0.5})
 
 
@@ -219,13 +233,13 @@ def test_a_mount_point_or_an_unwritable_parent_is_refused_before_anything(
     real_ismount = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: p == str(tmp_path / "mnt") or real_ismount(p))
     with pytest.raises(ValueError, match=r"^--output: .*mnt' is a mount point"):
-        merge_cli.merge_to_folder(["no/such/run"], output=str(tmp_path / "mnt"), **TIES)
+        merge_folder.merge_to_folder(["no/such/run"], output=str(tmp_path / "mnt"), **TIES)
     monkeypatch.undo()
     (tmp_path / "ok").mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, m: p != str(tmp_path) and real_access(p, m))
     with pytest.raises(ValueError, match=r"^--export_hf: cannot write in .*no write permission"):
-        merge_cli.merge_to_folder(
+        merge_folder.merge_to_folder(
             ["no/such/run"], output=str(tmp_path / "ok" / "new" / "m"),
             export_hf=str(tmp_path / "hf"), **TIES,
         )  # fmt: skip
@@ -285,7 +299,7 @@ def test_output_and_export_at_one_place_are_refused_before_anything(tmp_path):
             with pytest.raises(
                 ValueError, match=rf"^--{export}: .* is, or is inside, the --output"
             ):
-                merge_cli.merge_to_folder(
+                merge_folder.merge_to_folder(
                     ["no/such/run"], output=str(tmp_path / "m"),
                     **{export: str(tmp_path / place)}, **TIES,
                 )  # fmt: skip
@@ -334,12 +348,12 @@ def test_predict_exits_1_when_no_image_was_predicted(parts, tmp_path, capsys):
     (tmp_path / "junk.png").write_bytes(b"not a png")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "fine.png")
     rows = str(tmp_path / "rows.jsonl")
-    assert predict.predict_files(folder, [str(tmp_path / "junk.png")], rows) == 1
+    assert prediction.predict_files(folder, [str(tmp_path / "junk.png")], rows) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: no image was predicted: all 1 files failed"
     )
     paths = [str(tmp_path / "junk.png"), str(tmp_path / "fine.png")]
-    assert predict.predict_files(folder, paths, rows) == 0
+    assert prediction.predict_files(folder, paths, rows) == 0
 
 
 def _png_header_only(path, width, height, bit_depth=16):
@@ -365,7 +379,7 @@ def test_a_huge_image_is_refused_from_its_header_naming_its_pixels(tmp_path):
     _png_header_only(tmp_path / "bomb.png", 20000, 20000)  # over PIL's own error bound
     with pytest.raises(ValueError, match=r"400000000 pixels.*allowed: at most"):
         common.load_upright(tmp_path / "bomb.png")
-    row = next(predict.predict_paths(None, [str(tmp_path / "scan.png")]))
+    row = next(prediction.predict_paths(None, [str(tmp_path / "scan.png")]))
     assert "176,890,000 pixels" in row["error"]
 
 

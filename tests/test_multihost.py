@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmerge import checkpoint, cli, train
+from jaxmerge import checkpoint, cli, training
 from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,13 +62,13 @@ def _env(devices: int) -> dict:
     }
 
 
-def _jobs(module: str, args, own_flags=lambda name: [], slurm: bool = False):
-    """The commands of one module's two-process job (2 devices each, "process_0" and
+def _jobs(command: str, args, own_flags=lambda name: [], slurm: bool = False):
+    """The command lines of one command's two-process job (2 devices each, "process_0" and
     "process_1") and of the one-process reference (4 devices, "single"): [(name, argv, env)].
     `own_flags(name)` adds a job's own flags. The job's processes are told where process 0
     listens, how many they are and which each is by flags, or with `slurm` as `srun` tells
     them (its environment variables)."""
-    command = [sys.executable, "-m", module, *args]
+    command = [sys.executable, "-m", "jaxmerge", command, *args]
     port = _free_port()
     jobs = [("single", [*command, *own_flags("single")], _env(4))]
     for process_id in (0, 1):
@@ -185,9 +185,9 @@ def test_two_processes_train_the_adapter_of_one(data_dir, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     args = [*TRAIN_FLAGS, f"--config.data_dir={data_dir}"]
     workdir = lambda name: [f"--workdir={single if name == 'single' else multi}"]
-    printed = _run_all(_jobs("jaxmerge.train", args, workdir), tmp_path)
+    printed = _run_all(_jobs("train", args, workdir), tmp_path)
 
-    run_single, run_multi = (train.run_dir(str(w), "lora", "digits") for w in (single, multi))
+    run_single, run_multi = (training.run_dir(str(w), "lora", "digits") for w in (single, multi))
     adapter_single, _ = checkpoint.load(os.path.join(run_single, "checkpoints"))
     adapter_multi, saved = checkpoint.load(os.path.join(run_multi, "checkpoints"))
     assert saved["step"] == 4
@@ -210,8 +210,10 @@ def two_runs(data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("runs"))
     for task in ("digits", "digits_value"):
         config = tiny_config(data_dir, task=task, steps=2, warmup_steps=1, log_every=2)
-        train.train_and_evaluate(config, workdir)
-    return [f"--run={train.run_dir(workdir, 'lora', task)}" for task in ("digits", "digits_value")]
+        training.train_and_evaluate(config, workdir)
+    return [
+        f"--run={training.run_dir(workdir, 'lora', task)}" for task in ("digits", "digits_value")
+    ]
 
 
 @pytest.mark.slow  # three interpreters at once (1 to 2 min on 2 busy cores): CI's own step
@@ -221,7 +223,7 @@ def test_two_processes_evaluate_a_learned_merge_as_one(two_runs, tmp_path):
     is written."""
     output = lambda name: [f"--output={tmp_path / name}.json"]
     args = [*two_runs, "--merge=learned_output_match", *LEARNED]
-    printed = _run_all(_jobs("jaxmerge.evaluate", args, output, slurm=True), tmp_path)
+    printed = _run_all(_jobs("evaluate", args, output, slurm=True), tmp_path)
 
     single = json.load(open(tmp_path / "single.json"))
     multi = json.load(open(tmp_path / "process_0.json"))
@@ -239,7 +241,7 @@ def test_two_processes_merge_into_the_model_folder_of_one(two_runs, tmp_path):
 
     output = lambda name: [f"--output={tmp_path / ('single' if name == 'single' else 'multi')}"]
     args = [*two_runs, "--method=learned_output_match", *LEARNED]
-    printed = _run_all(_jobs("jaxmerge.merge", args, output), tmp_path)
+    printed = _run_all(_jobs("merge", args, output), tmp_path)
 
     single, multi = (model_folder.load(str(tmp_path / name)) for name in ("single", "multi"))
     assert _max_difference(multi.backbone, single.backbone) < TOLERANCE
@@ -252,7 +254,13 @@ def test_two_processes_merge_into_the_model_folder_of_one(two_runs, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "module", ["jaxmerge.train", "jaxmerge.evaluate", "jaxmerge.merge", "experiments.study"]
+    "module",
+    [
+        "jaxmerge.commands.train",
+        "jaxmerge.commands.evaluate",
+        "jaxmerge.commands.merge",
+        "experiments.study",
+    ],
 )
 def test_commands_that_compute_on_a_pod_take_distributed(module, monkeypatch):
     given = {}
@@ -267,7 +275,8 @@ def test_commands_start_no_jax_backend_before_they_join_the_job():
     commands and reading the study's config (all that runs before `cli.start_distributed`)
     starts none."""
     script = (
-        "import experiments.study, jaxmerge.evaluate, jaxmerge.merge, jaxmerge.train\n"
+        "import experiments.study, jaxmerge.__main__\n"
+        "import jaxmerge.commands.evaluate, jaxmerge.commands.merge, jaxmerge.commands.train\n"
         "from jax._src import xla_bridge\n"
         "from ml_collections.config_flags import config_flags\n"
         "parser = config_flags.ConfigFileFlagParser('config')\n"

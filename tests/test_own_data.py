@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from configs import adapter
-from jaxmerge import data, run_config, train
+from jaxmerge import input_pipeline, run_config, training
 from jaxmerge import runs as runs_lib
-from jaxmerge.data import ops, sources
 from jaxmerge.datasets import demo_shapes, prepare
+from jaxmerge.input_pipeline import ops, sources
 from jaxmerge.tasks import from_dataset, registry
 from tests.tiny import tiny_config
 
@@ -123,7 +123,7 @@ def test_a_landmark_task_by_name_trains_as_the_registered_one(tmp_path):
     by_name = box_config(tmp_path, target="landmarks", norm_points="0,1")
     registered = tiny_config(tmp_path, task="digit_box", **{"model.image_size": 32, "steps": 6})
     results = [
-        train.train_and_evaluate(config, str(tmp_path / name))
+        training.train_and_evaluate(config, str(tmp_path / name))
         for name, config in (("by_name", by_name), ("registered", registered))
     ]
     assert np.isfinite(results[0]["nme"]) and results[0]["nme"] == results[1]["nme"]
@@ -179,14 +179,14 @@ def test_readme_walkthrough_reaches_its_accuracy_and_loads_without_the_task(shap
     config.data_dir, config.crop_padding, config.lora.targets = data_dir, 4, "all"
     base = os.path.join(REPO, config.base.path)
     config.base.path = os.path.relpath(base)  # relative, as typed: the run stores it absolute
-    result = train.train_and_evaluate(config, str(tmp_path / "workdir"))
+    result = training.train_and_evaluate(config, str(tmp_path / "workdir"))
     assert result["accuracy"] >= README_ACCURACY
 
     run = str(tmp_path / "workdir" / "adapters" / "shapes")
     script = (
-        "import json, sys; from jaxmerge import evaluate, tasks; "
+        "import json, sys; from jaxmerge import evaluation, tasks; "
         "assert 'shapes' not in tasks.TASKS; "
-        "print(json.dumps(evaluate.evaluate_runs([sys.argv[1]])))"
+        "print(json.dumps(evaluation.evaluate_runs([sys.argv[1]])))"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, run],
@@ -200,4 +200,4 @@ def test_readme_walkthrough_reaches_its_accuracy_and_loads_without_the_task(shap
     np.testing.assert_allclose(scores["shapes"]["accuracy"], result["accuracy"], atol=1e-6)
     assert runs_lib.load(run).task == run_config.resolve(config).task
     settings = run_config.resolve(config).data
-    assert data.open_split(runs_lib.load(run).task, "test", settings).__len__() == 120
+    assert input_pipeline.open_split(runs_lib.load(run).task, "test", settings).__len__() == 120

@@ -127,11 +127,11 @@ def test_refit_reads_a_seeded_subset_of_a_training_split(dry_run):
     images at 224 px would be 42 GB of float32)."""
     import numpy as np
 
-    from jaxmerge import train
+    from jaxmerge import training
 
     config, workdir, _ = dry_run
     assert config.refit_examples == 2048
-    run = runs_lib.load(train.run_dir(str(workdir / "seed_0"), "lora", "galaxy10"))
+    run = runs_lib.load(training.run_dir(str(workdir / "seed_0"), "lora", "galaxy10"))
     model_def, _ = runs_lib.base_of([run])
     images, targets = runs_lib.examples(run, model_def)
     subset, subset_targets = runs_lib.examples(run, model_def, count=3)

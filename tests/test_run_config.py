@@ -7,8 +7,8 @@ import json
 import ml_collections
 import pytest
 
-from jaxmerge import config_lib, data, models, run_config
-from jaxmerge.data import sources
+from jaxmerge import config_lib, input_pipeline, models, run_config
+from jaxmerge.input_pipeline import sources
 from tests.tiny import tiny_config
 
 
@@ -19,7 +19,7 @@ def no_data_access(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"a dataset was prepared or read: {args}")
 
-    monkeypatch.setattr(data, "ensure_prepared", refuse)
+    monkeypatch.setattr(input_pipeline, "ensure_prepared", refuse)
     monkeypatch.setattr(sources, "open_source", refuse)
     monkeypatch.setattr(sources, "builder", refuse)
 

@@ -1,5 +1,6 @@
 """The layout: no import cycle, registries in a fixed order whichever module is imported first,
-and a new merge method, task or model family is one new unit that the rest picks up."""
+thin commands that no library module imports, and a new merge method, task or model family is
+one new unit that the rest picks up."""
 
 import ast
 import json
@@ -17,7 +18,7 @@ import tensorflow_datasets as tfds
 
 import experiments
 import jaxmerge
-from jaxmerge import data, lora, merging, models, scoring, tasks, train
+from jaxmerge import input_pipeline, lora, merging, models, scoring, tasks, training
 from jaxmerge import runs as runs_lib
 from jaxmerge.datasets import common
 from jaxmerge.models.layers import LoraDense
@@ -67,6 +68,81 @@ def test_no_import_cycle():
 
     for name in MODULES:
         visit(name, [])
+
+
+# ----------------------------------------------------------------------------- the commands
+
+COMMAND_MODULES = sorted(m for m in MODULES if m.startswith("jaxmerge.commands."))
+# The files that may import a command: the dispatcher. Every other file of the project (tests
+# aside: they run the commands) uses the library functions under them.
+DISPATCHER = "jaxmerge/__main__.py"
+CODE_FOLDERS = ("jaxmerge", "experiments", "benchmarks", "scripts", "configs")
+MAX_COMMAND_LINES = 150
+# What a command module defines in the open: its flags, `main` and `cli`; a helper that checks
+# or converts flags is private and short. Work is a library function.
+COMMAND_FUNCTIONS = {"define_flags", "main", "cli"}
+MAX_HELPER_LINES = 20
+# A command computes nothing itself, so it needs none of these.
+COMPUTE_PACKAGES = {"jax", "jaxlib", "numpy", "flax", "optax", "orbax", "tensorflow_datasets"}
+
+
+def _command_imports(path: str) -> list[str]:
+    """The `jaxmerge.commands` modules a file imports, by `import`, `from ... import` or
+    `importlib.import_module("...")`, anywhere in it."""
+    found = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            names = [str(node.args[0].value)]
+        found += [
+            n for n in names if n == "jaxmerge.commands" or n.startswith("jaxmerge.commands.")
+        ]
+    return found
+
+
+def test_no_command_is_imported_as_a_library():
+    importers = {}
+    for folder in CODE_FOLDERS:
+        for root, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                path = os.path.join(root, name)
+                relative = os.path.relpath(path, ROOT)
+                if name.endswith(".py") and relative != DISPATCHER:
+                    importers[relative] = _command_imports(path)
+    assert {file: names for file, names in importers.items() if names} == {}
+
+
+def test_every_command_is_listed_and_runs_by_its_name():
+    from jaxmerge.commands import COMMANDS
+
+    assert sorted(COMMANDS) == [m.rsplit(".", 1)[1] for m in COMMAND_MODULES]
+
+
+@pytest.mark.parametrize("name", COMMAND_MODULES)
+def test_a_command_module_is_thin(name):
+    """Flags, their checks and `main` over library functions: a short file, no public function
+    but `define_flags`, `main` and `cli`, short private helpers, no class, no array library."""
+    source = open(_module_file(name)).read()
+    tree = ast.parse(source)
+    assert len(source.splitlines()) <= MAX_COMMAND_LINES
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    public = {f.name for f in functions if not f.name.startswith("_")}
+    assert public == COMMAND_FUNCTIONS, f"{name}: work belongs in a library module"
+    for helper in functions:
+        if helper.name.startswith("_"):
+            assert helper.end_lineno - helper.lineno < MAX_HELPER_LINES, helper.name
+    assert not [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & COMPUTE_PACKAGES, f"{name} imports {imported & COMPUTE_PACKAGES}"
 
 
 @pytest.mark.slow  # a fresh interpreter per module (30 s): CI runs it in its own step
@@ -190,13 +266,13 @@ def test_a_new_task_is_one_builder_and_one_task(tmp_path):
     task = tasks.register(tasks.Task("tiny_digits_test", "tiny_digits_test", "classification", 3))
     try:
         config = _tiny_config(tmp_path, task=task.name)
-        result = train.train_and_evaluate(config, str(tmp_path))
+        result = training.train_and_evaluate(config, str(tmp_path))
         assert result["task"] == task.name and result["examples"] == 32
         # The accuracy again, from the builder's own test digits and the saved run, without
         # TFDS, the eval batches or the scorer: the new task's data reached the score intact.
-        run = runs_lib.load(train.run_dir(str(tmp_path), "lora", task.name))
+        run = runs_lib.load(training.run_dir(str(tmp_path), "lora", task.name))
         model_def, base = runs_lib.base_of([run])
-        prepare = data.preprocess(
+        prepare = input_pipeline.preprocess(
             task, config.model.image_size, False, **run.parts.data.normalization
         )
         images, labels = _tiny_digits()
@@ -300,8 +376,7 @@ def test_a_new_model_family_is_one_module(tmp_path):
     its own checkpoint format and exports its merged adapter to PEFT under its own names."""
     from safetensors.numpy import load_file
 
-    from jaxmerge import evaluate
-    from jaxmerge import merge as merge_cli
+    from jaxmerge import evaluation, merge_folder
     from jaxmerge.interop import peft
 
     family = models.register(
@@ -332,18 +407,18 @@ def test_a_new_model_family_is_one_module(tmp_path):
                 "base.path": str(tmp_path / "base"),
             },
         )
-        result = train.train_and_evaluate(config, str(tmp_path))
+        result = training.train_and_evaluate(config, str(tmp_path))
         assert result["examples"] == 359
-        run = train.run_dir(str(tmp_path), "lora", "digits")
+        run = training.run_dir(str(tmp_path), "lora", "digits")
         loaded = runs_lib.load(run)
         assert set(lora.ranks(loaded.adapter)) == {"mix_0", "mix_1"}
         _, base = runs_lib.base_of([loaded])
         jax.tree.map(np.testing.assert_array_equal, base, pretrained)  # the family's loader
-        again = evaluate.evaluate_runs([run])["digits"]
+        again = evaluation.evaluate_runs([run])["digits"]
         assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
 
         exported = str(tmp_path / "peft")
-        merge_cli.merge_to_folder(
+        merge_folder.merge_to_folder(
             [run], "cat", str(tmp_path / "model"), weights=[1.0], export_peft=exported
         )
         names = sorted(load_file(os.path.join(exported, "adapter_model.safetensors")))
@@ -360,11 +435,11 @@ def test_a_new_model_family_is_one_module(tmp_path):
 
 
 def test_a_task_can_bring_its_own_preprocessing():
-    from jaxmerge import data
-    from jaxmerge.data import ops
+    from jaxmerge import input_pipeline
+    from jaxmerge.input_pipeline import ops
 
     def inverted(task, image_size, train, crop_padding):
-        default = data.default_preprocess(task, image_size, train, crop_padding)
+        default = input_pipeline.default_preprocess(task, image_size, train, crop_padding)
         return ops.compose(default, lambda ex, rng: {**ex, "image": -ex["image"]})
 
     plain = tasks.get("digits")
@@ -373,7 +448,7 @@ def test_a_task_can_bring_its_own_preprocessing():
     )
     example = {"image": np.full((8, 8, 1), 255, np.uint8), "label": 3}
     rng = np.random.default_rng(0)
-    default_out = data.preprocess(plain, 8, train=False)(example, rng)
-    own_out = data.preprocess(own, 8, train=False)(example, rng)
+    default_out = input_pipeline.preprocess(plain, 8, train=False)(example, rng)
+    own_out = input_pipeline.preprocess(own, 8, train=False)(example, rng)
     np.testing.assert_array_equal(own_out["image"], -default_out["image"])
     assert default_out["image"].shape == (8, 8, 3) and float(default_out["image"].max()) == 1.0

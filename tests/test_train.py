@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmerge import checkpoint, config_lib, data, heads, run_config, tasks, train
+from jaxmerge import checkpoint, config_lib, heads, input_pipeline, run_config, tasks, training
 from jaxmerge import runs as runs_lib
 from jaxmerge.models import vit
 from tests.tiny import tiny_config
@@ -37,7 +37,7 @@ def test_sharded_step_equals_single_device_step():
     task = tasks.get("digits")
     base = vit.init_params(model, jax.random.key(0))
     parts = run_config.resolve(config)
-    optimizer = train.make_optimizer(parts.optimizer)
+    optimizer = training.make_optimizer(parts.optimizer)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
@@ -45,16 +45,16 @@ def test_sharded_step_equals_single_device_step():
     }
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = data.data_mesh(devices)
-        params = train.init_params(parts.lora, "lora", model, head, base, jax.random.key(1))
-        state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+        mesh = input_pipeline.data_mesh(devices)
+        params = training.init_params(parts.lora, "lora", model, head, base, jax.random.key(1))
+        state = training.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
         state = jax.device_put(state, NamedSharding(mesh, P()))
-        step = train.make_train_step(model, head, task, optimizer)
+        step = training.make_train_step(model, head, task, optimizer)
         for _ in range(3):
             state, metrics = step(
                 state,
                 jax.device_put(base, NamedSharding(mesh, P())),
-                data.shard_batch(batch, mesh),
+                input_pipeline.shard_batch(batch, mesh),
                 jax.random.key(2),
             )
         assert len(
@@ -65,7 +65,7 @@ def test_sharded_step_equals_single_device_step():
     assert (
         np.abs(
             single
-            - flat(train.init_params(parts.lora, "lora", model, head, base, jax.random.key(1)))
+            - flat(training.init_params(parts.lora, "lora", model, head, base, jax.random.key(1)))
         ).max()
         > 1e-4
     )
@@ -76,24 +76,24 @@ def test_sharded_step_equals_single_device_step():
 @pytest.mark.parametrize("mode", ["lora", "head", "full"])
 def test_modes_train_what_they_should(data_dir, tmp_path, mode):
     config = tiny_config(data_dir, mode=mode, steps=20)
-    result = train.train_and_evaluate(config, str(tmp_path))
+    result = training.train_and_evaluate(config, str(tmp_path))
     # Above chance (0.1, ten digits) after 20 steps: 0.237 (lora), 0.195 (head) and 0.284
     # (full) when written; 0.15 is 18 of 359 examples above chance.
     assert result["examples"] == 359 and result["accuracy"] > 0.15
     params, metadata = checkpoint.load(
-        os.path.join(train.run_dir(str(tmp_path), mode, "digits"), "checkpoints")
+        os.path.join(training.run_dir(str(tmp_path), mode, "digits"), "checkpoints")
     )
     expected = {"lora": {"lora", "head"}, "head": {"head"}, "full": {"base", "head"}}[mode]
     assert set(params) == expected and metadata["mode"] == mode and metadata["step"] == 20
     lines = (
-        open(os.path.join(train.run_dir(str(tmp_path), mode, "digits"), "metrics.jsonl"))
+        open(os.path.join(training.run_dir(str(tmp_path), mode, "digits"), "metrics.jsonl"))
         .read()
         .splitlines()
     )
     assert len(lines) == 20 // 5 + 1  # every log_every steps, plus the evaluation
-    from jaxmerge import evaluate  # each mode scored again on the backbone it trained for
+    from jaxmerge import evaluation  # each mode scored again on the backbone it trained for
 
-    again = evaluate.evaluate_runs([train.run_dir(str(tmp_path), mode, "digits")])["digits"]
+    again = evaluation.evaluate_runs([training.run_dir(str(tmp_path), mode, "digits")])["digits"]
     assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
 
 
@@ -106,7 +106,7 @@ def test_adapter_learns_digits(data_dir, tmp_path):
         checkpoint_every=150,
         **{"lora.targets": "all", "lora.rank": 4},
     )
-    result = train.train_and_evaluate(config, str(tmp_path))
+    result = training.train_and_evaluate(config, str(tmp_path))
     assert result["accuracy"] > 0.4  # 0.62 when written
 
 
@@ -114,7 +114,8 @@ def _train_command(workdir, data_dir, steps):
     return [
         sys.executable,
         "-m",
-        "jaxmerge.train",
+        "jaxmerge",
+        "train",
         "--config",
         f"{ROOT}/configs/adapter.py:task=digits",
         f"--workdir={workdir}",
@@ -203,26 +204,26 @@ def test_corrupted_checkpoint_is_named_and_earlier_ones_kept(data_dir, tmp_path)
     """A corrupted latest step is named when asked for; otherwise it is moved aside and the
     earlier, intact step is used (tests/test_bad_inputs.py covers every way of breaking it)."""
     config = tiny_config(data_dir, steps=20)
-    train.train_and_evaluate(config, str(tmp_path))
-    checkpoints = os.path.join(train.run_dir(str(tmp_path), "lora", "digits"), "checkpoints")
+    training.train_and_evaluate(config, str(tmp_path))
+    checkpoints = os.path.join(training.run_dir(str(tmp_path), "lora", "digits"), "checkpoints")
     _flip_a_byte(os.path.join(checkpoints, "20"))
     with pytest.raises(checkpoint.CheckpointError, match=os.path.join(checkpoints, "20")):
         checkpoint.load(checkpoints, step=20)
     assert os.path.isdir(os.path.join(checkpoints, "10"))
     _, metadata = checkpoint.load(checkpoints)  # falls back to the earlier, intact step
     assert metadata["step"] == 10
-    assert train.train_and_evaluate(config, str(tmp_path))["step"] == 20  # trains 10 -> 20
+    assert training.train_and_evaluate(config, str(tmp_path))["step"] == 20  # trains 10 -> 20
 
 
 def test_other_base_is_refused(data_dir, tmp_path):
-    train.train_and_evaluate(tiny_config(data_dir, steps=10), str(tmp_path))
+    training.train_and_evaluate(tiny_config(data_dir, steps=10), str(tmp_path))
     other = tiny_config(data_dir, steps=20, seed=1)  # another random base
     with pytest.raises(ValueError, match="differs from the checkpoint's in seed: 0 -> 1"):
-        train.train_and_evaluate(other, str(tmp_path))
+        training.train_and_evaluate(other, str(tmp_path))
     # Even with changed configs allowed, an adapter never resumes on another base.
     other.resume_with_changed_config = True
     with pytest.raises(checkpoint.CheckpointError, match="trained on base"):
-        train.train_and_evaluate(other, str(tmp_path))
+        training.train_and_evaluate(other, str(tmp_path))
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(data_dir, tmp_path):
@@ -230,8 +231,8 @@ def test_nan_loss_stops_with_last_good_checkpoint(data_dir, tmp_path):
         data_dir, steps=40, learning_rate=1e38, warmup_steps=0, grad_clip_norm=1e38
     )
     with pytest.raises(FloatingPointError, match="loss became"):
-        train.train_and_evaluate(config, str(tmp_path))
-    checkpoints = os.path.join(train.run_dir(str(tmp_path), "lora", "digits"), "checkpoints")
+        training.train_and_evaluate(config, str(tmp_path))
+    checkpoints = os.path.join(training.run_dir(str(tmp_path), "lora", "digits"), "checkpoints")
     for step_dir in glob.glob(os.path.join(checkpoints, "[0-9]*")):
         params, _ = checkpoint.load(checkpoints, step=int(os.path.basename(step_dir)))
         assert np.isfinite(flat(params)).all()
@@ -271,22 +272,24 @@ def test_bad_config_is_one_clear_line(tmp_path, flag, message):
 def test_a_run_records_its_pixel_normalisation_and_is_scored_with_it(data_dir, tmp_path):
     """The family's default is written into the run; a base pretrained with other statistics
     trains and is scored with its own (here ImageNet's), also where the config is gone."""
-    from jaxmerge import evaluate
+    from jaxmerge import evaluation
 
-    default = train.run_dir(str(tmp_path / "a"), "lora", "digits")
-    train.train_and_evaluate(tiny_config(data_dir, steps=4), str(tmp_path / "a"))
+    default = training.run_dir(str(tmp_path / "a"), "lora", "digits")
+    training.train_and_evaluate(tiny_config(data_dir, steps=4), str(tmp_path / "a"))
     recorded = checkpoint.load(os.path.join(default, "checkpoints"))[1]["config"]["model"]
     assert (recorded["pixel_mean"], recorded["pixel_std"]) == ([0.5], [0.5])
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     config = tiny_config(data_dir, steps=4, **{"model.pixel_mean": mean, "model.pixel_std": std})
-    result = train.train_and_evaluate(config, str(tmp_path / "b"))
-    run = runs_lib.load(train.run_dir(str(tmp_path / "b"), "lora", "digits"))
+    result = training.train_and_evaluate(config, str(tmp_path / "b"))
+    run = runs_lib.load(training.run_dir(str(tmp_path / "b"), "lora", "digits"))
     assert run.parts.data.normalization == {"mean": mean, "std": std}
     example = {"image": np.full((8, 8, 1), 255, np.uint8), "label": 0}
-    image = data.preprocess(run.task, 8, False, **run.parts.data.normalization)(example, None)
+    image = input_pipeline.preprocess(run.task, 8, False, **run.parts.data.normalization)(
+        example, None
+    )
     np.testing.assert_allclose(image["image"][0, 0], (1 - np.array(mean)) / std, rtol=1e-6)
-    again = evaluate.evaluate_runs([run.directory])["digits"]
+    again = evaluation.evaluate_runs([run.directory])["digits"]
     assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
 
 
@@ -298,19 +301,19 @@ def test_unknown_task_lists_known_ones():
 @pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_evaluate_single_and_merged_runs_on_eight_devices(data_dir, tmp_path):
     """Runs saved from 8-device training load, merge, fold and score on any placement."""
-    from jaxmerge import evaluate
+    from jaxmerge import evaluation
 
     for task in ("digits", "digits_value"):
-        train.train_and_evaluate(tiny_config(data_dir, task=task, steps=10), str(tmp_path))
-    runs = [train.run_dir(str(tmp_path), "lora", t) for t in ("digits", "digits_value")]
-    alone = evaluate.evaluate_runs(runs)
-    merged = evaluate.evaluate_runs(runs, "cat", [1.0, 1.0])
-    removed = evaluate.evaluate_runs(runs, no_adapter=True)
+        training.train_and_evaluate(tiny_config(data_dir, task=task, steps=10), str(tmp_path))
+    runs = [training.run_dir(str(tmp_path), "lora", t) for t in ("digits", "digits_value")]
+    alone = evaluation.evaluate_runs(runs)
+    merged = evaluation.evaluate_runs(runs, "cat", [1.0, 1.0])
+    removed = evaluation.evaluate_runs(runs, no_adapter=True)
     for result in (alone, merged, removed):
         assert result["digits"]["examples"] == 359 and "mae" in result["digits_value"]
-    train.train_and_evaluate(tiny_config(data_dir, mode="head", steps=10), str(tmp_path))
-    head_run = train.run_dir(str(tmp_path), "head", "digits")
-    both = evaluate.evaluate_runs([runs[0], head_run])  # one task twice: both results kept
+    training.train_and_evaluate(tiny_config(data_dir, mode="head", steps=10), str(tmp_path))
+    head_run = training.run_dir(str(tmp_path), "head", "digits")
+    both = evaluation.evaluate_runs([runs[0], head_run])  # one task twice: both results kept
     assert set(both) == {"digits:lora", "digits:head"}
     own = json.load(open(os.path.join(runs[0], "result.json")))
     assert alone["digits"]["accuracy"] == pytest.approx(own["accuracy"], abs=1e-6)
@@ -323,8 +326,8 @@ def test_adapter_trained_on_eight_devices_loads_on_fewer(data_dir, tmp_path, dev
     script on 1 or 2 devices, and scoring it with the evaluate CLI there, must still work."""
     config = tiny_config(data_dir, steps=10)
     assert jax.device_count() == 8
-    train.train_and_evaluate(config, str(tmp_path))
-    run = train.run_dir(str(tmp_path), "lora", "digits")
+    training.train_and_evaluate(config, str(tmp_path))
+    run = training.run_dir(str(tmp_path), "lora", "digits")
     saved, _ = checkpoint.load(os.path.join(run, "checkpoints"))
     script = (
         "import sys, jax, numpy as np\n"
@@ -347,7 +350,7 @@ def test_adapter_trained_on_eight_devices_loads_on_fewer(data_dir, tmp_path, dev
         for index, leaf in enumerate(jax.tree.leaves(saved)):
             np.testing.assert_array_equal(leaves[f"arr_{index}"], leaf)
     scored = subprocess.run(
-        [sys.executable, "-m", "jaxmerge.evaluate", f"--run={run}"],
+        [sys.executable, "-m", "jaxmerge", "evaluate", f"--run={run}"],
         env=env,
         capture_output=True,
         text=True,

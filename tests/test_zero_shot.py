@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmerge import lora, run_config, train, zero_shot
+from jaxmerge import lora, run_config, training, zero_shot
 from jaxmerge.models import clip
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "clip")
@@ -49,7 +49,7 @@ def test_head_is_frozen_under_the_trainer_optimizer():
         learning_rate=1e-2, steps=10, warmup_steps=0, end_learning_rate_factor=1.0,
         weight_decay=0.1, grad_clip_norm=1.0,
     )  # fmt: skip
-    optimizer = train.make_optimizer(settings)
+    optimizer = training.make_optimizer(settings)
     state = optimizer.init(params)
 
     def loss(p):
@@ -69,7 +69,7 @@ def test_head_is_frozen_under_the_trainer_optimizer():
 
 
 def test_missing_file_and_task_are_named(tmp_path):
-    with pytest.raises(ValueError, match=r"make it with `python -m jaxmerge.zero_shot_heads "):
+    with pytest.raises(ValueError, match=r"make it with `python -m jaxmerge zero_shot_heads "):
         zero_shot.load_heads(str(tmp_path / "none.npz"))
     with pytest.raises(ValueError, match=r"no task 'cars'; it holds \['pets', 'shapes'\]"):
         zero_shot.head_def(FILE, "cars")

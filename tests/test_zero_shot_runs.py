@@ -17,14 +17,14 @@ import pytest
 
 from jaxmerge import (
     checkpoint,
-    data,
-    evaluate,
+    evaluation,
     heads,
+    input_pipeline,
     lora,
     model_folder,
-    predict,
+    prediction,
     run_config,
-    train,
+    training,
     zero_shot,
 )
 from jaxmerge import runs as runs_lib
@@ -83,7 +83,7 @@ def _command(*args, cwd):
 @pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shapes, tmp_path):
     root, data_dir = shapes
-    result = train.train_and_evaluate(zero_shot_config(data_dir), str(tmp_path / "w"))
+    result = training.train_and_evaluate(zero_shot_config(data_dir), str(tmp_path / "w"))
     run_dir = str(tmp_path / "w" / "adapters" / "shapes")
     run = runs_lib.load(run_dir)
 
@@ -103,10 +103,10 @@ def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shape
     }  # fmt: skip
 
     # Same score in this process and in a fresh one that never saw the config.
-    here = evaluate.evaluate_runs([run_dir])["shapes"]
+    here = evaluation.evaluate_runs([run_dir])["shapes"]
     assert here["accuracy"] == result["accuracy"] and here["examples"] == result["examples"]
-    script = "import json, sys; from jaxmerge import evaluate; "
-    script += "print(json.dumps(evaluate.evaluate_runs([sys.argv[1]])))"
+    script = "import json, sys; from jaxmerge import evaluation; "
+    script += "print(json.dumps(evaluation.evaluate_runs([sys.argv[1]])))"
     fresh = _command("-c", script, run_dir, cwd=str(tmp_path))
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert json.loads(fresh.stdout.splitlines()[-1])["shapes"]["accuracy"] == result["accuracy"]
@@ -114,7 +114,7 @@ def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shape
     # One adapter merged with weight 1 is the run itself: the folder predicts as the run does.
     output = tmp_path / "model"
     merged = _command(
-        "-m", "jaxmerge.merge", "--run", run_dir, "--method=task_arithmetic", "--weights=1",
+        "-m", "jaxmerge", "merge", "--run", run_dir, "--method=task_arithmetic", "--weights=1",
         f"--output={output}", cwd=str(tmp_path),
     )  # fmt: skip
     assert merged.returncode == 0, merged.stderr[-2000:]
@@ -125,7 +125,7 @@ def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shape
     assert info["preprocessing"]["mean"] == list(clip.CLIP_MEAN)
     assert info["preprocessing"]["std"] == list(clip.CLIP_STD)
     image = {"image": np.random.default_rng(1).integers(0, 256, (20, 24, 3), np.uint8), "label": 0}
-    trained_on = data.preprocess(run.task, 16, False, **run.parts.data.normalization)
+    trained_on = input_pipeline.preprocess(run.task, 16, False, **run.parts.data.normalization)
     np.testing.assert_array_equal(
         model_folder.preprocess_fn(info["preprocessing"])(dict(image), None)["image"],
         trained_on(dict(image), None)["image"],
@@ -141,7 +141,7 @@ def test_zero_shot_run_trains_loads_merges_and_predicts_with_the_file_head(shape
         atol=1e-5,
     )
     paths = sorted(str(p) for p in (root / "shapes" / "square").glob("*.jpg"))[:3]
-    rows = list(predict.predict_paths(predict.open_model(str(output)), paths, batch_size=4))
+    rows = list(prediction.predict_paths(prediction.open_model(str(output)), paths, batch_size=4))
     assert [r["path"] for r in rows] == paths
     assert all(r["shapes"]["label"] in demo_shapes.CLASSES for r in rows)
 
@@ -156,7 +156,7 @@ def test_zero_shot_file_errors_name_the_field_value_and_what_is_allowed(tmp_path
     missing = str(tmp_path / "none.npz")
     assert error(**{"head.zero_shot_file": missing}) == (
         f"config.head.zero_shot_file: got {missing!r}; allowed: an existing file of "
-        f"`python -m jaxmerge.zero_shot_heads`"
+        f"`python -m jaxmerge zero_shot_heads`"
     )
     assert error(**{"head.zero_shot_file": FILE}) == (
         f"config.head.zero_shot_file: got {FILE!r}; allowed: a file holding task 'digits' "

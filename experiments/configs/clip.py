@@ -1,6 +1,6 @@
 r"""The 8-task CLIP ViT-B/32 suite of the merging literature, with LoRA adapters.
 
-    python -m jaxmerge.datasets.prepare --dataset gtsrb --config size224 \
+    python -m jaxmerge prepare --dataset gtsrb --config size224 \
         --data_dir ~/tensorflow_datasets --manual_dir ~/downloads/gtsrb
     # the other seven are TFDS's own builders, prepared as array_record by TFDS
     # (resisc45 needs its manual download): sun397/tfds cars196 resisc45 eurosat/rgb
@@ -10,7 +10,7 @@ r"""The 8-task CLIP ViT-B/32 suite of the merging literature, with LoRA adapters
         --workdir ./workdir_clip
 
 With CLIP's frozen zero-shot heads, the setting of the published tables (the heads file made
-once by `python -m jaxmerge.zero_shot_heads --model ~/models/clip-vit-base-patch32 --output
+once by `python -m jaxmerge zero_shot_heads --model ~/models/clip-vit-base-patch32 --output
 ~/models/clip-vit-base-patch32/zero_shot.npz`, from the CLIPModel folder's text tower, in JAX):
 
     python -m experiments.study --config \

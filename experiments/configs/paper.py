@@ -1,6 +1,6 @@
 r"""The paper's suite: Kesim & Helli 2024's six tasks on a pretrained ViT-B/16.
 
-    python -m jaxmerge.datasets.prepare --dataset firerisk --data_dir ~/tensorflow_datasets \
+    python -m jaxmerge prepare --dataset firerisk --data_dir ~/tensorflow_datasets \
         --manual_dir ~/downloads/firerisk        # likewise utkface, expw, wflw, galaxy10_decals
     python -m experiments.study --config experiments/configs/paper.py:base=hf,path=~/vit-b16 \
         --workdir ./workdir_paper

@@ -1,4 +1,8 @@
-"""TFDS builders for jaxmerge's tasks; importing this package registers them with TFDS.
+"""The dataset builders: raw files (downloads, your folders) prepared once into TFDS datasets.
+
+Not to be confused with `input_pipeline` (which reads a prepared dataset back as batches) nor
+with `tasks` (what is learned from a dataset). Importing this package registers the builders
+with TFDS.
 
 Each builder is prepared as array_record (`prepare.prepare(name, data_dir, manual_dir)`) and read
 without TensorFlow through `tfds.data_source`. `BUILDERS` maps each TFDS name to its class:

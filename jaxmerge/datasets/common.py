@@ -250,7 +250,7 @@ def load_upright(path) -> np.ndarray:
 
 def file_image(path, size: int) -> np.ndarray:
     """The one way a whole image file becomes a square example, in `prepare` (image_folder,
-    utkface, firerisk) and in `jaxmerge.predict`: decoded to RGB (`to_rgb`), turned upright
+    utkface, firerisk) and in `jaxmerge.prediction`: decoded to RGB (`to_rgb`), turned upright
     by its EXIF orientation, centre-cropped to the largest square, resized (antialiased
     bilinear) to (size, size). Returns uint8 (size, size, 3)."""
     return square_resize(load_upright(path), size)

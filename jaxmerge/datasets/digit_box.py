@@ -8,7 +8,7 @@ inside a `CANVAS` x `CANVAS` black canvas, so the whole digit is visible.
 
 Features: `image` uint8 (32, 32, 1); `landmarks` float32 (2, 2), the box's top-left and
 bottom-right corners as (x, y) in [0, 1] of the image width and height, the layout
-`jaxmerge.data` and `heads` use for landmarks; `label` the digit (ClassLabel 0..9).
+`jaxmerge.input_pipeline` and `heads` use for landmarks; `label` the digit (ClassLabel 0..9).
 Splits follow `digits.py` (80 / 20 within each digit, seed 0), so no test digit is seen in
 training: `train` has `TRAIN_PLACEMENTS` = 2 placements of each training digit (2,876), `test`
 one of each test digit (359). Placements use `numpy.random.default_rng([split seed, index])`.

@@ -13,7 +13,7 @@ restored from the prepared dataset when reading.
 Names: each folder of yours can be a dataset of its own, under a config named
 `<name>-size<N>` (N one of 224, 64, 32), e.g.
 
-    python -m jaxmerge.datasets.prepare --dataset image_folder --config pets-size64 \
+    python -m jaxmerge prepare --dataset image_folder --config pets-size64 \
         --manual_dir ~/pets --data_dir ~/tensorflow_datasets
     tfds.data_source("image_folder/pets-size64", split="train", data_dir=...)
 
@@ -31,7 +31,7 @@ orientation; 16-bit grey and RGB are scaled to 8 bits (65535 -> 255, 32768 -> 12
 palettes converted, and transparent pixels (RGBA, LA, palettes or colour keys with
 transparency) blended onto a white background (`common.BACKGROUND`). Each image is then
 centre-cropped to a square and resized to the config's `image_size` (`common.file_image`,
-which `jaxmerge.predict` applies to your files too).
+which `python -m jaxmerge predict` applies to your files too).
 
 Checks (`scan`, before anything is written): every unreadable image (empty, truncated, not an
 image) is an error, one line per path, unless skip_bad_files leaves them out; junk (names

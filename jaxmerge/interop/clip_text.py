@@ -2,7 +2,7 @@
 
 The conversion of the format, module names by `models.clip_text.HF_NAMES`;
 `models.clip_text.load_hf` is the loader that also checks every tensor against the tower's
-shapes, and returns the `logit_scale` and `visual_projection` that `jaxmerge.zero_shot_heads`
+shapes, and returns the `logit_scale` and `visual_projection` that `jaxmerge.text_heads`
 needs:
 
     kwargs, params, extras = clip_text.load_hf("clip-vit-base-patch32")

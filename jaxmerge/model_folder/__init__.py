@@ -4,7 +4,7 @@
     outputs = model.predict(images)  # {task: (B, outputs)}, one backbone pass for every task
     rows = model.predict_images([load_upright("a.png")])  # [{task: readable prediction}]
 
-A folder, written by `python -m jaxmerge.merge` (`save`), holds:
+A folder, written by `python -m jaxmerge merge` (`save`), holds:
 
   model.json    the model family and architecture, each task (head kind, outputs, hidden size,
                 head module: `heads.to_record`, an MLP or a frozen zero-shot head; label
@@ -19,7 +19,7 @@ A folder, written by `python -m jaxmerge.merge` (`save`), holds:
 The checkpoint's metadata holds the SHA-256 of model.json, so an edited or corrupted model.json
 is refused on load just as a corrupted array is.
 
-`python -m jaxmerge.merge --fuse static|router` writes a fused folder instead (`fused`): each
+`python -m jaxmerge merge --fuse static|router` writes a fused folder instead (`fused`): each
 task's adapter kept apart with learned gates, checksummed alike, loaded by the same `load`.
 
 The package's modules: `describe` (model.json's content), `folder` (write, load, checksums),

@@ -47,7 +47,7 @@ _HEAD_FIELDS = {"out": "outputs", "hidden": "head.hidden"}
 def _refuse(file: str, field: str, why: str) -> ValueError:
     return ValueError(
         f"{file}: {field}: {why}; the file does not describe its checkpoint (edited?): write "
-        f"the model again with jaxmerge.merge"
+        f"the model again with `python -m jaxmerge merge`"
     )
 
 

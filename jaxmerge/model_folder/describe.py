@@ -10,7 +10,7 @@ from typing import Any
 
 import jaxmerge
 from jaxmerge import checkpoint, config_lib, heads, image_input, models, run_config, tasks
-from jaxmerge.data import ops
+from jaxmerge.input_pipeline import ops
 
 FORMAT = "jaxmerge.multitask_model/1"
 
@@ -77,7 +77,7 @@ def data_settings(info: Mapping[str, Any], data_dir: str = "") -> run_config.Dat
 
 def preprocessing_info(model_def, settings: run_config.DataSettings) -> dict[str, Any]:
     """model.json's "preprocessing" (`image_input.describe`): a file's steps, then
-    `data.image_steps` at evaluation with the run's normalisation."""
+    `input_pipeline.image_steps` at evaluation with the run's normalisation."""
     return image_input.describe(model_def.image_size, model_def.channels, settings.normalization)
 
 
@@ -89,7 +89,7 @@ def preprocess_fn(preprocessing: Mapping[str, Any]) -> ops.Preprocess:
 
 def check_one_normalization(runs) -> None:
     """A model folder prepares images once for every head: its runs must have trained on
-    images normalised alike (`data.normalization`)."""
+    images normalised alike (`run_config.DataSettings.normalization`)."""
     normalizations = {run.directory: run.parts.data.normalization for run in runs}
     if len({json.dumps(n) for n in normalizations.values()}) > 1:
         listing = "; ".join(f"{d}: {n}" for d, n in normalizations.items())

@@ -36,7 +36,7 @@ def check_not_fused(model: MultiTaskModel, flag: str) -> None:
     if model.lora is not None:
         raise ValueError(
             f"{flag}: the model is fused (its adapters stay apart under gates); allowed: a "
-            f"merged model folder (python -m jaxmerge.merge --method ...)"
+            f"merged model folder (python -m jaxmerge merge --method ...)"
         )
 
 

@@ -86,7 +86,7 @@ def load(folder: str) -> MultiTaskModel:
     if not os.path.isfile(path):
         raise ValueError(
             f"--model: {folder!r} is not a model folder (no {MODEL_FILE}); allowed: a folder "
-            f"written by `python -m jaxmerge.merge` or a run folder WORKDIR/adapters/<task>"
+            f"written by `python -m jaxmerge merge` or a run folder WORKDIR/adapters/<task>"
         )
     params, metadata = checkpoint.load(os.path.join(folder, CHECKPOINTS), step=0)
     with open(path, "rb") as f:
@@ -94,7 +94,8 @@ def load(folder: str) -> MultiTaskModel:
     if metadata.get("model_json_sha256") != _sha256(content):
         raise checkpoint.CheckpointError(
             f"model folder {folder}: {MODEL_FILE} does not match the checksum saved with its "
-            f"checkpoint (edited or corrupted); write the model again with jaxmerge.merge"
+            f"checkpoint (edited or corrupted); write the model again with `python -m jaxmerge "
+            f"merge`"
         )
     info = json.loads(content)
     if info.get("format") == fused.FORMAT:

@@ -1,4 +1,4 @@
-"""The fused model folder (`python -m jaxmerge.merge --fuse static|router`): every task's
+"""The fused model folder (`python -m jaxmerge merge --fuse static|router`): every task's
 adapter kept apart on the one base, with the gates that mix them (`jaxmerge.fusion`).
 
 Where a merged folder holds one merged adapter, a fused one holds
@@ -86,7 +86,7 @@ def arrays(info, base: Tree, adapters: Mapping[str, Tree], gates, head_params) -
 def _refuse(file: str, field: str, why: str) -> ValueError:
     return ValueError(
         f"{file}: {field}: {why}; the folder does not describe its arrays (edited?): write the "
-        f"model again with jaxmerge.merge --fuse"
+        f"model again with `python -m jaxmerge merge --fuse`"
     )
 
 

@@ -1,7 +1,10 @@
-"""The task registry: name -> dataset, splits, target, head kind, loss and metric settings.
+"""The tasks: what each task learns, by name: dataset, splits, target, head kind, loss, metrics.
+
+Not to be confused with `datasets` (the builders that prepare a task's raw files) nor with
+`input_pipeline` (which turns a task's prepared dataset into batches).
 
 A task is data, not code: the head kind (`heads.HEAD_KINDS`) supplies the loss and metrics,
-`jaxmerge.data` the preprocessing (unless the task brings its own). Config strings
+`jaxmerge.input_pipeline` the preprocessing (unless the task brings its own). Config strings
 (`config.task`) are the keys here. Task sets live beside this file, one module each:
 `paper` (the paper's six tasks, on the user's downloads) and `offline` (data that ships with
 scikit-learn, scikit-image and Debian). A new task is a TFDS builder in `jaxmerge/datasets/`

@@ -2,7 +2,7 @@
 FusionBench, KnOTS): SUN397, Stanford Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD.
 
 Datasets by TFDS name where TFDS has them, prepared as array_record (`python -m
-jaxmerge.datasets.prepare --dataset NAME --data_dir DIR`; resisc45 needs its manual download);
+jaxmerge prepare --dataset NAME --data_dir DIR`; resisc45 needs its manual download);
 GTSRB, which TFDS lacks, from the official download (`jaxmerge/datasets/gtsrb.py`).
 EuroSAT and RESISC45 ship one `train` split in TFDS: the suite holds out its last 20% (TFDS
 split slicing, the same examples on every machine) as the eval split; the other tasks use

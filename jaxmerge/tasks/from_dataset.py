@@ -1,6 +1,6 @@
 """A task defined by a dataset's name alone: no Python registration.
 
-    python -m jaxmerge.train --config configs/adapter.py:dataset=image_folder/shapes-size64
+    python -m jaxmerge train --config configs/adapter.py:dataset=image_folder/shapes-size64
 
 The head kind comes from the target feature: a `ClassLabel` is classification with its number
 of classes, a scalar float `Tensor` is regression (standardised with the mean and standard
@@ -61,7 +61,7 @@ def define(
     Raises:
       ValueError: naming the config field, its value and what is allowed.
     """
-    from jaxmerge import data
+    from jaxmerge import input_pipeline
 
     if name in TASKS:
         raise ValueError(
@@ -71,8 +71,8 @@ def define(
         )
     if kind and kind not in INFERRED_KINDS:
         raise _field_error("kind", kind, f"'' (inferred) or one of {INFERRED_KINDS}")
-    data.ensure_prepared(dataset, data_dir, manual_dir)
-    builder = data.sources.builder(dataset, data_dir)
+    input_pipeline.ensure_prepared(dataset, data_dir, manual_dir)
+    builder = input_pipeline.sources.builder(dataset, data_dir)
     features, splits = builder.info.features, list(builder.info.splits)
     target = target or "label"
     if target not in features or target == "image":
@@ -104,7 +104,9 @@ def define(
                 "outputs", outputs, f"the number of classes (>= 2) of {target!r} ({feature})"
             )
     elif kind == "regression" and scalar:
-        values = _targets(data.sources.open_source(dataset, train_split, data_dir), target)
+        values = _targets(
+            input_pipeline.sources.open_source(dataset, train_split, data_dir), target
+        )
         spec = {"mean": float(values.mean()), "std": float(values.std() or 1.0), "loss": "l1"}
         outputs = 1
     elif kind == "landmarks" and points:

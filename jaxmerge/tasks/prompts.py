@@ -1,6 +1,6 @@
 """Zero-shot prompts as task data: each classification task's class names and prompt templates.
 
-`jaxmerge.zero_shot_heads` writes a task's CLIP classifier from them. Class names are the TFDS
+`jaxmerge.text_heads` writes a task's CLIP classifier from them. Class names are the TFDS
 label names made readable (`CLASS_NAMES` replaces them where TFDS has codes or numbers);
 templates are `TEMPLATES`. Both differ from the lists of the task-arithmetic code base (more
 templates per dataset), so zero-shot accuracy can differ from published zero-shot numbers by a

@@ -27,9 +27,9 @@ class Task:
       flip_permutation: for landmarks, the left/right swap a flip implies.
       suite: "paper" (needs the user's downloads) or "offline" (works on a fresh machine).
       about: one line for tables and the README.
-      preprocess: None for `jaxmerge.data.default_preprocess` (resize, RGB, crop and flip in
-        training, scale to [-1, 1]), or the task's own `preprocess(task, image_size, train,
-        crop_padding) -> (example, rng) -> example` with the same signature.
+      preprocess: None for `jaxmerge.input_pipeline.default_preprocess` (resize, RGB, crop
+        and flip in training, scale to [-1, 1]), or the task's own `preprocess(task,
+        image_size, train, crop_padding) -> (example, rng) -> example` with the same signature.
     """
 
     name: str

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxmerge.data.loader import Source
+from jaxmerge.input_pipeline.loader import Source
 
 
 def open_source(name: str, split: str, data_dir: str | None = None) -> Source:
@@ -44,7 +44,7 @@ def builder(name: str, data_dir: str | None = None):
     if not found.is_prepared():
         raise ValueError(
             f"dataset {name!r} is not prepared in data_dir={where}; run `python -m "
-            f"jaxmerge.datasets.prepare --dataset {builder_name} --data_dir DIR "
+            f"jaxmerge prepare --dataset {builder_name} --data_dir DIR "
             "[--manual_dir DIR]` first"
         )
     return found

@@ -1,10 +1,10 @@
-"""Train one LoRA adapter (or a head-finetuning baseline, or the full model) for one task.
+"""Training one run: a LoRA adapter (or a head-finetuning baseline, or the full model) of a task.
 
-    python -m jaxmerge.train --config configs/adapter.py:task=digits --workdir /tmp/jm
-
-Data parallel: one jitted update (state donated) on a 1-D ('data',) mesh over every device of
-every host; the batch is sharded along it and parameters are replicated. The base is an input
-of the update, never part of the optimised state, so it has no optimizer state.
+`train_and_evaluate(config, workdir)` trains or resumes the run a config describes
+(`python -m jaxmerge train` is the command over it). Data parallel: one jitted update (state
+donated) on a 1-D ('data',) mesh over every device of every host; the batch is sharded along
+it and parameters are replicated. The base is an input of the update, never part of the
+optimised state, so it has no optimizer state.
 
 Outputs, under `workdir/<mode>/<task>/`: Orbax checkpoints (`checkpoint.py`), `metrics.jsonl`
 (one line per logged step and per evaluation), `result.json` (the final evaluation) and, with
@@ -27,15 +27,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmerge import (
     checkpoint,
     config_resume,
-    data,
     heads,
+    input_pipeline,
     logs,
     lora,
     plain_names,
@@ -44,7 +43,6 @@ from jaxmerge import (
     scoring,
     tasks,
 )
-from jaxmerge import cli as cli_lib
 from jaxmerge.models import load
 
 Tree = Any
@@ -188,15 +186,15 @@ def check_not_a_model_folder(workdir: str, directory: str) -> None:
     while folder != top and folder != os.path.dirname(folder):
         if os.path.isfile(os.path.join(folder, MODEL_FILE)):
             raise ValueError(
-                f"--workdir: {folder} is a model folder ({MODEL_FILE}, written by "
-                f"jaxmerge.merge), not a training run; allowed: a workdir outside model folders"
+                f"--workdir: {folder} is a model folder ({MODEL_FILE}, written by `python -m "
+                f"jaxmerge merge`), not a training run; allowed: a workdir outside model folders"
             )
         folder = os.path.dirname(folder)
 
 
 def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str, float]:
     task, settings = parts.task, parts.train
-    mesh = data.data_mesh()
+    mesh = input_pipeline.data_mesh()
     replicated = NamedSharding(mesh, P())
 
     model_def, base, base_info = load.load_base(parts.model, parts.base)
@@ -246,7 +244,7 @@ def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str,
     eval_step = scoring.make_eval_step(model_def, head_def, task)
     rng = jax.random.key(settings.seed + 1)
     metrics_path = os.path.join(directory, "metrics.jsonl")
-    batches = data.train_batches(task, parts.data, model_def.image_size, start_step=start)
+    batches = input_pipeline.train_batches(task, parts.data, model_def.image_size, start_step=start)
     sync_every = min(settings.log_every, MAX_STEPS_WITHOUT_SYNC)
     schedule = make_schedule(parts.optimizer)
     tensorboard = logs.Scalars(
@@ -262,7 +260,9 @@ def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str,
     last_time, last_step = time.perf_counter(), start
     with contextlib.closing(tensorboard), contextlib.closing(bar):
         for step in range(start, settings.steps):
-            state, metrics = train_step(state, base, data.shard_batch(next(batches), mesh), rng)
+            state, metrics = train_step(
+                state, base, input_pipeline.shard_batch(next(batches), mesh), rng
+            )
             done = step + 1
             if done % sync_every and done != settings.steps:
                 continue
@@ -296,7 +296,7 @@ def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str,
             eval_step,
             state.params,
             base,
-            data.eval_batches(task, parts.data, model_def.image_size),
+            input_pipeline.eval_batches(task, parts.data, model_def.image_size),
             mesh,
         )
         result = {"task": task.name, "mode": settings.mode, "step": int(state.step), **result}
@@ -306,23 +306,3 @@ def _train_and_evaluate(parts: run_config.RunParts, directory: str) -> dict[str,
         with open(os.path.join(directory, "result.json"), "w") as f:
             json.dump(result, f, indent=2)
     return result
-
-
-def define_flags():
-    cli_lib.define_config("A configs/*.py file.")
-    flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-
-
-def main(argv):
-    del argv
-    result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    if logs.is_writer():
-        print(json.dumps(result))
-
-
-def cli():
-    cli_lib.run(main, define_flags, required=["config", "workdir"], distributed=True)
-
-
-if __name__ == "__main__":
-    cli()

@@ -1,10 +1,14 @@
-"""Task data for training and evaluation: a task's TFDS split, preprocessed, batched, sharded.
+"""The input pipeline: a task's prepared dataset turned into preprocessed, sharded batches.
 
-This joins the task registry to the TF-free input pipeline: it opens the task's dataset
-(preparing it on first use: offline builders need nothing, the paper's need
-`manual_dir`), picks the task's preprocessing for the model's image size, and places each
-host's slice of the global batch on the ('data',) mesh. Its settings are a run's
-`run_config.DataSettings`, resolved once from the config.
+Not to be confused with `datasets` (the TFDS builders that prepare raw files into the datasets
+read here) nor with `tasks` (what each task learns: its dataset's name, target, head kind and
+loss).
+
+This package joins the task registry to the TF-free pipeline: it opens the task's dataset
+(preparing it on first use: offline builders need nothing, the paper's need `manual_dir`),
+picks the task's preprocessing for the model's image size, and places each host's slice of
+the global batch on the ('data',) mesh. Its settings are a run's `run_config.DataSettings`,
+resolved once from the config.
 
 The pipeline itself, one job per module: `ops` (preprocessing functions), `loader` (resumable,
 host-sliced batches), `prefetch` (a background thread), `sources` (TFDS datasets by name).
@@ -20,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmerge import tasks
-from jaxmerge.data import loader, ops, sources
+from jaxmerge.input_pipeline import loader, ops, sources
 
 
 def open_split(task: tasks.Task, split: str, settings) -> loader.Source:
@@ -55,7 +59,7 @@ def image_steps(
 ) -> ops.Preprocess:
     """A stored uint8 image -> the model's input: resized to (image_size, image_size)
     (antialiased bilinear; a no-op at that size), 3 channels, `augmentation`, then
-    `(x / 255 - mean) / std`. Training, evaluation and `jaxmerge.predict` (after
+    `(x / 255 - mean) / std`. Training, evaluation and `jaxmerge.prediction` (after
     `datasets.common.file_image` and `as_stored`) all prepare images with it."""
     return ops.compose(
         ops.resize(image_size), ops.to_rgb(), *augmentation, ops.normalize(mean, std)

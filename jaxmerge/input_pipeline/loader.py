@@ -1,7 +1,7 @@
 """Batches from random-access sources: preprocessed numpy batches, resumable, host-sliced.
 
 A *source* is anything with `__len__` and `__getitem__(int) -> dict` (a `tfds.data_source`
-split, a list of dicts); a *preprocess* function is an op of `data.ops`.
+split, a list of dicts); a *preprocess* function is an op of `input_pipeline.ops`.
 
 Training order: the stream is the concatenation of one permutation of the source per epoch,
 `epoch_permutation(N, seed, e)`, and global step s holds stream positions [s * B, (s + 1) * B).
@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from jaxmerge.data.ops import Example, Preprocess
-from jaxmerge.data.prefetch import maybe_prefetch
+from jaxmerge.input_pipeline.ops import Example, Preprocess
+from jaxmerge.input_pipeline.prefetch import maybe_prefetch
 
 
 class Source(Protocol):

@@ -1,13 +1,8 @@
-r"""Writes the zero-shot heads of a task set: CLIP text embeddings of class-name prompts, in JAX.
+"""Zero-shot heads from text: CLIP text embeddings of class-name prompts, in JAX, as a file.
 
-Once per CLIP checkpoint, a Hugging Face `CLIPModel` folder with its tokenizer (e.g.
-openai/clip-vit-base-patch32 saved with `save_pretrained`), after preparing the datasets (class
-names are read from each task's TFDS builder):
-
-    python -m jaxmerge.zero_shot_heads --model ~/models/clip-vit-base-patch32 \
-        --data_dir ~/tensorflow_datasets --output ~/models/clip-vit-base-patch32/zero_shot.npz
-
-The file (`jaxmerge.zero_shot.load_heads` reads it) holds, as float32:
+`write_heads` writes the heads file of a task set from a Hugging Face `CLIPModel` folder with
+its tokenizer, once per CLIP checkpoint (`python -m jaxmerge zero_shot_heads` is the command
+over it). The file (`jaxmerge.zero_shot.load_heads` reads it) holds, as float32:
   scale                     exp(logit_scale) of the checkpoint.
   visual_projection         (width, E) the image projection, as (in, out).
   <task>/classes            (C, E) per class: the mean over templates of the unit-normalised
@@ -38,9 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
-from jaxmerge import cli as cli_lib
 from jaxmerge import extras, logs, tasks
 from jaxmerge.interop import files
 from jaxmerge.models import clip_text
@@ -184,7 +177,7 @@ def zero_shot_arrays(folder: str, task_classes: Mapping, task_templates: Mapping
     return arrays
 
 
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- the file
 
 
 def check_inputs(model: str, task_names: Sequence[str], output: str, data_dir: str) -> None:
@@ -255,28 +248,3 @@ def write_heads(
     with open(output, "xb") as f:  # "x": a file that appeared meanwhile is not overwritten
         np.savez(f, **arrays)
     return classes
-
-
-def define_flags():
-    flags.DEFINE_string("model", None, "A Hugging Face CLIPModel folder with its tokenizer.")
-    flags.DEFINE_string(
-        "data_dir", os.path.expanduser("~/tensorflow_datasets"), "The TFDS data folder."
-    )
-    flags.DEFINE_list("tasks", None, "Comma-separated task names; default: the CLIP suite.")
-    flags.DEFINE_string("output", None, "The .npz file to write (new).")
-
-
-def main(argv):
-    del argv
-    args = flags.FLAGS
-    classes = write_heads(args.model, args.output, args.tasks, args.data_dir)
-    written = ", ".join(f"{t} ({len(c)})" for t, c in classes.items())
-    print(f"wrote {args.output}: {written}")
-
-
-def cli():
-    cli_lib.run(main, define_flags, required=["model", "output"])
-
-
-if __name__ == "__main__":
-    cli()
