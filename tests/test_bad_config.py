@@ -291,18 +291,22 @@ def test_a_multi_host_flag_without_distributed_is_one_line(tmp_path, capsys, mon
 # ----------------------------------------------------------------------------- folders given
 
 
-def test_a_folder_that_is_not_a_run_lists_the_runs_under_it(runs_by_model, capsys, monkeypatch):
+def test_a_folder_that_is_not_a_run_lists_the_runs_under_it(
+    digit_runs, tmp_path, capsys, monkeypatch
+):
     from jaxmerge.commands import evaluate, merge
 
-    workdir = os.path.dirname(os.path.dirname(runs_by_model["plain"]))
-    os.makedirs(os.path.join(workdir, "notes"), exist_ok=True)  # a folder that is no run
+    workdir = str(tmp_path / "work")
+    run = os.path.join(workdir, "adapters", "digits")
+    shutil.copytree(digit_runs[0][0], run)  # the session's run, in a workdir of its own
+    os.makedirs(os.path.join(workdir, "notes"))  # a folder that is no run
     expected = (
         f"error: --run: {workdir!r} is not a run folder (it holds no checkpoints/); the runs "
         "under it: adapters/digits; allowed: a run folder WORKDIR/<mode>/<task>, e.g. "
         "WORKDIR/adapters/digits"
     )
     for module in (evaluate, merge):
-        argv = ["--run", runs_by_model["gelu"], "--run", workdir]
+        argv = ["--run", run, "--run", workdir]
         if module is not evaluate:
             argv += ["--method", "task_arithmetic", f"--output={workdir}/merged"]
         status, lines = run_command(module, argv, capsys, monkeypatch)
