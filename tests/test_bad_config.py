@@ -7,44 +7,12 @@ import importlib
 import os
 import re
 import shutil
-import sys
 
 import pytest
-from absl import flags
 
-from jaxmerge import cli, runs, training
+from jaxmerge import runs, training
 from jaxmerge.commands import train as train_command
-from tests.tiny import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_FLAGS = ["--config.model.variant=mu/4", "--config.model.image_size=8"]
-
-
-def run_command(module, argv, capsys, monkeypatch) -> tuple[int, list[str]]:
-    """(exit status, stderr lines) of `module.cli()` on `argv`, in this process; the flags it
-    defines are removed again, so the next command can define its own."""
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: True)  # the test process's malloc
-    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
-    before = set(flags.FLAGS)
-    capsys.readouterr()
-    try:
-        with pytest.raises(SystemExit) as exited:
-            module.cli()
-    finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-    return exited.value.code, capsys.readouterr().err.strip().splitlines()
-
-
-def train_argv(workdir, *extra, arg="task=digits"):
-    return [
-        "--config",
-        f"{ROOT}/configs/adapter.py:{arg}",
-        f"--workdir={workdir}",
-        *TINY_FLAGS,
-        *extra,
-    ]
-
+from tests.tiny import ROOT, run_command, tiny_config, train_argv
 
 # ----------------------------------------------------------------------------- model definitions
 

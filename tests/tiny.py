@@ -1,6 +1,16 @@
-"""The tiny training run most tests build on: digits, a mu/4 ViT on 8-pixel images, 30 steps."""
+"""The tiny training run most tests build on: digits, a mu/4 ViT on 8-pixel images, 30 steps;
+and a command run in-process on it (a subprocess costs a JAX import each)."""
 
-from jaxmerge import config_lib
+import os
+import sys
+
+import pytest
+from absl import flags
+
+from jaxmerge import cli, config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = ["--config.model.variant=mu/4", "--config.model.image_size=8"]
 
 
 def tiny_config(data_dir, **overrides):
@@ -25,3 +35,29 @@ def tiny_config(data_dir, **overrides):
             target = target[parent]
         target[leaf] = value
     return config
+
+
+def run_command(module, argv, capsys, monkeypatch) -> tuple[int, list[str]]:
+    """(exit status, stderr lines) of `module.cli()` on `argv`, in this process; the flags it
+    defines are removed again, so the next command can define its own."""
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: True)  # the test process's malloc
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    before = set(flags.FLAGS)
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            module.cli()
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+    return exited.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def train_argv(workdir, *extra, arg="task=digits"):
+    return [
+        "--config",
+        f"{ROOT}/configs/adapter.py:{arg}",
+        f"--workdir={workdir}",
+        *TINY_FLAGS,
+        *extra,
+    ]
