@@ -112,6 +112,7 @@ def test_bfloat16_is_real_where_it_should_be(kernels):
     assert counts["rsqrt", "float32"] == 3 and counts["rsqrt", "bfloat16"] == 0  # 3 LayerNorms
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_bfloat16_training_on_eight_devices_keeps_float32_master_weights(data_dir, tmp_path):  # noqa: F811
     """A bfloat16 run trains data parallel on 8 devices, ends near the float32 run, and its
     checkpoint holds float32 LoRA factors, head and optimizer moments."""

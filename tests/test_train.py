@@ -73,7 +73,10 @@ def test_sharded_step_equals_single_device_step():
     assert loss8 == pytest.approx(loss1, rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["lora", "head", "full"])
+@pytest.mark.parametrize(
+    "mode",
+    ["lora", "head", pytest.param("full", marks=pytest.mark.slow)],  # slow: CI's own step
+)
 def test_modes_train_what_they_should(data_dir, tmp_path, mode):
     config = tiny_config(data_dir, mode=mode, steps=20)
     result = training.train_and_evaluate(config, str(tmp_path))

@@ -76,6 +76,7 @@ def test_cpu_kernels_and_plain_kernels_give_the_same_model_and_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *grads)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_forward_mode_autodiff_runs_through_the_plain_kernels():
     """`jax.jvp` through a forward pass (what linearised or Fisher merging need): the plain path
     agrees with a central finite difference; the CPU path's custom VJP refuses forward mode."""

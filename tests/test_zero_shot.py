@@ -34,6 +34,7 @@ def test_zero_shot_logits_match_clip_model(task):
     assert zero_shot.load_heads(FILE)["class_names"]["pets"] == ["cat", "dog"]
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_head_is_frozen_under_the_trainer_optimizer():
     kwargs, base, _ = clip.load_hf(os.path.join(GOLDEN, "clip_model"))
     model = clip.VisionTower(**kwargs)
