@@ -263,6 +263,25 @@ def _load() -> str:
     return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(wall, CPU seconds every core of the machine spent busy, CPU seconds of this process's
+    finished children). Their difference over a round is the work of *other* processes: the
+    load average cannot tell it apart, as it counts the benchmark's own threads (8 device
+    threads make a quiet 2-core machine read as load 3 to 6)."""
+    with open("/proc/stat") as stat:
+        fields = [float(x) for x in stat.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal: idle and iowait are not busy time.
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    children = os.times()
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), children[2] + children[3]
+
+
+def _other_cores(before, after) -> float:
+    """Cores that other processes kept busy, on average, between two `_cpu_seconds()`."""
+    wall = after[0] - before[0]
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / wall
+
+
 def _cpu_name() -> str:
     """The CPU model: PyTorch's MKL runs AVX-512 kernels on Intel only, so the ratio depends on
     the vendor, not only on the core count (benchmarks/RESULTS.md)."""
@@ -294,14 +313,16 @@ def main():
         sides.append(("torch", _torch_python(args)))
     for model in models:
         runs: dict[str, list[dict]] = {side: [] for side, _ in sides}
-        loads = [_load()]
+        loads, others = [_load()], []
         for round_ in range(args.rounds):
+            start = _cpu_seconds()
             for side, python in sides if round_ % 2 == 0 else sides[::-1]:
                 result = _run_side(side, python, model, args)
                 runs[side].append(result)
                 if args.json:
                     print(json.dumps({"model": model, "side": side, "round": round_, **result}))
             loads.append(_load())
+            others.append(_other_cores(start, _cpu_seconds()))
         if args.json:
             continue
         shape = MODELS[model]
@@ -315,14 +336,18 @@ def main():
         )
         print(f"{_cpu_name()}, {os.cpu_count()} cores")
         print(f"load before and after each round: {'; '.join(loads)}")
-        busiest = max(float(load.split()[1]) for load in loads)
-        if busiest > os.cpu_count():
+        print(
+            "other processes' work during each round (cores busy, outside this benchmark): "
+            + ", ".join(f"{o:.2f}" for o in others)
+        )
+        if max(others) > 0.25:
             # PyTorch's OpenMP threads meet at a barrier in every parallel region; on busy
             # cores each wait can cost a time slice, while jaxmerge's device threads do not
             # wait for each other: the ratio then grows with the load (RESULTS.md).
             print(
-                f"warning: a load of {busiest:.1f} on {os.cpu_count()} cores slows PyTorch "
-                "far more than jaxmerge; compare ratios measured below one task per core only"
+                f"warning: other processes kept {max(others):.2f} of {os.cpu_count()} cores "
+                "busy; that slows PyTorch far more than jaxmerge: quote ratios from a quiet "
+                "machine only"
             )
         print("| | train img/s, median (range) | eval img/s, median (range) |")
         print("|---|---|---|")

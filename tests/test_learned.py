@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxmerge import heads, learned, lora, merging
+from jaxmerge.merging import regmean as regmean_math
 from jaxmerge.models import vit
 
 MODEL = vit.ViT(**vit.variant("mu/4", image_size=8, depth=2))
@@ -155,11 +156,39 @@ def test_task_wise_coefficients_are_task_arithmetic_weights():
             "objective: got 'likelihood'; allowed: one of",
         ),
         ([CLASSIFY], dict(objective="output_match"), "got 2 adapters, 1 heads and 2 input sets"),
+        (
+            [CLASSIFY, CLASSIFY],
+            dict(granularity="layer", start="regmean"),
+            "start: 'regmean' is a start for granularity='core'; got 'layer'",
+        ),
+        ([CLASSIFY, CLASSIFY], dict(start="regmean", ratio=1.0), "ratio: got 1.0; allowed"),
     ],
 )
 def test_bad_settings_are_refused_before_compute(task_heads, settings, message):
     with pytest.raises(ValueError, match=message):
         learned.learn_merge(MODEL, BASE, ADAPTERS[:2], task_heads, IMAGES[:2], **settings)
+
+
+def test_core_regmean_is_regmean_when_the_factors_span_the_layer():
+    """Two rank-4 adapters of an 8 x 8 layer span it: RegMean restricted to the core space
+    (an R x R solve) must then equal RegMean's own (in x in) closed form."""
+    keys = iter(jax.random.split(jax.random.key(21), 8))
+    scaled_a = [jax.random.normal(next(keys), (8, 4)) for _ in range(2)]
+    bs = [jax.random.normal(next(keys), (4, 8)) for _ in range(2)]
+    inputs = [jax.random.normal(next(keys), (64, 8)) * jnp.arange(1, 9) for _ in range(2)]
+    grams = [x.T @ x / 64 for x in inputs]
+    core = learned.core_regmean(scaled_a, grams, 0.95)
+    got = jnp.concatenate(scaled_a, 1) @ core @ jnp.concatenate(bs, 0)
+    deltas = jnp.stack([a @ b for a, b in zip(scaled_a, bs)])
+    want, _ = regmean_math.regmean_layer(jnp.stack(grams), deltas, 0.95)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_a_regmean_start_fits_a_lower_objective_than_the_sum_in_as_many_steps():
+    _, _, from_sum = _learn(granularity="core", steps=10)
+    _, _, from_regmean = _learn(granularity="core", steps=10, start="regmean")
+    assert from_regmean[0] < from_sum[0]
+    assert from_regmean[-3:].mean() < from_sum[-3:].mean()
 
 
 def _learn(**settings):

@@ -14,6 +14,7 @@ presets that `evaluate --merge` and the study take are recipes: `jaxmerge.recipe
 from jaxmerge.learned.coefficients import (
     coefficients_from_json,
     coefficients_to_json,
+    core_regmean,
     init_coefficients,
     merged_tree,
     rebuild,
@@ -39,6 +40,7 @@ __all__ = [
     "Settings",
     "coefficients_from_json",
     "coefficients_to_json",
+    "core_regmean",
     "init_coefficients",
     "learn_merge",
     "merged_tree",

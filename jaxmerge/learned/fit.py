@@ -51,7 +51,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmerge import heads as heads_lib
-from jaxmerge import lora
+from jaxmerge import layer_inputs, lora
 from jaxmerge.learned import coefficients as co
 from jaxmerge.learned.adam import adam_scan
 from jaxmerge.learned.settings import Settings
@@ -235,11 +235,24 @@ def _setup(model, base, adapters, heads, inputs, settings: Settings, targets, la
         settings=s,
         mesh=mesh,
     )
-    coefficients = co.init_coefficients(adapters, s.granularity, s.init)
+    if s.start == "regmean":
+        coefficients = _regmean_start(model, base, adapters, inputs, paths, parts, s)
+    else:
+        coefficients = co.init_coefficients(adapters, s.granularity, s.init)
     args = (coefficients, parts, base, [h.params for h in heads], inputs, targets, scales)
     if mesh is not None:
         args = jax.device_put(args, NamedSharding(mesh, P()))
     return static, args
+
+
+def _regmean_start(model, base, adapters, inputs, paths, parts, settings: Settings):
+    """{path: init * core_regmean}: each task's Grams on its own model and its own images."""
+    grams = [layer_inputs.input_grams(model, base, a, x, paths) for a, x in zip(adapters, inputs)]
+    return {
+        path: settings.init
+        * co.core_regmean(parts[path][0], [g[path] for g in grams], settings.ratio)
+        for path in paths
+    }
 
 
 def _settings(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:

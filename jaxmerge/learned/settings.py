@@ -12,6 +12,7 @@ OBJECTIVES = ("entropy", "output_match", "supervised")
 GRANULARITIES = ("task", "layer", "rank", "core")
 BASE_MERGES = ("task_arithmetic", "ties")
 MATCHES = ("kl", "mse")
+STARTS = ("sum", "regmean")
 
 
 def _integer(field, value):
@@ -36,6 +37,10 @@ class Settings:
     steps, learning_rate, batch_size: Adam steps, step size, images per task per step.
     cosine: decay the step size to 0 along a cosine over the steps.
     init: the starting value of every coefficient (1.0 = the plain sum of the adapters).
+    start: "sum" (every coefficient at `init`) or "regmean" ("core" only: the mixing matrices
+      start at RegMean's closed form within the core, `coefficients.core_regmean`, from each
+      task's Gram of layer inputs on the same images; `init` then scales that start).
+    ratio: RegMean's off-diagonal factor for start="regmean" (FusionBench's CLIP default).
     bounds: (low, high) the coefficients are projected onto after each step; (None, None) =
       unbounded. Not for "core", whose off-diagonal entries start at 0 and must go negative.
     match: "kl" or "mse", how output_match compares classification heads.
@@ -52,6 +57,8 @@ class Settings:
     batch_size: int = 16
     bounds: tuple[float | None, float | None] = (None, None)
     match: str = "kl"
+    start: str = "sum"
+    ratio: float = 0.95
 
     def __post_init__(self):
         bounds = (None, None) if self.bounds is None else tuple(self.bounds)
@@ -60,6 +67,7 @@ class Settings:
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("base_merge", self.base_merge, BASE_MERGES)
         _choice("match", self.match, MATCHES)
+        _choice("start", self.start, STARTS)
         _integer("steps", self.steps)
         _integer("batch_size", self.batch_size)
         rate = self.learning_rate
@@ -76,6 +84,12 @@ class Settings:
                 f"granularity: {self.granularity!r} acts on the factors; allowed only with "
                 "base_merge='task_arithmetic' (TIES' task vectors are dense)"
             )
+        if self.start == "regmean" and self.granularity != "core":
+            raise ValueError(
+                f"start: 'regmean' is a start for granularity='core'; got {self.granularity!r}"
+            )
+        if not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1):
+            raise ValueError(f"ratio: got {self.ratio!r}; allowed: a number in [0, 1)")
         if self.granularity == "core" and bounds != (None, None):
             raise ValueError("bounds: 'core' mixing matrices are unbounded; pass bounds=None")
 
