@@ -164,6 +164,19 @@ def test_resize_and_random_crop_shapes_and_content():
         ops.resize(4)({"image": np.zeros((8, 8, 1), np.float32)}, rng)
 
 
+@pytest.mark.parametrize("padding", [1, 3, 9])  # 9 > the image's height: some crops are all zero
+def test_random_crop_is_the_crop_of_the_zero_padded_image_at_every_offset(padding):
+    image = np.random.default_rng(1).integers(1, 256, (7, 11, 3), dtype=np.uint8)
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    seen = set()
+    for seed in range(20 * (2 * padding + 1) ** 2):
+        dy, dx = np.random.default_rng(seed).integers(0, 2 * padding + 1, size=2)
+        got = ops.random_crop(padding)({"image": image}, np.random.default_rng(seed))["image"]
+        np.testing.assert_array_equal(got, padded[dy : dy + 7, dx : dx + 11])
+        seen.add((int(dy), int(dx)))
+    assert len(seen) == (2 * padding + 1) ** 2  # every offset was checked
+
+
 def landmark_example(points_px, height=12, width=16):
     """An image with one pixel of intensity 10 * (i + 1) at each landmark i (pixel centres)."""
     image = np.zeros((height, width, 1), np.uint8)

@@ -25,7 +25,8 @@ It mirrors the paper's design on a small ViT pretrained on Fashion-MNIST
 Arguments (comma-separated key=value after the colon): seeds (number of seeds, default 3),
 steps (training steps per run, default 300), base ("random" to use a random backbone instead
 of the pretrained one, for the ablation in the README), learned ("all", the default: the
-label-free learned merge of pairs and triples, and head refits; "quick": the learned merge of
+label-free learned merge of pairs and triples, and head refits; "quick": seven methods that
+take no gradient step (`QUICK_METHODS`, unless `methods` is given) and the learned merge of
 pairs only, no head refit, to keep the quickstart short; "largest": the learned merge of the
 largest size only, no head refit, for the scaling curve), sizes (how many adapters each merge
 joins, "+"-separated, default "2+3"; "2+3+4+5+6" adds every larger merge up to all six and the
@@ -44,6 +45,19 @@ import ml_collections
 import jaxmerge
 from jaxmerge import config_lib
 
+# The quickstart's methods: seven that take no gradient step (the sum, TIES, three data-free
+# methods that lead the committed study at some size, RegMean and RegMean++ on unlabeled
+# images) and the learned merge of pairs. Each method costs 35 merges and their scoring.
+QUICK_METHODS = (
+    "cat",
+    "ties",
+    "knots",
+    "tsv",
+    "iso_cts",
+    "regmean",
+    "regmean_plusplus",
+    "learned_output_match",
+)
 BASE_PATH = os.path.join(os.path.dirname(jaxmerge.__file__), "assets", "fashion_vit")
 
 
@@ -102,6 +116,8 @@ def get_config(arg: str | None = None):
     if learned == "quick":  # the quickstart: label-free learned merges of pairs, no refit
         c.method_sizes = {"learned_output_match": (2,)}
         c.refit_methods = ()
+        if "methods" not in args:
+            c.methods = {m: p for m, p in c.methods.items() if m in QUICK_METHODS}
     if learned == "largest":  # the scaling curve: one learned merge of the largest size
         c.method_sizes = {"learned_output_match": (max(c.merge_sizes),)}
         c.refit_methods = ()

@@ -125,6 +125,22 @@ def normalize_to_minus_one_one() -> Preprocess:
     return normalize(mean=(0.5,), std=(0.5,))
 
 
+def _shifted(image: np.ndarray, down: int, right: int) -> np.ndarray:
+    """`image` moved `down` rows and `right` columns, zeros where nothing moved in: the crop
+    of the zero-padded image, without building the padded copy (np.pad was half of the
+    per-example cost of preprocessing a 28 px training image)."""
+    height, width = image.shape[:2]
+    out = np.zeros_like(image)
+    if abs(down) >= height or abs(right) >= width:
+        return out  # moved out of the frame
+    rows = slice(max(0, down), min(height, height + down))
+    cols = slice(max(0, right), min(width, width + right))
+    from_rows = slice(max(0, -down), min(height, height - down))
+    from_cols = slice(max(0, -right), min(width, width - right))
+    out[rows, cols] = image[from_rows, from_cols]
+    return out
+
+
 def random_crop(padding: int, points: str | None = "landmarks") -> Preprocess:
     """Pads `padding` zero pixels on every side, then crops the original size at a random spot.
 
@@ -139,8 +155,7 @@ def random_crop(padding: int, points: str | None = "landmarks") -> Preprocess:
         image = np.asarray(example["image"])
         height, width = image.shape[:2]
         dy, dx = rng.integers(0, 2 * padding + 1, size=2)
-        padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-        out = _with_image(example, padded[dy : dy + height, dx : dx + width])
+        out = _with_image(example, _shifted(image, int(padding - dy), int(padding - dx)))
         if points in example:
             shift = np.array([(padding - dx) / width, (padding - dy) / height], np.float32)
             out[points] = np.asarray(example[points], np.float32) + shift
