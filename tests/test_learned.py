@@ -161,7 +161,11 @@ def test_task_wise_coefficients_are_task_arithmetic_weights():
             dict(granularity="layer", start="regmean"),
             "start: 'regmean' is a start for granularity='core'; got 'layer'",
         ),
-        ([CLASSIFY, CLASSIFY], dict(start="regmean", ratio=1.0), "ratio: got 1.0; allowed"),
+        (
+            [CLASSIFY, CLASSIFY],
+            dict(start="regmean", reduce_non_diagonal_ratio=1.0),
+            "reduce_non_diagonal_ratio: got 1.0; allowed",
+        ),
     ],
 )
 def test_bad_settings_are_refused_before_compute(task_heads, settings, message):

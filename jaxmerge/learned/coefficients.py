@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxmerge import lora
 from jaxmerge.merging import ops as mu
-from jaxmerge.merging.regmean import reduce_off_diagonal
+from jaxmerge.merging.regmean import reduce_off_diagonal, unit_diagonal_solve
 
 Tree = Any
 F32 = jnp.float32
@@ -114,12 +114,14 @@ def init_coefficients(adapters: Sequence[Tree], granularity: str, init: float):
 
 
 @jax.jit
-def core_regmean(scaled_a: Sequence[jax.Array], grams: Sequence[jax.Array], ratio) -> jax.Array:
+def core_regmean(
+    scaled_a: Sequence[jax.Array], grams: Sequence[jax.Array], reduce_non_diagonal_ratio
+) -> jax.Array:
     """RegMean restricted to the core (one layer): the (R, R) mixing matrix M minimising
     sum_t |X_t A (M - E_t) B|^2, so that dW = A M B is the update nearest, on each task's own
     layer inputs X_t, to each task's own update A E_t B (E_t selects task t's block).
 
-    With C_t = A^T G_t' A (G_t' = task t's Gram, off-diagonal scaled by `ratio` as RegMean does)
+    With C_t = A^T G_t' A (G_t' = task t's Gram, off-diagonal scaled as RegMean does)
     and B of full row rank, the normal equations give M = (sum_t C_t)^-1 [C_1 E_1 ... C_n E_n]:
     an R x R solve instead of RegMean's (in x in) one, and a start for the learned "core" merge
     that already undoes much of the interference.
@@ -127,19 +129,16 @@ def core_regmean(scaled_a: Sequence[jax.Array], grams: Sequence[jax.Array], rati
     Args:
       scaled_a: per task, s_t a_t (in, r_t).
       grams: per task, (in, in) mean Gram of the layer's inputs on its own model.
-      ratio: the off-diagonal factor in [0, 1].
+      reduce_non_diagonal_ratio: the off-diagonal factor in [0, 1] (RegMean's setting).
     """
     a = jnp.concatenate(scaled_a, axis=1)
+    ratio = reduce_non_diagonal_ratio
     cores = [mu.matmul(a.T, mu.matmul(reduce_off_diagonal(g, ratio), a)) for g in grams]
     bounds = np.cumsum([0] + [x.shape[1] for x in scaled_a])
     rhs = jnp.concatenate(
         [c[:, lo:hi] for c, lo, hi in zip(cores, bounds[:-1], bounds[1:])], axis=1
     )
-    total = sum(cores)
-    # Unit diagonal before the solve, as regmean_layer does, keeps float32 accurate.
-    root = jnp.sqrt(jnp.maximum(jnp.diagonal(total), 1e-30))
-    scaled = total / root[:, None] / root[None, :]
-    return jnp.linalg.solve(scaled, rhs / root[:, None]) / root[:, None]
+    return unit_diagonal_solve(sum(cores), rhs)[0]
 
 
 def rebuild(

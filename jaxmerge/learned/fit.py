@@ -250,7 +250,9 @@ def _regmean_start(model, base, adapters, inputs, paths, parts, settings: Settin
     grams = [layer_inputs.input_grams(model, base, a, x, paths) for a, x in zip(adapters, inputs)]
     return {
         path: settings.init
-        * co.core_regmean(parts[path][0], [g[path] for g in grams], settings.ratio)
+        * co.core_regmean(
+            parts[path][0], [g[path] for g in grams], settings.reduce_non_diagonal_ratio
+        )
         for path in paths
     }
 

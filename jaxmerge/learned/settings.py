@@ -40,7 +40,8 @@ class Settings:
     start: "sum" (every coefficient at `init`) or "regmean" ("core" only: the mixing matrices
       start at RegMean's closed form within the core, `coefficients.core_regmean`, from each
       task's Gram of layer inputs on the same images; `init` then scales that start).
-    ratio: RegMean's off-diagonal factor for start="regmean" (FusionBench's CLIP default).
+    reduce_non_diagonal_ratio: RegMean's off-diagonal factor for start="regmean", named as
+      in the `regmean` recipe (FusionBench's CLIP default).
     bounds: (low, high) the coefficients are projected onto after each step; (None, None) =
       unbounded. Not for "core", whose off-diagonal entries start at 0 and must go negative.
     match: "kl" or "mse", how output_match compares classification heads.
@@ -58,7 +59,7 @@ class Settings:
     bounds: tuple[float | None, float | None] = (None, None)
     match: str = "kl"
     start: str = "sum"
-    ratio: float = 0.95
+    reduce_non_diagonal_ratio: float = 0.95
 
     def __post_init__(self):
         bounds = (None, None) if self.bounds is None else tuple(self.bounds)
@@ -88,8 +89,11 @@ class Settings:
             raise ValueError(
                 f"start: 'regmean' is a start for granularity='core'; got {self.granularity!r}"
             )
-        if not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1):
-            raise ValueError(f"ratio: got {self.ratio!r}; allowed: a number in [0, 1)")
+        ratio = self.reduce_non_diagonal_ratio
+        if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+            raise ValueError(
+                f"reduce_non_diagonal_ratio: got {ratio!r}; allowed: a number in [0, 1)"
+            )
         if self.granularity == "core" and bounds != (None, None):
             raise ValueError("bounds: 'core' mixing matrices are unbounded; pass bounds=None")
 

@@ -30,6 +30,17 @@ def reduce_off_diagonal(gram: jax.Array, ratio) -> jax.Array:
     return ratio * gram + (1.0 - ratio) * jnp.diag(diagonal)
 
 
+def unit_diagonal_solve(total: jax.Array, rhs: jax.Array):
+    """(total^-1 rhs, total scaled to unit diagonal, which diagonal entries are > 0): the solve
+    runs on the scaled system, which keeps float32 accurate for inputs of very different
+    magnitudes (a zero diagonal entry is left unscaled)."""
+    diagonal = jnp.diagonal(total)
+    seen = diagonal > 0
+    root = jnp.sqrt(jnp.where(seen, diagonal, 1.0))
+    scaled = total / root[:, None] / root[None, :]
+    return jnp.linalg.solve(scaled, rhs / root[:, None]) / root[:, None], scaled, seen
+
+
 @jax.jit
 def regmean_layer(grams: jax.Array, deltas: jax.Array, ratio) -> tuple[jax.Array, jax.Array]:
     """One layer's RegMean update `dW* = (sum_i G_i')^-1 sum_i G_i' dW_i`, `G_i'` reduced.
@@ -50,13 +61,9 @@ def regmean_layer(grams: jax.Array, deltas: jax.Array, ratio) -> tuple[jax.Array
     reduced = jax.vmap(reduce_off_diagonal, in_axes=(0, None))(grams, ratio)
     total = reduced.sum(0)
     rhs = jnp.einsum("tij,tjo->io", reduced, deltas, precision="highest")
-    diagonal = jnp.diagonal(total)
-    seen = diagonal > 0
-    root = jnp.sqrt(jnp.where(seen, diagonal, 1.0))
-    scaled = total / root[:, None] / root[None, :]
+    merged, scaled, seen = unit_diagonal_solve(total, rhs)
     eigenvalues = jnp.linalg.eigvalsh(scaled)
     rcond = jnp.where(seen.all(), eigenvalues[0] / eigenvalues[-1], 0.0)
-    merged = jnp.linalg.solve(scaled, rhs / root[:, None]) / root[:, None]
     return merged, rcond
 
 
