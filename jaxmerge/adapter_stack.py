@@ -132,12 +132,19 @@ def with_router(stacked: Tree, router: Mapping[str, Mapping[str, jax.Array]]) ->
 
         g_l(x) = mean_tokens(x_l) @ kernel_l + bias_l   (n,),
 
-    x_l the layer's input. `router` is {target path: {"kernel": (in, n), "bias": (n,)}}.
+    x_l the layer's input. `router` is {target path: {"kernel": (in, n), "bias": (n,)}}; with
+    a "table" (n, n) too it is a mixture router,
+
+        g_l(x) = softmax(mean_tokens(x_l) @ kernel_l + bias_l) @ table_l,
+
+    row d of the table the gates of an image the router takes for task d.
     """
     tree: Tree = {}
     for path, node in lora.target_items(stacked):
         weights = router[path]
         node = {**node, "router_kernel": weights["kernel"], "router_bias": weights["bias"]}
+        if "table" in weights:
+            node["router_table"] = weights["table"]
         tree = lora.set_at(tree, path, node)
     return tree
 

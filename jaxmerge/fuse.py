@@ -1,5 +1,5 @@
 """Fuse trained runs into one gated multi-task model (`jaxmerge.fusion`): the settings of
-`python -m jaxmerge merge --fuse static|router`, checked before anything loads, and the fit
+`python -m jaxmerge merge --fuse static|router|mixture`, checked before anything loads, and the fit
 of the gates on each task's training images.
 
     settings = fuse.check("router", {"steps": 300})
@@ -9,7 +9,9 @@ The gates are fitted label-free by output matching (`fusion.learn_gates`) on `im
 unlabeled images of each task's training split, the images `learned_output_match` reads
 (`recipes.learned.task_examples`, never the split that is scored). "static" fits one gate per
 adapted layer and adapter; "router" first fits those, then a per-image linear router started
-from them (the router starts where the static fusion ended). Unlike a merge recipe, the result
+from them (the router starts where the static fusion ended); "mixture" fits a router per target
+that takes each image for one task and a table of gates per task (`fusion`'s module
+docstring). Unlike a merge recipe, the result
 does not fold into the base: a router's gates depend on the image.
 """
 
@@ -26,6 +28,8 @@ from jaxmerge.recipes import learned as learned_recipes
 
 Tree = Any
 GATINGS = fusion.GATINGS
+# The fits each gating runs, in order, each started where the previous one ended.
+FITS = {"static": ("static",), "router": ("static", "router"), "mixture": ("mixture",)}
 DEFAULTS = {"images": 256, "steps": 300, "learning_rate": 0.02, "batch_size": 16, "match": "kl"}
 
 
@@ -108,7 +112,7 @@ def fuse_runs(
     fit = {k: settings[k] for k in ("steps", "learning_rate", "batch_size", "match")}
     objective, fit_seconds = {}, {}
     gates: Any = 1.0
-    for step in ("static", "router")[: GATINGS.index(gating) + 1]:
+    for step in FITS[gating]:
         # The router starts from the static fit: a study that runs both gatings on the same
         # runs and cache fits the static gates once (its seconds still count in the router's).
         fit_key = ("gates", step, tuple(r.directory for r in runs), seed, tuple(fit.items()))

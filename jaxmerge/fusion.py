@@ -12,13 +12,21 @@ live in an `adapter_stack`). Two gatings:
     router   g_{l,t}(x) = mean_tokens(x_l) @ K_l + c_l: a linear router at every target on the
              layer's own input, one gate per image; K_l starts at 0 and c_l at the static
              gates, so the router starts where the static fusion ended
+    mixture  g_{l,t}(x) = softmax(mean_tokens(x_l) @ K_l + c_l) @ T_l: a router at every target
+             that takes each image for one of the n tasks, and a table T_l (n, n) whose row d
+             holds the gates of an image of task d. T_l starts at the identity (an image taken
+             for task d runs adapter d alone) and K_l, c_l at 0
 
-Both are fitted label-free by output matching (as `learned`'s objective="output_match"):
+All are fitted label-free by output matching (as `learned`'s objective="output_match"):
 on each task's own training images x ~ X_t, task t's head on the fused backbone is pulled to
 the same head on the backbone with adapter t alone,
 
     sum_t mean_{x ~ X_t} KL(softmax f_t(x; single_t) || softmax f_t(x; fused))   (classification)
                          |f_t(x; fused) - f_t(x; single_t)|^2 / var_t            (other heads)
+
+and a mixture's routers also by the cross-entropy of taking each image for its own task,
+averaged over the targets: which task set an image came from is known without any label, and
+images of tasks that share their inputs (two heads on one dataset) are left to the table.
 
     gates, history = fusion.learn_gates(model, base, stacked, heads, inputs, gating="static")
     tree = fusion.fused_tree(stacked, gates, "static")
@@ -43,14 +51,15 @@ from jaxmerge import adapter_stack, learned, lora
 
 Tree = Any
 F32 = jnp.float32
-GATINGS = ("static", "router")
+GATINGS = ("static", "router", "mixture")
+ROUTERS = ("router", "mixture")
 MATCHES = ("kl", "mse")
 
 
 def init_gates(stacked: Tree, gating: str, init: float | Tree = 1.0) -> Tree:
     """Starting gates: static {path: (n,) filled with `init`}; router {path: {"kernel": 0
     (in, n), "bias": init}}, where `init` may be a static gate tree (the router then starts as
-    that static fusion)."""
+    that static fusion); mixture {path: {"kernel": 0, "bias": 0, "table": identity (n, n)}}."""
     _check(gating, GATINGS, "gating")
     n = adapter_stack.size(stacked)
     items = lora.target_items(stacked)
@@ -62,6 +71,15 @@ def init_gates(stacked: Tree, gating: str, init: float | Tree = 1.0) -> Tree:
 
     if gating == "static":
         return {path: static(path) for path, _ in items}
+    if gating == "mixture":
+        return {
+            path: {
+                "kernel": jnp.zeros((node["lora_a"].shape[0], n), F32),
+                "bias": jnp.zeros((n,), F32),
+                "table": jnp.eye(n, dtype=F32),
+            }
+            for path, node in items
+        }
     return {
         path: {"kernel": jnp.zeros((node["lora_a"].shape[0], n), F32), "bias": static(path)}
         for path, node in items
@@ -72,7 +90,7 @@ def fused_tree(stacked: Tree, gates: Tree, gating: str) -> Tree:
     """The 'lora' tree of the fused backbone for `gates` (see `init_gates`)."""
     if gating == "static":
         return adapter_stack.with_gates(stacked, gates)
-    return adapter_stack.with_router(stacked, gates)
+    return adapter_stack.with_router(stacked, gates)  # router and mixture
 
 
 def check_gates(stacked: Tree, gates: Tree, gating: str, name: str = "gates") -> None:
@@ -121,12 +139,22 @@ def _task_loss(kind: str, match: str, outputs, target, scale):
 
 
 def _objective(static: _Static, gates, stacked, base, head_params, inputs, targets, scales):
-    """sum_t mean over task t's images of its output-matching loss (module docstring)."""
+    """sum_t mean over task t's images of its output-matching loss, plus a mixture's routing
+    cross-entropy (module docstring)."""
     tree = fused_tree(stacked, gates, static.gating)
     sizes = [x.shape[0] for x in inputs]
-    pooled = static.model.apply({"params": base, "lora": tree}, jnp.concatenate(inputs))
+    pooled, sown = static.model.apply(
+        {"params": base, "lora": tree}, jnp.concatenate(inputs), mutable=["intermediates"]
+    )
     pieces = jnp.split(pooled["pooled"], np.cumsum(sizes)[:-1])
     total = 0.0
+    if static.gating == "mixture":
+        task_of_image = jnp.repeat(jnp.arange(len(sizes)), np.asarray(sizes))
+        route_logits = jax.tree.leaves(sown.get("intermediates", {}))
+        total = sum(
+            optax.softmax_cross_entropy_with_integer_labels(logits, task_of_image).mean()
+            for logits in route_logits
+        ) / len(route_logits)
     for t, (hd, hp, f) in enumerate(zip(static.head_defs, head_params, pieces)):
         outputs = hd.apply({"params": hp}, f)
         loss = _task_loss(static.kinds[t], static.match, outputs, targets[t], scales[t])
@@ -181,7 +209,7 @@ def learn_gates(
       stacked: the adapters' stack (`adapter_stack.stack`), adapter t for task t.
       heads: per adapter, its frozen head as `learned.Head` or (head_def, params, kind, spec).
       inputs: per adapter, (N_t, H, W, C) unlabeled training images of its task.
-      gating: "static" or "router"; `init` as in `init_gates`.
+      gating: one of GATINGS; `init` as in `init_gates`.
       targets: per task, its head's outputs with its adapter alone (`learned.single_outputs`),
         aligned with `inputs`; computed here when None.
     """

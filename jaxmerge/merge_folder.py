@@ -68,7 +68,7 @@ def check_request(
     if method is None:
         raise ValueError(
             f"--method: none given; allowed: one of {sorted(recipes.names())}, or --fuse "
-            f"static|router"
+            f"static|router|mixture"
         )
     recipes.check(method, params, weights)
     if export_peft is not None:

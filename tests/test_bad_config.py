@@ -304,7 +304,7 @@ def test_a_run_folder_that_is_missing_or_empty_says_so(tmp_path, where):
         (
             "jaxmerge.commands.merge",
             ["--run=r1", "--fuse=moe", "--output=OUT"],
-            "error: --fuse: got 'moe'; allowed: one of ['static', 'router']",
+            "error: --fuse: got 'moe'; allowed: one of ['static', 'router', 'mixture']",
         ),
         (
             "jaxmerge.commands.merge",

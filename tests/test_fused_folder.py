@@ -86,7 +86,7 @@ def test_fused_folder_predicts_what_the_in_memory_fused_model_does(
     fused = info["fusion"]
     assert fused["gating"] == gating and fused["tasks"] == TASKS
     assert fused["settings"]["images"] == 32 and fused["images_per_task"] == [32, 32]
-    assert list(fused["objective"]) == ["static", "router"][: fusion.GATINGS.index(gating) + 1]
+    assert list(fused["objective"]) == list(fuse.FITS[gating])
     for source, run in zip(fused["runs"], runs):
         assert source["adapter_sha256"] == checkpoint.checksum(run.adapter)
         assert source["head_sha256"] == checkpoint.checksum(run.head)
@@ -172,7 +172,10 @@ def test_evaluate_scores_a_folder_as_evaluate_scores_its_merged_runs(digit_runs,
 @pytest.mark.parametrize(
     "request_args, message",
     [
-        ({"fuse_gating": "moe"}, r"^--fuse: got 'moe'; allowed: one of \['static', 'router'\]$"),
+        (
+            {"fuse_gating": "moe"},
+            r"^--fuse: got 'moe'; allowed: one of \['static', 'router', 'mixture'\]$",
+        ),
         ({"fuse_gating": "static", "method": "ties"}, r"^--method: got 'ties' with --fuse"),
         ({"fuse_gating": "static", "fold": True}, r"^--fold: got True with --fuse static"),
         ({"fuse_gating": "router", "weights": [1, 1]}, r"^--weights: got \[1.0, 1.0\] with"),

@@ -120,6 +120,29 @@ def test_router_with_zero_kernel_is_its_bias_gate(tiny):
     np.testing.assert_allclose(got["pooled"], want["pooled"], atol=2e-5)
 
 
+def test_mixture_router_is_its_table_row_mean_or_one_adapter(tiny):
+    """softmax(0) averages the table's rows; a router sure of task d runs adapter d alone."""
+    model, base, adapters, _, images = tiny
+    stacked = adapter_stack.stack(list(adapters.values()))
+    table = jnp.array([[1.0, 0.0, 0.5], [0.2, -1.0, 0.0], [0.0, 2.0, 1.0]])
+
+    def run(lora_tree):
+        return model.apply({"params": base, "lora": lora_tree}, images)["pooled"]
+
+    def mixture(bias):
+        return {
+            p: {"kernel": jnp.zeros((n["lora_a"].shape[0], 3)), "bias": bias, "table": table}
+            for p, n in lora.target_items(stacked)
+        }
+
+    got = run(adapter_stack.with_router(stacked, mixture(jnp.zeros(3))))
+    want = run(adapter_stack.with_gates(stacked, table.mean(0)))
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    sure_of_first = adapter_stack.with_router(stacked, mixture(jnp.array([60.0, 0.0, 0.0])))
+    want = run(adapter_stack.with_gates(stacked, table[0]))
+    np.testing.assert_allclose(run(sure_of_first), want, atol=2e-5)
+
+
 def test_bad_requests_are_refused(tiny):
     model, base, adapters, head_set, images = tiny
     server = mixed_batch.make_server(model, base, adapters, head_set)

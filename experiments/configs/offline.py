@@ -140,9 +140,10 @@ def get_config(arg: str | None = None):
     # six. Left out of the quickstart, whose time budget they would double.
     fusion = args.get("fusion", "none" if learned == "quick" else "static+router")
     gatings = [g for g in fusion.split("+") if g and g != "none"]
-    if fusion != "none" and (not gatings or set(gatings) - {"static", "router"}):
+    if fusion != "none" and (not gatings or set(gatings) - {"static", "router", "mixture"}):
         raise ValueError(
-            f"offline.py: fusion={fusion!r}; allowed: 'none', 'static', 'router' or 'static+router'"
+            f"offline.py: fusion={fusion!r}; allowed: 'none' or a '+'-separated subset of "
+            "static, router and mixture"
         )
     c.fusion = {g: {} for g in gatings}
     c.fusion_sizes = (2, 3, len(c.tasks))

@@ -24,7 +24,7 @@ has no place for).
     python -m jaxmerge merge --run W/adapters/digits --run W/adapters/digit_box \
         --fuse router --output models/fused
 
-`--fuse static|router` (instead of `--method`) keeps the adapters apart and fits gates that mix
+`--fuse static|router|mixture` (instead of `--method`) keeps the adapters apart and fits gates that mix
 them at every adapted layer (`jaxmerge.fuse`; `--merge_param steps=300`, `images=256`, ...),
 and writes a fused model folder (`model_folder.fused`), which predicts and evaluates as a
 merged one does.
@@ -61,7 +61,7 @@ def define_flags():
     )
     flags.DEFINE_string("method", None, "A merge method, fixed or learned.")
     flags.DEFINE_string(
-        "fuse", None, "Instead of --method: static|router, a fused model of gated adapters."
+        "fuse", None, "Instead of --method: static|router|mixture, a fused model of gated adapters."
     )
     flags.DEFINE_list("weights", None, "One weight per run (fixed methods).")
     flags.DEFINE_multi_string("merge_param", [], "name=value for the merge method.")

@@ -19,7 +19,7 @@ A folder, written by `python -m jaxmerge merge` (`save`), holds:
 The checkpoint's metadata holds the SHA-256 of model.json, so an edited or corrupted model.json
 is refused on load just as a corrupted array is.
 
-`python -m jaxmerge merge --fuse static|router` writes a fused folder instead (`fused`): each
+`python -m jaxmerge merge --fuse static|router|mixture` writes a fused folder instead (`fused`): each
 task's adapter kept apart with learned gates, checksummed alike, loaded by the same `load`.
 
 The package's modules: `describe` (model.json's content), `folder` (write, load, checksums),

@@ -1,4 +1,4 @@
-"""The fused model folder (`python -m jaxmerge merge --fuse static|router`): every task's
+"""The fused model folder (`python -m jaxmerge merge --fuse static|router|mixture`): every task's
 adapter kept apart on the one base, with the gates that mix them (`jaxmerge.fusion`).
 
 Where a merged folder holds one merged adapter, a fused one holds
@@ -10,7 +10,8 @@ Where a merged folder holds one merged adapter, a fused one holds
                 its adapter and head;
   checkpoints/0 {"base", "adapters": {task: adapter}, "gates", "heads": {task: head}}, the
                 gates nested by target path like an adapter: static, one (n,) vector per
-                target; router, {"kernel": (in, n), "bias": (n,)} per target.
+                target; router, {"kernel": (in, n), "bias": (n,)} per target; mixture, those and
+                {"table": (n, n)}.
 
 Loaded (`model_folder.load`), it is a `MultiTaskModel` whose `lora` is the gated stack
 (`fusion.fused_tree`): every forward runs the base with every adapter under its gates, once,
@@ -51,8 +52,9 @@ def nest_gates(gates: Mapping[str, Any]) -> Tree:
 
 
 def flat_gates(tree: Tree, gating: str, prefix: str = "") -> dict[str, Any]:
-    """The inverse of `nest_gates`: a static gate is an array, a router a {"kernel", "bias"}."""
-    is_gate = ("kernel" in tree) if gating == "router" else not isinstance(tree, Mapping)
+    """The inverse of `nest_gates`: a static gate is an array, a router a {"kernel", "bias"}
+    (and a mixture's "table")."""
+    is_gate = ("kernel" in tree) if gating in fusion.ROUTERS else not isinstance(tree, Mapping)
     if is_gate or not isinstance(tree, Mapping):
         return {prefix: tree}
     flat = {}

@@ -30,7 +30,9 @@ class LoraDense(nn.Module):
 
     A stack of adapters (`jaxmerge.adapter_stack`) also holds a gate on the rank axis, so that
     `y += scale * ((x @ a) * gate) @ b`: `gate` (R,) or (B, R) per example, or a router's,
-    `gate = (mean_tokens(x) @ router_kernel + router_bias) @ gate_expand` per image. A gated
+    `gate = (mean_tokens(x) @ router_kernel + router_bias) @ gate_expand` per image, or a
+    mixture router's `gate = softmax(mean_tokens(x) @ router_kernel + router_bias) @
+    router_table @ gate_expand`. A gated
     branch is never folded, since its gate may differ between the examples of a batch.
     """
 
@@ -68,6 +70,12 @@ class LoraDense(nn.Module):
             feature = x.mean(axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
             logits = feature @ self.get_variable("lora", "router_kernel").astype(x.dtype)
             logits = logits + self.get_variable("lora", "router_bias").astype(x.dtype)
+            if self.has_variable("lora", "router_table"):
+                # A mixture router: the logits pick among n rows of gates (row d: the gates of
+                # an image of task d), and `fusion` reads them to learn which task an image is.
+                self.sow("intermediates", "route_logits", logits)
+                table = self.get_variable("lora", "router_table").astype(x.dtype)
+                logits = jax.nn.softmax(logits, axis=-1) @ table
             gate = logits @ self.get_variable("lora", "gate_expand").astype(x.dtype)
         elif self.has_variable("lora", "gate"):
             gate = self.get_variable("lora", "gate").astype(h.dtype)
