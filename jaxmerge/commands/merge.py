@@ -24,8 +24,8 @@ has no place for).
     python -m jaxmerge merge --run W/adapters/digits --run W/adapters/digit_box \
         --fuse router --output models/fused
 
-`--fuse static|router|mixture` (instead of `--method`) keeps the adapters apart and fits gates that mix
-them at every adapted layer (`jaxmerge.fuse`; `--merge_param steps=300`, `images=256`, ...),
+`--fuse static|router|mixture` (instead of `--method`) keeps the adapters apart and fits gates
+that mix them at every adapted layer (`jaxmerge.fuse`; `--merge_param steps=300`, `images=256`, ...),
 and writes a fused model folder (`model_folder.fused`), which predicts and evaluates as a
 merged one does.
 """
