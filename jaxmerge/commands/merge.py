@@ -25,9 +25,9 @@ has no place for).
         --fuse router --output models/fused
 
 `--fuse static|router|mixture` (instead of `--method`) keeps the adapters apart and fits gates
-that mix them at every adapted layer (`jaxmerge.fuse`; `--merge_param steps=300`, `images=256`, ...),
-and writes a fused model folder (`model_folder.fused`), which predicts and evaluates as a
-merged one does.
+that mix them at every adapted layer (`jaxmerge.fuse`; `--merge_param steps=300`,
+`images=256`, ...), and writes a fused model folder (`model_folder.fused`), which predicts and
+evaluates as a merged one does.
 """
 
 from __future__ import annotations

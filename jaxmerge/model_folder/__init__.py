@@ -20,7 +20,8 @@ The checkpoint's metadata holds the SHA-256 of model.json, so an edited or corru
 is refused on load just as a corrupted array is.
 
 `python -m jaxmerge merge --fuse static|router|mixture` writes a fused folder instead
-(`fused`): each task's adapter kept apart with learned gates, checksummed alike, loaded by the same `load`.
+(`fused`): each task's adapter kept apart with learned gates, checksummed alike, loaded by
+the same `load`.
 
 The package's modules: `describe` (model.json's content), `folder` (write, load, checksums),
 `checks` (model.json against its arrays), `staging` (checked, then written whole or not at
