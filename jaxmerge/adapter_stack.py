@@ -133,9 +133,9 @@ def with_router(stacked: Tree, router: Mapping[str, Mapping[str, jax.Array]]) ->
         g_l(x) = mean_tokens(x_l) @ kernel_l + bias_l   (n,),
 
     x_l the layer's input. `router` is {target path: {"kernel": (in, n), "bias": (n,)}}; with
-    a "table" (n, n) too it is a mixture router,
+    a "table" (n, R) too it is a mixture router, a gate per rank column,
 
-        g_l(x) = softmax(mean_tokens(x_l) @ kernel_l + bias_l) @ table_l,
+        g_l(x) = softmax(mean_tokens(x_l) @ kernel_l + bias_l) @ table_l   (R,),
 
     row d of the table the gates of an image the router takes for task d.
     """

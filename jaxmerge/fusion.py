@@ -12,10 +12,13 @@ live in an `adapter_stack`). Two gatings:
     router   g_{l,t}(x) = mean_tokens(x_l) @ K_l + c_l: a linear router at every target on the
              layer's own input, one gate per image; K_l starts at 0 and c_l at the static
              gates, so the router starts where the static fusion ended
-    mixture  g_{l,t}(x) = softmax(mean_tokens(x_l) @ K_l + c_l) @ T_l: a router at every target
-             that takes each image for one of the n tasks, and a table T_l (n, n) whose row d
-             holds the gates of an image of task d. T_l starts at the identity (an image taken
-             for task d runs adapter d alone) and K_l, c_l at 0
+    mixture  g_l(x) = softmax(mean_tokens(x_l) @ K_l + c_l) @ T_l: a router at every target
+             that takes each image for one of the n tasks, and a table T_l (n, R) whose row d
+             holds a gate per rank column (R = sum_t r_t) for an image of task d. T_l starts
+             at the adapters' one-hot columns (an image taken for task d runs adapter d
+             alone) and K_l, c_l at 0. A gate per rank column rather than per adapter lets
+             tasks that share their images keep more of each adapter (measured: digits and
+             digits_value, 0.971 of their single adapters against 0.938)
 
 All are fitted label-free by output matching (as `learned`'s objective="output_match"):
 on each task's own training images x ~ X_t, task t's head on the fused backbone is pulled to
@@ -59,7 +62,7 @@ MATCHES = ("kl", "mse")
 def init_gates(stacked: Tree, gating: str, init: float | Tree = 1.0) -> Tree:
     """Starting gates: static {path: (n,) filled with `init`}; router {path: {"kernel": 0
     (in, n), "bias": init}}, where `init` may be a static gate tree (the router then starts as
-    that static fusion); mixture {path: {"kernel": 0, "bias": 0, "table": identity (n, n)}}."""
+    that static fusion); mixture {path: {"kernel": 0, "bias": 0, "table": one-hot (n, R)}}."""
     _check(gating, GATINGS, "gating")
     n = adapter_stack.size(stacked)
     items = lora.target_items(stacked)
@@ -76,7 +79,7 @@ def init_gates(stacked: Tree, gating: str, init: float | Tree = 1.0) -> Tree:
             path: {
                 "kernel": jnp.zeros((node["lora_a"].shape[0], n), F32),
                 "bias": jnp.zeros((n,), F32),
-                "table": jnp.eye(n, dtype=F32),
+                "table": node["gate_expand"],
             }
             for path, node in items
         }

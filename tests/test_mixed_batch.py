@@ -124,22 +124,27 @@ def test_mixture_router_is_its_table_row_mean_or_one_adapter(tiny):
     """softmax(0) averages the table's rows; a router sure of task d runs adapter d alone."""
     model, base, adapters, _, images = tiny
     stacked = adapter_stack.stack(list(adapters.values()))
-    table = jnp.array([[1.0, 0.0, 0.5], [0.2, -1.0, 0.0], [0.0, 2.0, 1.0]])
+    per_adapter = jnp.array([[1.0, 0.0, 0.5], [0.2, -1.0, 0.0], [0.0, 2.0, 1.0]])
 
     def run(lora_tree):
         return model.apply({"params": base, "lora": lora_tree}, images)["pooled"]
 
     def mixture(bias):
         return {
-            p: {"kernel": jnp.zeros((n["lora_a"].shape[0], 3)), "bias": bias, "table": table}
+            # (n, R): the rank columns of an adapter share its gate here
+            p: {
+                "kernel": jnp.zeros((n["lora_a"].shape[0], 3)),
+                "bias": bias,
+                "table": per_adapter @ n["gate_expand"],
+            }
             for p, n in lora.target_items(stacked)
         }
 
     got = run(adapter_stack.with_router(stacked, mixture(jnp.zeros(3))))
-    want = run(adapter_stack.with_gates(stacked, table.mean(0)))
+    want = run(adapter_stack.with_gates(stacked, per_adapter.mean(0)))
     np.testing.assert_allclose(got, want, atol=2e-5)
     sure_of_first = adapter_stack.with_router(stacked, mixture(jnp.array([60.0, 0.0, 0.0])))
-    want = run(adapter_stack.with_gates(stacked, table[0]))
+    want = run(adapter_stack.with_gates(stacked, per_adapter[0]))
     np.testing.assert_allclose(run(sure_of_first), want, atol=2e-5)
 
 

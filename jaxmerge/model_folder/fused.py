@@ -11,7 +11,7 @@ Where a merged folder holds one merged adapter, a fused one holds
   checkpoints/0 {"base", "adapters": {task: adapter}, "gates", "heads": {task: head}}, the
                 gates nested by target path like an adapter: static, one (n,) vector per
                 target; router, {"kernel": (in, n), "bias": (n,)} per target; mixture, those and
-                {"table": (n, n)}.
+                {"table": (n, R)}.
 
 Loaded (`model_folder.load`), it is a `MultiTaskModel` whose `lora` is the gated stack
 (`fusion.fused_tree`): every forward runs the base with every adapter under its gates, once,

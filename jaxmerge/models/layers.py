@@ -32,7 +32,7 @@ class LoraDense(nn.Module):
     `y += scale * ((x @ a) * gate) @ b`: `gate` (R,) or (B, R) per example, or a router's,
     `gate = (mean_tokens(x) @ router_kernel + router_bias) @ gate_expand` per image, or a
     mixture router's `gate = softmax(mean_tokens(x) @ router_kernel + router_bias) @
-    router_table @ gate_expand`. A gated
+    router_table`, the table (n, R) a gate per rank column. A gated
     branch is never folded, since its gate may differ between the examples of a batch.
     """
 
@@ -71,12 +71,13 @@ class LoraDense(nn.Module):
             logits = feature @ self.get_variable("lora", "router_kernel").astype(x.dtype)
             logits = logits + self.get_variable("lora", "router_bias").astype(x.dtype)
             if self.has_variable("lora", "router_table"):
-                # A mixture router: the logits pick among n rows of gates (row d: the gates of
+                # A mixture router: the logits pick among n rows of rank-column gates (row d:
                 # an image of task d), and `fusion` reads them to learn which task an image is.
                 self.sow("intermediates", "route_logits", logits)
                 table = self.get_variable("lora", "router_table").astype(x.dtype)
-                logits = jax.nn.softmax(logits, axis=-1) @ table
-            gate = logits @ self.get_variable("lora", "gate_expand").astype(x.dtype)
+                gate = jax.nn.softmax(logits, axis=-1) @ table
+            else:
+                gate = logits @ self.get_variable("lora", "gate_expand").astype(x.dtype)
         elif self.has_variable("lora", "gate"):
             gate = self.get_variable("lora", "gate").astype(h.dtype)
         else:
