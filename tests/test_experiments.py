@@ -174,7 +174,11 @@ def test_bad_study_config_names_the_field(tmp_path):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("fusion", {"gated": {}}, r"--fuse: got 'gated'; allowed: one of \['static', 'router'\]"),
+        (
+            "fusion",
+            {"gated": {}},
+            r"--fuse: got 'gated'; allowed: one of \['static', 'router', 'mixture'\]",
+        ),
         (
             "fusion",
             {"static": {"steps": 0}},

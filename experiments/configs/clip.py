@@ -104,7 +104,7 @@ def get_config(arg: str | None = None):
     c.method_sizes = {}
     # Fusion rows (jaxmerge.fuse): every adapter kept apart under gates fitted label-free on the
     # unlabeled training images the learned merges read, at the merge sizes, beside the merges.
-    c.fusion = {"static": {}, "router": {}}
+    c.fusion = {"static": {}, "mixture": {}}
     c.fusion_sizes = tuple(c.merge_sizes)
     c.main_method = "task_arithmetic"
     c.merge_weight = 1.0

@@ -32,9 +32,9 @@ largest size only, no head refit, for the scaling curve), sizes (how many adapte
 joins, "+"-separated, default "2+3"; "2+3+4+5+6" adds every larger merge up to all six and the
 report's `scaling.png`, normalised score against the number of merged adapters), methods (a
 "+"-separated subset of the methods below, e.g. "cat+tsv+regmean"; `main_method` is kept),
-fusion ("static+router", the default, or "static", "router", "none"; "none" with learned=quick:
-the fused rows of pairs, triples and all six adapters, `jaxmerge.fuse`; 36 gate fits per
-seed, 78 s a pair and 108 s a triple measured on 2 busy CPU cores). The
+fusion ("mixture", the default, "none" with learned=quick, or a "+"-separated subset of static,
+router and mixture: the fused rows of pairs, triples and all six adapters, `jaxmerge.fuse`;
+36 gate fits per seed, a mixture's about 30 s a pair and 50 s a triple on 2 CPU cores). The
 supervised and entropy presets of `jaxmerge.recipes` can be added in a copy of this file.
 """
 
@@ -137,8 +137,9 @@ def get_config(arg: str | None = None):
     c.merge_weight = 1.0  # every adapter enters a merge with this weight
     # Fusion rows (jaxmerge.fuse, `merge --fuse`): the adapters kept apart in one backbone with
     # gates fitted label-free on the same 256 unlabeled images per task; pairs, triples and all
-    # six. Left out of the quickstart, whose time budget they would double.
-    fusion = args.get("fusion", "none" if learned == "quick" else "static+router")
+    # six. The mixture gating by default: it scored highest and fits in one pass (a router
+    # refits static gates first). Left out of the quickstart, whose time budget they would double.
+    fusion = args.get("fusion", "none" if learned == "quick" else "mixture")
     gatings = [g for g in fusion.split("+") if g and g != "none"]
     if fusion != "none" and (not gatings or set(gatings) - {"static", "router", "mixture"}):
         raise ValueError(
