@@ -50,10 +50,10 @@ from experiments.configs import offline
 from jaxmerge import (
     compose,
     fuse,
-    fusion,
     heads,
     input_pipeline,
     logs,
+    lora,
     run_config,
     scoring,
     training,
@@ -70,6 +70,7 @@ ARGS.add_argument("--steps", type=int, default=300)
 ARGS.add_argument("--methods", default="compose,lora,head")
 ARGS.add_argument("--gate_learning_rate", type=float, default=0.02)
 ARGS.add_argument("--gate_init", type=float, default=0.0)
+ARGS.add_argument("--gates", default="adapter", help="compose's gates: adapter or rank")
 ARGS.add_argument("--augment_copies", type=int, default=8, help="compose's augmented passes")
 
 TASK = "new_photos"
@@ -168,13 +169,22 @@ def run_compose(args, config, model, base, stacked, seed: int) -> dict:
         learning_rate=config.learning_rate,
         gate_learning_rate=args.gate_learning_rate,
         gate_init=args.gate_init,
+        gates=args.gates,
     )
     gates, head, record = compose.learn_composition(
         model, base, stacked, head_def, task, images, labels, settings, jax.random.key(seed)
     )
     scorer = scoring.Scorer(task, head_def, model, parts.data, None, parts.model.family)
-    result = scorer(base, head, fusion.fused_tree(stacked, gates, "static"))
-    gate_values = np.stack([np.asarray(g) for g in gates.values()])  # (targets, adapters)
+    result = scorer(base, head, compose.composed_tree(stacked, gates))
+    # (targets, adapters): a rank gate counts as the mean over its adapter's columns
+    gate_values = np.stack(
+        [
+            np.asarray(node["gate_expand"] @ gates[path]) / np.asarray(node["gate_expand"]).sum(1)
+            if args.gates == "rank"
+            else np.asarray(gates[path])
+            for path, node in lora.target_items(stacked)
+        ]
+    )
     return {
         "accuracy": result["accuracy"],
         "seconds": time.perf_counter() - start,

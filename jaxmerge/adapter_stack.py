@@ -127,6 +127,15 @@ def with_gates(stacked: Tree, gates: Mapping[str, jax.Array] | jax.Array) -> Tre
     return tree
 
 
+def with_rank_gates(stacked: Tree, gates: Mapping[str, jax.Array]) -> Tree:
+    """The stack with a gate on every rank column (R,) at each target, the same for every
+    example: finer than `with_gates`, whose gate spans all of an adapter's columns."""
+    tree: Tree = {}
+    for path, node in lora.target_items(stacked):
+        tree = lora.set_at(tree, path, {**node, "gate": jnp.asarray(gates[path], F32)})
+    return tree
+
+
 def with_router(stacked: Tree, router: Mapping[str, Mapping[str, jax.Array]]) -> Tree:
     """The stack with a gate per image from a linear router at every target l,
 

@@ -18,7 +18,7 @@ nothing here matches an adapter's outputs: the adapters are only features to reu
     picks = compose.per_class(labels, 10, seed=0)            # a k-shot draw
     gates, head, record = compose.learn_composition(
         model, base, stacked, head_def, task, images[picks], labels[picks], compose.Settings())
-    tree = fusion.fused_tree(stacked, gates, "static")  # scoring.Scorer(...)(base, head, tree)
+    tree = compose.composed_tree(stacked, gates)  # scoring.Scorer(...)(base, head, tree)
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from jaxmerge.learned.adam import adam_scan
 
 Tree = Any
 F32 = jnp.float32
+GATES = ("adapter", "rank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Settings:
         number of order 1 scaling a whole adapter, a head weight of order 1/sqrt(width)).
       gate_init: every gate's start (0: head finetuning on the base; 1: every adapter added).
       cosine: decay both step sizes to 0 along a cosine over the steps.
+      gates: "adapter", one gate per adapted layer and adapter, or "rank", one per layer and
+        rank column of every adapter (r_t times as many, each direction of an adapter scaled
+        on its own).
     """
 
     steps: int = 300
@@ -58,6 +62,7 @@ class Settings:
     gate_learning_rate: float = 0.02
     gate_init: float = 0.0
     cosine: bool = True
+    gates: str = "adapter"
 
     def __post_init__(self):
         for field in ("steps", "batch_size"):
@@ -68,6 +73,8 @@ class Settings:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"Settings.{field}: got {value!r}; allowed: a finite number > 0")
+        if self.gates not in GATES:
+            raise ValueError(f"Settings.gates: got {self.gates!r}; allowed: one of {list(GATES)}")
         init = self.gate_init
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
             raise ValueError(f"Settings.gate_init: got {init!r}; allowed: a finite number")
@@ -102,9 +109,28 @@ def parameter_count(tree: Tree) -> int:
     return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
 
 
+def init_gates(stacked: Tree, gates: str, value: float) -> Tree:
+    """{target path: (n,)} per adapter or {target path: (R,)} per rank column, all `value`."""
+    if gates == "adapter":
+        return fusion.init_gates(stacked, "static", value)
+    return {
+        p: jnp.full(n["gate_expand"].shape[1:], value, F32) for p, n in lora.target_items(stacked)
+    }
+
+
+def composed_tree(stacked: Tree, gates: Tree) -> Tree:
+    """The 'lora' tree of the composed backbone for gates per adapter or per rank column."""
+    # Told apart by shape: (n,) per adapter, (R,) per rank column; where R == n every adapter
+    # has rank 1 and the two trees are the same.
+    first = lora.target_items(stacked)[0][0]
+    if jnp.shape(gates[first]) != (adapter_stack.size(stacked),):
+        return adapter_stack.with_rank_gates(stacked, gates)
+    return fusion.fused_tree(stacked, gates, "static")
+
+
 def composed_outputs(model, head_def, base: Tree, stacked: Tree, params: Tree, images):
     """head(pooled(images; base + sum_t g_{l,t} adapter_t)) for params {"gates", "head"}."""
-    tree = fusion.fused_tree(stacked, params["gates"], "static")
+    tree = composed_tree(stacked, params["gates"])
     pooled = model.apply({"params": base, "lora": tree}, images)["pooled"]
     return head_def.apply({"params": params["head"]}, pooled)
 
@@ -200,7 +226,7 @@ def learn_composition(
     head_key, fit_key = jax.random.split(key)
     width = model.apply({"params": base}, images[:1])["pooled"].shape[-1]
     params = {
-        "gates": fusion.init_gates(stacked, "static", float(settings.gate_init)),
+        "gates": init_gates(stacked, settings.gates, float(settings.gate_init)),
         "head": head_def.init(head_key, jnp.zeros((1, width), F32))["params"],
     }
     start = time.perf_counter()

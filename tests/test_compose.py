@@ -64,6 +64,36 @@ def test_zero_gates_are_head_on_the_base_and_one_hot_gates_a_single_adapter(old)
         )
 
 
+def test_rank_gates_equal_to_an_adapters_gate_are_that_gate(old):
+    """A gate on every rank column of adapter t, all equal to g_t, is the adapter's gate g_t;
+    a rank column switched off removes that direction of the adapter alone."""
+    runs, model, base, stacked, images, _ = old
+    head_def = heads.MlpHead(HIDDEN, 2)
+    head = head_def.init(jax.random.key(3), jnp.zeros((1, model.width)))["params"]
+    x = images[:8]
+    per_adapter = {path: jnp.array([0.7, -0.4]) for path in adapter_stack.paths(stacked)}
+    per_rank = {
+        path: per_adapter[path] @ node["gate_expand"] for path, node in lora.target_items(stacked)
+    }
+    assert compose.init_gates(stacked, "rank", 0.5)[adapter_stack.paths(stacked)[0]].shape == (
+        lora.target_items(stacked)[0][1]["gate_expand"].shape[1],
+    )
+
+    def outputs(gates):
+        return outputs_of(model, head_def, base, stacked, {"gates": gates, "head": head}, x)
+
+    np.testing.assert_allclose(outputs(per_rank), outputs(per_adapter), atol=1e-5)
+    # Column 0 (adapter 0's first direction) off: as adapter 0 without that direction.
+    off = {path: g.at[0].set(0.0) for path, g in per_rank.items()}
+
+    def drop_first(node):
+        return {**node, "lora_a": jnp.asarray(node["lora_a"]).at[:, 0].set(0.0)}
+
+    trimmed = adapter_stack.stack([lora.map_targets(drop_first, runs[0].adapter), runs[1].adapter])
+    want = outputs_of(model, head_def, base, trimmed, {"gates": per_adapter, "head": head}, x)
+    np.testing.assert_allclose(outputs(off), want, atol=1e-5)
+
+
 def test_learned_parity_beats_chance_on_held_out_digits(old, learned):
     runs, model, base, stacked, images, parity = old
     gates, head, record, head_def, held_out = learned
@@ -121,6 +151,7 @@ def test_bad_inputs_are_refused_in_one_line(old):
         (lambda: compose.per_class(labels, 6), "class 0 has 5; allowed: at most 5"),
         (lambda: compose.Settings(steps=0), "Settings.steps: got 0"),
         (lambda: compose.Settings(gate_learning_rate=-1.0), "gate_learning_rate: got -1.0"),
+        (lambda: compose.Settings(gates="layer"), "Settings.gates: got 'layer'; allowed: one of"),
         (
             lambda: compose.learn_composition(
                 model, base, stacked, heads.MlpHead(0, 3), PARITY, x, y
