@@ -264,14 +264,18 @@ def test_gates_that_do_not_match_the_adapters_are_refused(fused_folders, tmp_pat
         model_folder.load(folder)
 
 
-def test_router_gates_that_do_not_match_the_adapters_are_refused(fused_folders, tmp_path):
+@pytest.mark.parametrize("gating", fusion.ROUTERS)
+def test_router_gates_that_do_not_match_the_adapters_are_refused(fused_folders, tmp_path, gating):
     def one_column(params):
-        gates = model_folder.fused.flat_gates(params["gates"], "router")
-        cut = {p: {"kernel": g["kernel"][:, :1], "bias": g["bias"][:1]} for p, g in gates.items()}
+        gates = model_folder.fused.flat_gates(params["gates"], gating)
+        cut = {
+            p: {**g, "kernel": g["kernel"][:, :1], "bias": g["bias"][:1]} for p, g in gates.items()
+        }
         return {**params, "gates": model_folder.fused.nest_gates(cut)}
 
-    folder = _rewrite(fused_folders["router"], tmp_path, one_column)
-    with pytest.raises(ValueError, match=r"gates\['block_0/attention/query'\]: shapes .*router"):
+    folder = _rewrite(fused_folders[gating], tmp_path, one_column)
+    message = rf"gates\['block_0/attention/query'\]: shapes .*{gating} gates of 2 adapters"
+    with pytest.raises(ValueError, match=message):
         model_folder.load(folder)
 
 
