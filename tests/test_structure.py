@@ -371,6 +371,7 @@ def _write_patch_mlp_base(folder, kwargs, params):
     save_file(state, os.path.join(folder, "model.safetensors"))
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_a_new_model_family_is_one_module(tmp_path):
     """A family registered with its loader of pretrained weights and its name map trains from
     its own checkpoint format and exports its merged adapter to PEFT under its own names."""
