@@ -2,8 +2,8 @@
 `python -m jaxmerge merge --fuse static|router|mixture`, checked before anything loads, and the fit
 of the gates on each task's training images.
 
-    settings = fuse.check("router", {"steps": 300})
-    gates, record = fuse.fuse_runs(runs, model_def, base, "router", settings, seed=0)
+    settings = fuse.check("mixture", {"steps": 300})
+    gates, record = fuse.fuse_runs(runs, model_def, base, "mixture", settings, seed=0)
 
 The gates are fitted label-free by output matching (`fusion.learn_gates`) on `images`
 unlabeled images of each task's training split, the images `learned_output_match` reads
@@ -11,8 +11,8 @@ unlabeled images of each task's training split, the images `learned_output_match
 adapted layer and adapter; "router" first fits those, then a per-image linear router started
 from them (the router starts where the static fusion ended); "mixture" fits a router per target
 that takes each image for one task and a table of gates per task (`fusion`'s module
-docstring). Unlike a merge recipe, the result
-does not fold into the base: a router's gates depend on the image.
+docstring). Unlike a merge recipe, the result does not fold into the base: a router's gates
+depend on the image.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ At each adapted layer l the fused backbone computes
     h = x W + bias + sum_t g_{l,t}(x) s_t (x a_t) b_t,
 
 the base, the adapters and every task head frozen, and only the gates learned (the adapters
-live in an `adapter_stack`). Two gatings:
+live in an `adapter_stack`). Three gatings:
 
     static   g_{l,t}: one number per layer and adapter (the branch form of a layer-wise learned
              merge, kept unfolded; `adapter_stack.fold_gates` folds it into one matrix)
@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from jaxmerge import adapter_stack, learned, lora
 
@@ -116,6 +117,18 @@ def check_gates(stacked: Tree, gates: Tree, gating: str, name: str = "gates") ->
             )
 
 
+def route_logits_of(sown: Tree) -> list[jax.Array]:
+    """The (B, n) logits every mixture router sowed in a forward applied with
+    `mutable=["intermediates"]`, one array per target, in path order."""
+    flat = traverse_util.flatten_dict(sown.get("intermediates", {}))
+    return [
+        value
+        for key, values in sorted(flat.items())
+        if key[-1] == "route_logits"
+        for value in values
+    ]
+
+
 def fused_forward(model, head_defs: Sequence, base: Tree, tree: Tree, head_params, images):
     """(outputs of every head on the fused backbone), one forward: [head_t(pooled)]."""
     pooled = model.apply({"params": base, "lora": tree}, images)["pooled"]
@@ -153,7 +166,7 @@ def _objective(static: _Static, gates, stacked, base, head_params, inputs, targe
     total = 0.0
     if static.gating == "mixture":
         task_of_image = jnp.repeat(jnp.arange(len(sizes)), np.asarray(sizes))
-        route_logits = jax.tree.leaves(sown.get("intermediates", {}))
+        route_logits = route_logits_of(sown)
         total = sum(
             optax.softmax_cross_entropy_with_integer_labels(logits, task_of_image).mean()
             for logits in route_logits

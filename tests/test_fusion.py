@@ -93,7 +93,7 @@ def test_mixture_routes_fresh_images_of_each_domain_to_their_own_adapter(tiny):
         _, sown = model.apply(
             {"params": base, "lora": trees["mixture"]}, images, mutable=["intermediates"]
         )
-        route_logits = jax.tree.leaves(sown)
+        route_logits = fusion.route_logits_of(sown)
         assert len(route_logits) == len(adapter_stack.paths(stacked))
         for logits in route_logits:
             assert (np.asarray(logits).argmax(-1) == t).all()
@@ -107,6 +107,30 @@ def test_mixture_routes_fresh_images_of_each_domain_to_their_own_adapter(tiny):
             else:
                 loss[gating] += float(np.square(got - want).mean())
     assert loss["mixture"] < 0.25 * loss["static"]
+
+
+def test_mixture_routers_learn_the_task_of_an_image_where_outputs_cannot_tell(tiny):
+    """Two copies of one adapter and head: every routing gives the same outputs, so only the
+    routing loss can teach the routers which task set an image came from."""
+    model, base, adapters, head_set, inputs = tiny
+    stacked = adapter_stack.stack([adapters[0], adapters[0]])
+    gates, _ = fusion.learn_gates(
+        model,
+        base,
+        stacked,
+        [head_set[0]] * 2,
+        inputs,
+        gating="mixture",
+        steps=30,
+        learning_rate=0.05,
+    )
+    tree = fusion.fused_tree(stacked, gates, "mixture")
+    rng = np.random.default_rng(2)
+    for t, shift in enumerate((2.0, -2.0)):
+        images = rng.normal(size=(16, 8, 8, 3)).astype(np.float32) + shift
+        _, sown = model.apply({"params": base, "lora": tree}, images, mutable=["intermediates"])
+        for logits in fusion.route_logits_of(sown):
+            assert (np.asarray(logits).argmax(-1) == t).all()
 
 
 def test_bad_gates_are_refused(tiny):

@@ -22,7 +22,7 @@ the task heads stay in the model folder (they are MLPs on the pooled feature, wh
 has no place for).
 
     python -m jaxmerge merge --run W/adapters/digits --run W/adapters/digit_box \
-        --fuse router --output models/fused
+        --fuse mixture --output models/fused
 
 `--fuse static|router|mixture` (instead of `--method`) keeps the adapters apart and fits gates
 that mix them at every adapted layer (`jaxmerge.fuse`; `--merge_param steps=300`,
