@@ -53,7 +53,6 @@ from jaxmerge import (
     heads,
     input_pipeline,
     logs,
-    lora,
     run_config,
     scoring,
     training,
@@ -176,15 +175,7 @@ def run_compose(args, config, model, base, stacked, seed: int) -> dict:
     )
     scorer = scoring.Scorer(task, head_def, model, parts.data, None, parts.model.family)
     result = scorer(base, head, compose.composed_tree(stacked, gates))
-    # (targets, adapters): a rank gate counts as the mean over its adapter's columns
-    gate_values = np.stack(
-        [
-            np.asarray(node["gate_expand"] @ gates[path]) / np.asarray(node["gate_expand"]).sum(1)
-            if args.gates == "rank"
-            else np.asarray(gates[path])
-            for path, node in lora.target_items(stacked)
-        ]
-    )
+    gate_values = compose.gates_per_adapter(stacked, gates)  # (targets, adapters)
     return {
         "accuracy": result["accuracy"],
         "seconds": time.perf_counter() - start,

@@ -117,14 +117,11 @@ def with_gates(stacked: Tree, gates: Mapping[str, jax.Array] | jax.Array) -> Tre
       gates: {target path: (n,)}, or one (n,) array for every target.
     """
 
-    def gated(path, node):
+    def spread(path, node):  # an adapter's gate over each of its rank columns
         gate = gates if not isinstance(gates, Mapping) else gates[path]
-        return {**node, "gate": jnp.asarray(gate, F32) @ node["gate_expand"]}
+        return jnp.asarray(gate, F32) @ node["gate_expand"]
 
-    tree: Tree = {}
-    for path, node in lora.target_items(stacked):
-        tree = lora.set_at(tree, path, gated(path, node))
-    return tree
+    return with_rank_gates(stacked, {p: spread(p, n) for p, n in lora.target_items(stacked)})
 
 
 def with_rank_gates(stacked: Tree, gates: Mapping[str, jax.Array]) -> Tree:

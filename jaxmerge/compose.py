@@ -118,14 +118,30 @@ def init_gates(stacked: Tree, gates: str, value: float) -> Tree:
     }
 
 
+def _per_rank(stacked: Tree, gates: Tree) -> bool:
+    # Told apart by shape: (n,) per adapter, (R,) per rank column; where R == n every adapter
+    # has rank 1 and the two readings are the same.
+    first = lora.target_items(stacked)[0][0]
+    return jnp.shape(gates[first]) != (adapter_stack.size(stacked),)
+
+
 def composed_tree(stacked: Tree, gates: Tree) -> Tree:
     """The 'lora' tree of the composed backbone for gates per adapter or per rank column."""
-    # Told apart by shape: (n,) per adapter, (R,) per rank column; where R == n every adapter
-    # has rank 1 and the two trees are the same.
-    first = lora.target_items(stacked)[0][0]
-    if jnp.shape(gates[first]) != (adapter_stack.size(stacked),):
+    if _per_rank(stacked, gates):
         return adapter_stack.with_rank_gates(stacked, gates)
     return fusion.fused_tree(stacked, gates, "static")
+
+
+def gates_per_adapter(stacked: Tree, gates: Tree) -> np.ndarray:
+    """(targets, adapters): each adapter's gate, or the mean of its rank columns' gates."""
+    rows = []
+    for path, node in lora.target_items(stacked):
+        gate = np.asarray(gates[path])
+        if _per_rank(stacked, gates):
+            expand = np.asarray(node["gate_expand"])
+            gate = expand @ gate / expand.sum(1)
+        rows.append(gate)
+    return np.stack(rows)
 
 
 def composed_outputs(model, head_def, base: Tree, stacked: Tree, params: Tree, images):

@@ -83,6 +83,12 @@ def test_rank_gates_equal_to_an_adapters_gate_are_that_gate(old):
         return outputs_of(model, head_def, base, stacked, {"gates": gates, "head": head}, x)
 
     np.testing.assert_allclose(outputs(per_rank), outputs(per_adapter), atol=1e-5)
+    for gates in (per_rank, per_adapter):  # the gates per adapter, read back from either form
+        np.testing.assert_allclose(
+            compose.gates_per_adapter(stacked, gates),
+            np.tile([0.7, -0.4], (len(per_adapter), 1)),
+            rtol=1e-6,
+        )
     # Column 0 (adapter 0's first direction) off: as adapter 0 without that direction.
     off = {path: g.at[0].set(0.0) for path, g in per_rank.items()}
 
