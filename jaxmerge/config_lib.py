@@ -101,6 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
     # 224 px one thread prepares 470 to 770 images/s; an accelerator trains on thousands a second
     # (benchmarks/RESULTS.md). Batches do not depend on it.
     c.data_threads = 0
+    # Worker processes preparing whole batches (0: none, the threads above do it). Threads share
+    # Python's lock: at 224 px two threads gave only 1.1x to 1.3x one, processes scale with
+    # cores (benchmarks/RESULTS.md). Each worker starts a Python of its own (about 2 s and
+    # 150 MB), so small images are faster with threads. Batches do not depend on it.
+    c.data_workers = 0
     c.log_every = 10
     c.checkpoint_every = 100
     # TensorBoard event files of the logged scalars in `<run>/tensorboard/` (needs tensorboardX;
@@ -229,6 +234,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "data_threads",
         c.data_threads,
         "an integer >= 0 (0: one per CPU core)",
+    )
+    _check(
+        isinstance(c.data_workers, int) and c.data_workers >= 0,
+        "data_workers",
+        c.data_workers,
+        "an integer >= 0 (0: no worker processes)",
     )
     _check(
         c.checkpoint_every % min(c.log_every, 10) == 0,

@@ -13,6 +13,7 @@ RESULT_NEUTRAL = (
     "resume_with_changed_config",
     "tensorboard",
     "data_threads",
+    "data_workers",
 )
 
 

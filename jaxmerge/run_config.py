@@ -84,7 +84,8 @@ class OptimizerSettings:
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
     """What the input pipeline reads: where the data lives, batch sizes, augmentation,
-    threads, and the normalisation `(x / 255 - mean) / std` the model was trained with."""
+    threads and worker processes, and the normalisation `(x / 255 - mean) / std` the model
+    was trained with."""
 
     data_dir: str  # expanded; "" in the config = the TFDS default
     manual_dir: str = ""
@@ -92,6 +93,7 @@ class DataSettings:
     eval_batch_size: int = 256
     crop_padding: int = 0
     threads: int = 1
+    workers: int = 0
     seed: int = 0
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
@@ -229,6 +231,7 @@ def data_settings(c: ml_collections.ConfigDict) -> DataSettings:
         crop_padding=c.crop_padding,
         # JPEG decoding and numpy release the GIL: threads scale with cores (benchmarks/).
         threads=c.data_threads or min(32, os.cpu_count() or 1),
+        workers=c.data_workers,
         seed=c.seed,
         mean=tuple(mean),
         std=tuple(std),

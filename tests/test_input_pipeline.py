@@ -281,3 +281,67 @@ def test_config_data_threads_sets_the_loader_threads():
     config.data_threads = -1
     with pytest.raises(ValueError, match="config.data_threads: got -1"):
         config_lib.validate(config)
+
+
+def augment():
+    """AUGMENT, built in each worker process (a closure does not pickle; this function does)."""
+    return AUGMENT
+
+
+class BrokenAfter:
+    """Examples 0 to 5 read; later ones fail, as a disk that goes away mid-run."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        if index >= 6:
+            raise OSError(f"disk gone at example {index}")
+        return make_source(12)[index]
+
+
+def test_worker_processes_give_the_same_batches_as_this_process():
+    """Whole batches prepared by 2 spawned processes: the same training batches from a resumed
+    step (straddling epochs), the same eval batches with their padding mask."""
+    import functools
+
+    source, built = make_source(10), ops.Built(functools.partial(augment))
+    here = take(loader.train_batches(source, AUGMENT, 4, seed=1, start_step=2), 7)
+    workers = take(loader.train_batches(source, built, 4, seed=1, start_step=2, num_workers=2), 7)
+    assert_batches_equal(here, workers)
+    here = list(loader.eval_batches(source, AUGMENT, 4, process_index=1, process_count=2))
+    workers = loader.eval_batches(source, built, 4, process_index=1, process_count=2, num_workers=2)
+    assert_batches_equal(here, list(workers))
+
+
+def test_worker_processes_refuse_closures_report_errors_and_stop():
+    import functools
+    import multiprocessing
+
+    with pytest.raises(ValueError, match="pickle .*or use 0 workers"):
+        loader.train_batches(make_source(4), AUGMENT, 2, seed=0, num_workers=2)
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        loader.train_batches(make_source(4), AUGMENT, 2, seed=0, num_workers=-1)
+    # Epoch 0 (steps 0 to 5 of 2 examples) reads a permutation of all 12: some batch fails.
+    batches = loader.train_batches(
+        BrokenAfter(), ops.Built(functools.partial(augment)), 2, seed=0, num_workers=2
+    )
+    with pytest.raises(Exception, match="disk gone at example"):
+        take(batches, 6)
+    batches.close()
+    for worker in multiprocessing.active_children():
+        worker.join(timeout=10)
+    assert not [p for p in multiprocessing.active_children() if "input_pipeline" in p.name]
+
+
+def test_config_data_workers_sets_the_loader_processes():
+    from jaxmerge import config_lib, config_resume, run_config
+
+    config = config_lib.base_config()
+    assert run_config.data_settings(config).workers == 0
+    config.data_workers = 4
+    assert run_config.data_settings(config).workers == 4
+    assert "data_workers" in config_resume.RESULT_NEUTRAL  # batches do not depend on it
+    config.data_workers = -1
+    with pytest.raises(ValueError, match="config.data_workers: got -1"):
+        config_lib.validate(config)

@@ -11,11 +11,13 @@ the global batch on the ('data',) mesh. Its settings are a run's `run_config.Dat
 resolved once from the config.
 
 The pipeline itself, one job per module: `ops` (preprocessing functions), `loader` (resumable,
-host-sliced batches), `prefetch` (a background thread), `sources` (TFDS datasets by name).
+host-sliced batches), `prefetch` (a background thread), `workers` (worker
+processes), `sources` (TFDS datasets by name).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -105,13 +107,18 @@ def train_batches(
     source = open_split(task, task.train_split, settings)
     return loader.train_batches(
         source,
-        preprocess(task, image_size, True, settings.crop_padding, **settings.normalization),
+        ops.Built(
+            functools.partial(
+                preprocess, task, image_size, True, settings.crop_padding, **settings.normalization
+            )
+        ),
         settings.batch_size,
         seed=settings.seed,
         start_step=start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_threads=settings.threads,
+        num_workers=settings.workers,
     )
 
 
@@ -122,11 +129,12 @@ def eval_batches(
     source = open_split(task, split or task.eval_split, settings)
     return loader.eval_batches(
         source,
-        preprocess(task, image_size, False, **settings.normalization),
+        ops.Built(functools.partial(preprocess, task, image_size, False, **settings.normalization)),
         settings.eval_batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_threads=settings.threads,
+        num_workers=settings.workers,
     )
 
 

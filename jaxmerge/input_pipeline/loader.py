@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from jaxmerge.input_pipeline import workers
 from jaxmerge.input_pipeline.ops import Example, Preprocess
 from jaxmerge.input_pipeline.prefetch import maybe_prefetch
 
@@ -48,7 +49,8 @@ def stack_examples(examples: Sequence[Example]) -> dict[str, np.ndarray]:
     return {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in examples[0]}
 
 
-def _read(source: Source, indices: Sequence[int]) -> list[Example]:
+def read_examples(source: Source, indices: Sequence[int]) -> list[Example]:
+    """`[source[i] for i in indices]`, in one call where the source reads a list at once."""
     getitems = getattr(source, "__getitems__", None)
     if getitems is not None:  # array_record sources read a list in one call
         return list(getitems([int(i) for i in indices]))
@@ -78,7 +80,7 @@ class _Loader:
         self.pool = concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 1 else None
 
     def load(self, indices: Sequence[int], rng_keys: Sequence[tuple[int, int, int]]):
-        examples = _read(self.source, indices)
+        examples = read_examples(self.source, indices)
         work = lambda ex_key: self.preprocess(ex_key[0], example_rng(*ex_key[1]))
         pairs = list(zip(examples, rng_keys))
         return list(self.pool.map(work, pairs)) if self.pool else [work(p) for p in pairs]
@@ -109,6 +111,7 @@ def train_batches(
     process_count: int = 1,
     prefetch: int = 2,
     num_threads: int = 1,
+    num_workers: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator over this host's slices of the training batches from `start_step` on.
 
@@ -121,6 +124,9 @@ def train_batches(
       process_index, process_count: this host's index and the number of hosts.
       prefetch: batches prepared ahead on a background thread (0: no thread).
       num_threads: threads preprocessing the examples of one batch.
+      num_workers: worker processes preparing whole batches (`workers`; 0: none, the batches
+        are prepared in this process by `num_threads` threads). Needs a source and preprocess
+        that pickle.
 
     Returns:
       An iterator of dicts of arrays with leading dimension B / process_count; batch s holds
@@ -134,17 +140,36 @@ def train_batches(
             f"global_batch_size={global_batch_size} must be >= 1, start_step={start_step} >= 0"
         )
     host = _host_slice(global_batch_size, process_index, process_count)
-    loader = _Loader(source, preprocess, num_threads)
 
-    def generate():
+    def jobs():
         step = start_step
         while True:
             indices, epochs = train_positions(num_examples, seed, step, global_batch_size, host)
-            keys = [(seed, int(e), int(i)) for e, i in zip(epochs, indices)]
-            yield stack_examples(loader.load(indices, keys))
+            yield indices, [(seed, int(e), int(i)) for e, i in zip(epochs, indices)]
             step += 1
 
-    return maybe_prefetch(generate(), prefetch)
+    batches = _batches(source, preprocess, jobs(), num_threads, num_workers)
+    return maybe_prefetch(batches, prefetch)
+
+
+def _batches(source, preprocess, jobs, num_threads: int, num_workers: int):
+    """The stacked batch of each (indices, keys) job, prepared in this process by
+    `num_threads` threads, or by `num_workers` worker processes."""
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    payload = workers.pickled(source, preprocess) if num_workers else None
+    loader = _Loader(source, preprocess, num_threads)
+    prepare = lambda job: stack_examples(loader.load(*job))
+    if not num_workers:
+        return map(prepare, jobs)
+
+    def in_workers():
+        # The first batch, prepared here, gives the workers every feature's shape and dtype.
+        first = next(jobs, None)
+        if first is not None:
+            yield from workers.prepared_batches(payload, jobs, prepare(first), num_workers)
+
+    return in_workers()
 
 
 def num_eval_steps(num_examples: int, batch_size: int) -> int:
@@ -161,12 +186,14 @@ def eval_batches(
     prefetch: int = 2,
     num_threads: int = 1,
     seed: int = 0,
+    num_workers: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Finite iterator covering every example exactly once, in source order, with a `mask`.
 
     Every host takes `num_eval_steps(N, batch_size)` steps; global batch s holds positions
     [s * B, (s + 1) * B) and this host its slice of them. Positions >= N are padding: a copy of
-    example N - 1 with `mask` False; real examples have `mask` True.
+    example N - 1 with `mask` False; real examples have `mask` True. `num_threads` and
+    `num_workers` as in `train_batches`.
     """
     num_examples = len(source)
     if num_examples == 0:
@@ -174,16 +201,15 @@ def eval_batches(
     if batch_size < 1:
         raise ValueError(f"eval_batches: batch_size must be >= 1, got {batch_size}")
     host = _host_slice(batch_size, process_index, process_count)
-    loader = _Loader(source, preprocess, num_threads)
-
-    def generate():
-        for step in range(num_eval_steps(num_examples, batch_size)):
-            positions = np.arange(step * batch_size, (step + 1) * batch_size)[host]
-            mask = positions < num_examples
-            indices = np.minimum(positions, num_examples - 1)
-            keys = [(seed, 0, int(i)) for i in indices]
-            batch = stack_examples(loader.load(indices, keys))
-            batch["mask"] = mask
-            yield batch
-
-    return maybe_prefetch(generate(), prefetch)
+    steps = [
+        np.arange(step * batch_size, (step + 1) * batch_size)[host]
+        for step in range(num_eval_steps(num_examples, batch_size))
+    ]
+    indices = [np.minimum(positions, num_examples - 1) for positions in steps]
+    jobs = ((i, [(seed, 0, int(j)) for j in i]) for i in indices)
+    batches = _batches(source, preprocess, jobs, num_threads, num_workers)
+    # Positions >= N are padding; the mask is known before any image is read.
+    masked = (
+        {**batch, "mask": positions < num_examples} for batch, positions in zip(batches, steps)
+    )
+    return maybe_prefetch(masked, prefetch)

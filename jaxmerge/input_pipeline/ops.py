@@ -34,6 +34,23 @@ def compose(*fns: Preprocess) -> Preprocess:
     return composed
 
 
+class Built:
+    """The preprocess function `build()` returns, made on first use in the process that runs
+    it. Ops are closures, which do not pickle; `build` (a module-level function with its
+    arguments, e.g. a `functools.partial`) does, so worker processes receive this instead."""
+
+    def __init__(self, build: Callable[[], Preprocess]):
+        self.build, self._fn = build, None
+
+    def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+        if self._fn is None:
+            self._fn = self.build()
+        return self._fn(example, rng)
+
+    def __getstate__(self):
+        return {"build": self.build, "_fn": None}
+
+
 def _with_image(example: Example, image: np.ndarray, **updates) -> Example:
     return {**example, "image": image, **updates}
 
@@ -114,8 +131,12 @@ def normalize(mean: Sequence[float], std: Sequence[float]) -> Preprocess:
         raise ValueError(f"normalize: std must be > 0, got {list(std)}")
 
     def fn(example, rng):
-        image = np.asarray(example["image"], np.float32) / 255.0
-        return _with_image(example, (image - mean32) / std32)
+        # In place, the same operations in the same order: one new array, not three.
+        image = np.array(example["image"], np.float32)
+        image /= 255.0
+        image -= mean32
+        image /= std32
+        return _with_image(example, image)
 
     return fn
 
@@ -164,6 +185,17 @@ def random_crop(padding: int, points: str | None = "landmarks") -> Preprocess:
     return fn
 
 
+def _mirrored(image: np.ndarray) -> np.ndarray:
+    """`image[:, ::-1]` as a new contiguous array. Each pixel moves as one item: copying the
+    reversed view moves a pixel's channels one by one, and normalising the view directly was
+    the slowest step of preprocessing a 224 px training image (benchmarks/RESULTS.md)."""
+    image = np.ascontiguousarray(image)
+    if image.ndim != 3:
+        return np.ascontiguousarray(image[:, ::-1])
+    pixel = np.dtype((np.void, image.shape[-1] * image.itemsize))
+    return image.view(pixel)[:, ::-1].copy().view(image.dtype).reshape(image.shape)
+
+
 def flip_horizontally(
     example: Example, landmark_permutation: np.ndarray | None, points: str | None = "landmarks"
 ) -> Example:
@@ -171,7 +203,7 @@ def flip_horizontally(
     (None: none) become `1 - x`, then reorder by the permutation:
     `flipped[i] = mirror(points[landmark_permutation[i]])`.
     """
-    out = _with_image(example, np.asarray(example["image"])[:, ::-1])
+    out = _with_image(example, _mirrored(np.asarray(example["image"])))
     if points in example:
         if landmark_permutation is None:
             raise ValueError(
