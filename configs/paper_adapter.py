@@ -20,9 +20,10 @@ Expected per accelerator (arithmetic, see experiments/configs/paper.py for the d
   | H100 PCIe (756 TFLOP/s) | 31 s at 4,190 img/s | 15 s at 8,540 img/s | same |
 
 plus compiling (~10 s) and the final evaluation. At these rates the input pipeline sets the
-pace unless `config.data_threads` threads (default: one per core) prepare 1,700 to 11,000 JPEG
-images a second: one thread prepares 470 to 770 (benchmarks/RESULTS.md), so 3 to 4 cores per
-A100 and 8 to 12 (LoRA) or up to 24 (head) per H100.
+pace unless it prepares 1,700 to 11,000 JPEG images a second: threads share Python's lock
+(one prepares 920 to 985 a second, two barely more), worker processes
+(`--config.data_workers=N`) 830 to 860 each (benchmarks/RESULTS.md, 2 cores), so 3 workers
+per A100 and 8 (LoRA) to 14 (head) per H100, with a core each.
 float32 (`dtype=float32`) runs at TF32 or float32 matmul rates: about half as fast on an A100
 and twice the activation memory.
 """

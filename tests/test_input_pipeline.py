@@ -345,3 +345,14 @@ def test_config_data_workers_sets_the_loader_processes():
     config.data_workers = -1
     with pytest.raises(ValueError, match="config.data_workers: got -1"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((5, 7, 3), np.uint8), ((5, 7, 1), np.uint8), ((4, 6, 2), np.uint8), ((4, 6, 3), np.float32)],
+)
+def test_flip_is_the_reversed_view_as_a_new_writable_array(shape, dtype):
+    image = np.random.default_rng(0).integers(0, 255, shape).astype(dtype)
+    flipped = ops.flip_horizontally({"image": image}, None)["image"]
+    np.testing.assert_array_equal(flipped, image[:, ::-1])
+    assert flipped.dtype == dtype and flipped.flags.c_contiguous and flipped.flags.writeable

@@ -52,10 +52,10 @@ Expected cost (arithmetic from FLOPs and bytes, not measured on an accelerator):
     min for 3 seeds. Scorers keep each task's eval images on the device, in bfloat16 (0.3 MB
     an image: 12 GB for the six tasks, most of it FireRisk's validation split), beside ~4 GB
     for a scoring batch of 256: a 40 GB card holds it.
-  the input pipeline: training reads 1.5M images per seed; one loader thread reads, decodes,
-    crops, flips and scales 470 to 770 images a second (benchmarks/RESULTS.md, 2 shared CPU
-    cores), so an A100's 1,730 LoRA images/s takes 3 to 4 cores and an H100's 5,490 8 to 12
-    (`config.data_threads`, default one thread per core).
+  the input pipeline: training reads 1.5M images per seed; one loader worker process reads,
+    decodes, crops, flips and scales 830 to 860 images a second (benchmarks/RESULTS.md, 2 CPU
+    cores; threads share Python's lock and barely scale), so an A100's 1,730 LoRA images/s
+    takes 3 workers and an H100's 5,490 8 (`--config.train.data_workers=N`, a core each).
 """
 
 import ml_collections
@@ -96,6 +96,8 @@ def get_config(arg: str | None = None):
     t.model.dtype = args.get("dtype", "bfloat16")
     t.data_dir = args.get("data_dir", "")
     t.manual_dir = args.get("manual_dir", "")
+    # Loader worker processes (see the docstring): --config.train.data_workers=8 on an H100.
+    t.data_workers = 0
     t.steps = int(args.get("steps", 2000))
     t.warmup_steps = t.steps // 10
     t.batch_size = 64

