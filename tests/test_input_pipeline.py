@@ -356,3 +356,12 @@ def test_flip_is_the_reversed_view_as_a_new_writable_array(shape, dtype):
     flipped = ops.flip_horizontally({"image": image}, None)["image"]
     np.testing.assert_array_equal(flipped, image[:, ::-1])
     assert flipped.dtype == dtype and flipped.flags.c_contiguous and flipped.flags.writeable
+
+
+def test_worker_batches_that_do_not_fit_shared_memory_are_refused_in_one_line(tmp_path):
+    from jaxmerge.input_pipeline import workers
+
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    workers.check_shared_memory(1024, 2, str(tmp_path))
+    with pytest.raises(ValueError, match=r"data_workers=2 need .* MB of shared memory .*shm-size"):
+        workers.check_shared_memory(free + 2**30, 2, str(tmp_path))

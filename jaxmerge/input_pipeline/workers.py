@@ -17,6 +17,7 @@ Workers are spawned, never forked: a fork of a process running JAX's threads can
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import queue
 import traceback
@@ -94,6 +95,23 @@ def _shut_down(processes, jobs, blocks):
             pass
 
 
+def check_shared_memory(needed: int, num_workers: int, folder: str = "/dev/shm") -> None:
+    """A one-line ValueError where `folder` (Linux's shared memory) has less than `needed`
+    bytes free: writing past it would kill the process with SIGBUS, not an error (containers
+    often give it 64 MB)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:  # no such folder (not Linux): the system places shared memory itself
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if needed > free:
+        raise ValueError(
+            f"data_workers={num_workers} need {needed / 2**20:.0f} MB of shared memory for "
+            f"their batches and {folder} has {free / 2**20:.0f} MB free: use fewer workers or "
+            "a smaller batch, or give the container more (docker run --shm-size=2g)"
+        )
+
+
 class WorkerError(RuntimeError):
     """A worker process failed to prepare a batch (its traceback is the message)."""
 
@@ -120,9 +138,10 @@ def prepared_batches(
     preprocess)`). `first`, the batch before the jobs' (prepared by the caller), fixes every
     feature's shape and dtype and is yielded first.
     """
-    yield first
     layout = Layout(first)
     num_slots = 2 * num_workers  # each worker busy with one batch, one more ready behind it
+    check_shared_memory(num_slots * layout.nbytes, num_workers)
+    yield first
     blocks = [shared_memory.SharedMemory(create=True, size=layout.nbytes) for _ in range(num_slots)]
     context = multiprocessing.get_context("spawn")
     job_queue, done_queue = context.Queue(), context.Queue()
