@@ -13,6 +13,7 @@ an uninterrupted run yields from step s on. Host h of P reads only positions
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -70,6 +71,14 @@ def _host_slice(batch_size: int, process_index: int, process_count: int) -> slic
     return slice(process_index * per_host, (process_index + 1) * per_host)
 
 
+def prepared_examples(
+    source: Source, preprocess: Preprocess, indices: Sequence[int], keys: Sequence[tuple]
+) -> list[Example]:
+    """`[preprocess(source[i], example_rng(*key)) ...]`: one job of a worker process."""
+    examples = read_examples(source, indices)
+    return [preprocess(example, example_rng(*key)) for example, key in zip(examples, keys)]
+
+
 class _Loader:
     """Reads and preprocesses lists of (index, rng key) pairs, optionally on a thread pool."""
 
@@ -80,10 +89,11 @@ class _Loader:
         self.pool = concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 1 else None
 
     def load(self, indices: Sequence[int], rng_keys: Sequence[tuple[int, int, int]]):
+        if self.pool is None:
+            return prepared_examples(self.source, self.preprocess, indices, rng_keys)
         examples = read_examples(self.source, indices)
         work = lambda ex_key: self.preprocess(ex_key[0], example_rng(*ex_key[1]))
-        pairs = list(zip(examples, rng_keys))
-        return list(self.pool.map(work, pairs)) if self.pool else [work(p) for p in pairs]
+        return list(self.pool.map(work, zip(examples, rng_keys)))
 
 
 def train_positions(
@@ -157,7 +167,8 @@ def _batches(source, preprocess, jobs, num_threads: int, num_workers: int):
     `num_threads` threads, or by `num_workers` worker processes."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    payload = workers.pickled(source, preprocess) if num_workers else None
+    prepare_examples = functools.partial(prepared_examples, source, preprocess)
+    payload = workers.pickled(prepare_examples) if num_workers else None
     loader = _Loader(source, preprocess, num_threads)
     prepare = lambda job: stack_examples(loader.load(*job))
     if not num_workers:

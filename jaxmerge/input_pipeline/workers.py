@@ -5,11 +5,12 @@ of one on 2 cores (benchmarks/RESULTS.md), since PIL's header parsing, TFDS's ex
 and the op chain run Python per example. Processes do not share it.
 
 `prepared_batches` spawns N workers. Each unpickles its own copy of the source and the
-preprocess function once, then prepares the batches it is given, writing each into one slot of
-a ring of shared-memory blocks. The main process decides what every batch holds (the same
-indices and augmentation keys as the in-process loader), hands batch s to whichever worker is
-free, and copies the batches out in step order. So a batch does not depend on the number of
-workers, nor on whether workers prepare it at all (tests/test_input_pipeline.py).
+preprocess function (`loader.prepared_examples` bound to them) once, then prepares the batches
+it is given, writing each into one slot of a ring of shared-memory blocks. The main process
+decides what every batch holds (the same indices and augmentation keys as the in-process
+loader), hands batch s to whichever worker is free, and copies the batches out in step order.
+So a batch does not depend on the number of workers, nor on whether workers prepare it at all
+(tests/test_input_pipeline.py).
 
 Workers are spawned, never forked: a fork of a process running JAX's threads can deadlock.
 """
@@ -51,18 +52,14 @@ class Layout:
 
 def _worker(payload: bytes, slot_names: list[str], layout: Layout, jobs, done):
     """A worker's loop: (slot, step, indices, keys) jobs in, (slot, step, error) reports out."""
-    from jaxmerge.input_pipeline.loader import example_rng, read_examples
-
-    source, preprocess = pickle.loads(payload)
+    prepare_examples = pickle.loads(payload)
     blocks = [shared_memory.SharedMemory(name=name) for name in slot_names]
     slots = [layout.views(block.buf) for block in blocks]
     try:
         while (job := jobs.get()) is not None:
             slot, step, indices, keys = job
             try:
-                examples = read_examples(source, indices)
-                for row, (example, key) in enumerate(zip(examples, keys)):
-                    prepared = preprocess(example, example_rng(*key))
+                for row, prepared in enumerate(prepare_examples(indices, keys)):
                     for name, array in slots[slot].items():
                         array[row] = prepared[name]
                 done.put((slot, step, None))
@@ -116,10 +113,11 @@ class WorkerError(RuntimeError):
     """A worker process failed to prepare a batch (its traceback is the message)."""
 
 
-def pickled(source, preprocess) -> bytes:
-    """What every worker unpickles; a one-line ValueError where either does not pickle."""
+def pickled(prepare_examples) -> bytes:
+    """What every worker unpickles: `prepare_examples(indices, keys) -> [example]`; a one-line
+    ValueError where it does not pickle."""
     try:
-        return pickle.dumps((source, preprocess))
+        return pickle.dumps(prepare_examples)
     except (pickle.PicklingError, AttributeError, TypeError) as e:
         raise ValueError(
             "data workers need a source and a preprocess function that pickle (module-level "
@@ -133,10 +131,10 @@ def prepared_batches(
     first: dict[str, np.ndarray],
     num_workers: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches `stack(preprocess(source[i], example_rng(*key)))` for each (indices, keys) job,
-    in order, prepared by `num_workers` spawned processes from `payload` (`pickled(source,
-    preprocess)`). `first`, the batch before the jobs' (prepared by the caller), fixes every
-    feature's shape and dtype and is yielded first.
+    """Batches `stack(prepare_examples(indices, keys))` for each (indices, keys) job, in
+    order, prepared by `num_workers` spawned processes from `payload`
+    (`pickled(prepare_examples)`). `first`, the batch before the jobs' (prepared by the
+    caller), fixes every feature's shape and dtype and is yielded first.
     """
     layout = Layout(first)
     num_slots = 2 * num_workers  # each worker busy with one batch, one more ready behind it
