@@ -146,6 +146,7 @@ def augreg_from_hf(state: dict) -> dict:
     return flat
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_bigvision_b16_npz_loads_the_same_model(hf_model, images, tmp_path):
     """A B/16 .npz of the same weights gives the same parameters; with HF's GELU and epsilon
     it gives transformers' outputs; at 384 px its position embeddings are resampled."""

@@ -374,9 +374,10 @@ def test_a_second_process_on_the_same_run_is_refused(trained_run, tmp_path):
             "--config.learning_rate=inf",
             "error: config.learning_rate: got inf; allowed: a finite number > 0",
         ),
-        (
+        pytest.param(  # CI's own step: keeps the README's suite under 10 minutes
             "--config.lora.rank=1000",
             "error: LoraConfig.rank: got 1000 for target 'block_0/attention/query'; allowed: at most min(in, out) = 128",
+            marks=pytest.mark.slow,
         ),
         ("--config.base.source=checkpoint", "error: config.base.path: got ''"),
         (

@@ -154,7 +154,10 @@ def test_siglip_npz_resamples_and_scanned_layout(tmp_path):
     assert params["pos_embedding"].shape == (1, 36, 32)
 
 
-@pytest.mark.parametrize("family", ("clip", "siglip"))
+@pytest.mark.parametrize(
+    "family",
+    ["clip", pytest.param("siglip", marks=pytest.mark.slow)],  # slow: CI's own step (suite time)
+)
 def test_lora_invariants_on_the_towers(family):
     """A zero adapter changes nothing; `cat` merging of two adapters equals their sum folded."""
     spec = models.get(family)

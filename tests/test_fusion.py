@@ -54,6 +54,7 @@ def test_one_adapter_gates_converge_to_one(tiny):
         np.testing.assert_allclose(gate, [1.0], atol=0.05)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_router_fits_two_domains_better_than_static_gates(tiny):
     """Each task's images want their own adapter alone: a per-image router can give that, one
     static gate per layer cannot."""

@@ -65,7 +65,9 @@ def _finite_difference_check(f, coefficients, eps=3e-3):
 @pytest.mark.parametrize(
     "objective, granularity, base_merge, task_heads",
     [
-        ("entropy", "layer", "task_arithmetic", [CLASSIFY, CLASSIFY, CLASSIFY]),
+        pytest.param(  # CI's own step: keeps the README's suite under 10 minutes
+            "entropy", "layer", "task_arithmetic", [CLASSIFY] * 3, marks=pytest.mark.slow
+        ),
         ("entropy", "task", "ties", [CLASSIFY, CLASSIFY, CLASSIFY]),
         ("output_match", "core", "task_arithmetic", [CLASSIFY, REGRESS, LANDMARKS]),
         ("output_match", "rank", "task_arithmetic", [CLASSIFY, REGRESS, LANDMARKS]),
@@ -188,6 +190,7 @@ def test_core_regmean_is_regmean_when_the_factors_span_the_layer():
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_a_regmean_start_fits_a_lower_objective_than_the_sum_in_as_many_steps():
     _, _, from_sum = _learn(granularity="core", steps=10)
     _, _, from_regmean = _learn(granularity="core", steps=10, start="regmean")

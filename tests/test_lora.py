@@ -217,6 +217,7 @@ def test_mean_pooling_and_pos_embedding_resampling():
     np.testing.assert_allclose(resized[0, 1:], 1.0, atol=1e-6)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 @settings(max_examples=15, deadline=None)
 @given(rank=st.integers(1, 6), alpha=st.floats(0.5, 32.0), seed=st.integers(0, 2**16))
 def test_delta_is_linear_in_lora_b(rank, alpha, seed):

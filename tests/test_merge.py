@@ -89,7 +89,15 @@ def test_keeps_structure_and_dtype(method, dtype):
         assert bool(jnp.isfinite(delta.astype(jnp.float32)).all())
 
 
-@pytest.mark.parametrize("method", METHODS)
+# The longest eager runs (5 to 10 s each) go to CI's own step: keeps the README's suite under
+# 10 minutes. Their jitted results stay in this suite (the other tests here, test_core_space,
+# the FusionBench and PEFT parity files).
+SLOW_EAGER = {"svd", "breadcrumbs", "core_breadcrumbs", "core_iso_c", "core_iso_cts", "core_wudi"}
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_EAGER else m for m in METHODS]
+)
 def test_jit_equals_eager(method):
     params = required(method)
     if "steps" in merging.METHODS[method].params:  # WUDI's Adam: 10 steps say as much as 300

@@ -31,6 +31,7 @@ def golden_model():
     return vit.ViT(**kwargs), params, adapters
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_mixed_batch_matches_peft_adapter_names():
     model, params, adapters = golden_model()
     golden = golden_files.arrays("mixed_batch.npz")

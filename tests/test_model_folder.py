@@ -99,6 +99,7 @@ def test_folder_predicts_what_the_in_memory_merge_does(run_dirs, tmp_path, fold)
         assert source["head_sha256"] == checkpoint.checksum(run.head)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_learned_merge_stores_a_record_that_rebuilds_it(run_dirs, tmp_path):
     folder = str(tmp_path / "learned")
     params = {"images": 16, "steps": 3}

@@ -236,6 +236,7 @@ def _tiny_digits():
     return images, digits.target[keep]
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_a_new_task_is_one_builder_and_one_task(tmp_path):
     class TinyDigitsTest(tfds.core.GeneratorBasedBuilder):
         """64 scikit-learn digits of 0, 1 and 2, as a builder a user would write for a new task."""

@@ -100,6 +100,7 @@ def test_modes_train_what_they_should(data_dir, tmp_path, mode):
     assert again["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_adapter_learns_digits(data_dir, tmp_path):
     """A real (if short) run on a random base: far above chance (0.1) on held-out digits."""
     config = tiny_config(
