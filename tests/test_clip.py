@@ -184,6 +184,7 @@ def test_lora_invariants_on_the_towers(family):
     assert not np.allclose(via_merge, plain, atol=1e-3)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_jit_and_eager_agree_with_bfloat16_close():
     spec = models.get("clip")
     model = spec.module(**spec.variant("mu/4", image_size=8))

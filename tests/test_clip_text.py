@@ -77,6 +77,7 @@ def test_extra_padding_changes_no_text_embedding(eos_token_id):
     assert rel_err(got, want) < 1e-6
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_attention_is_causal():
     model = clip_text.TextTower(
         vocab_size=50, max_length=8, width=16, depth=2, mlp_dim=32, num_heads=2, projection_dim=8

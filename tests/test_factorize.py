@@ -62,7 +62,10 @@ def assert_matches(triplet, matrix, rank: int, tol: float = 3e-5):
     assert np.all(np.diff(s) <= 1e-6 * max(s[0], 1e-30)), "singular values must descend"
 
 
-@pytest.mark.parametrize("kind", ["magnitude_prune", "ties", "dare_linear"])
+@pytest.mark.parametrize(
+    "kind",  # magnitude_prune, the longest, in CI's own step: keeps the README's suite short
+    [pytest.param("magnitude_prune", marks=pytest.mark.slow), "ties", "dare_linear"],
+)
 def test_pruned_lora_deltas_converge_on_the_fast_path(kind):
     deltas, start = lora_deltas(0)
     matrix = combine(kind, deltas)
@@ -181,6 +184,7 @@ def test_repeated_columns_can_fail_the_gram_route_and_fall_back():
     assert not bool(fz._verified(a[None], b[None], *gram, fz.TOLERANCE))
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_shape_groups_run_one_at_a_time_without_deadlock():
     """Two batched groups (q/v-like and MLP-like shapes) in one jitted merge. Run concurrently,
     their LAPACK kernels deadlocked XLA's 2-thread pool; a hang here fails after 120 s."""

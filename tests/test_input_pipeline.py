@@ -365,3 +365,56 @@ def test_worker_batches_that_do_not_fit_shared_memory_are_refused_in_one_line(tm
     workers.check_shared_memory(1024, 2, str(tmp_path))
     with pytest.raises(ValueError, match=r"data_workers=2 need .* MB of shared memory .*shm-size"):
         workers.check_shared_memory(free + 2**30, 2, str(tmp_path))
+
+
+WORKERS_THEN_WAIT = """
+import functools, sys, time
+sys.path.insert(0, {tests!r})
+from jaxmerge.input_pipeline import loader, ops
+import test_input_pipeline as t
+if __name__ == "__main__":
+    batches = loader.train_batches(
+        t.make_source(10), ops.Built(functools.partial(t.augment)), 2, seed=0, num_workers=2
+    )
+    next(batches), next(batches)
+    import multiprocessing
+    print(*[p.pid for p in multiprocessing.active_children() if "input_pipeline" in p.name])
+    sys.stdout.flush()
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
+def test_workers_of_a_killed_process_exit(tmp_path):
+    """A main process killed outright (SIGKILL, an out-of-memory kill) runs no clean-up: its
+    workers notice it gone and exit instead of waiting forever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "main.py"
+    script.write_text(WORKERS_THEN_WAIT.format(tests=os.path.dirname(__file__)))
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in main.stdout.readline().split()]
+    assert len(pids) == 2
+    main.send_signal(signal.SIGKILL)
+    main.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        for pid in pids:  # reap them if they are ours (they are the killed process's children)
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        time.sleep(0.2)
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)]
+    assert alive == [], f"workers {alive} outlived their killed main process"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0]
+    except OSError:
+        return "gone"

@@ -68,8 +68,25 @@ WEIGHTS = [0.7, -0.4, 1.3]
 # ----------------------------------------------------------------------------- every method
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("method", METHODS)
+# Eager runs take up to 10 s a method: the README's suite compares jit and eager on one method
+# of each family, CI's own step on every method (keeps the README's suite under 10 minutes).
+# Every method's jitted result stays in this suite (the other tests here, test_core_space, the
+# FusionBench and PEFT parity files).
+EAGER_IN_SUITE = {"cat", "linear", "ties", "dare_ties", "ties_svd", "task_arithmetic", "tsv"}
+
+
+def _structure_cases():
+    """Every method in float32; in bfloat16 one method of each family in the README's suite,
+    every method in CI's own step (keeps the README's suite under 10 minutes)."""
+    cases = []
+    for method in METHODS:
+        slow = () if method in EAGER_IN_SUITE | {"iso_c", "core_tsv"} else pytest.mark.slow
+        cases.append(pytest.param(method, jnp.float32, id=f"{method}-f32"))
+        cases.append(pytest.param(method, jnp.bfloat16, id=f"{method}-bf16", marks=slow))
+    return cases
+
+
+@pytest.mark.parametrize("method, dtype", _structure_cases())
 def test_keeps_structure_and_dtype(method, dtype):
     adapters = [make_adapter(seed, dtype=dtype) for seed in range(3)]
     merged = merging.merge(adapters, method, WEIGHTS, key=KEY, **required(method))
@@ -89,14 +106,9 @@ def test_keeps_structure_and_dtype(method, dtype):
         assert bool(jnp.isfinite(delta.astype(jnp.float32)).all())
 
 
-# The longest eager runs (5 to 10 s each) go to CI's own step: keeps the README's suite under
-# 10 minutes. Their jitted results stay in this suite (the other tests here, test_core_space,
-# the FusionBench and PEFT parity files).
-SLOW_EAGER = {"svd", "breadcrumbs", "core_breadcrumbs", "core_iso_c", "core_iso_cts", "core_wudi"}
-
-
 @pytest.mark.parametrize(
-    "method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_EAGER else m for m in METHODS]
+    "method",
+    [m if m in EAGER_IN_SUITE else pytest.param(m, marks=pytest.mark.slow) for m in METHODS],
 )
 def test_jit_equals_eager(method):
     params = required(method)

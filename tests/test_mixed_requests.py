@@ -59,6 +59,7 @@ def test_each_request_is_predicted_as_its_run_alone_predicts_it(digit_runs, requ
             np.testing.assert_allclose(row[task]["points"], want[task]["points"], atol=1e-4)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_the_command_writes_csv_and_jsonl_with_the_same_predictions(
     digit_runs, request_files, tmp_path
 ):

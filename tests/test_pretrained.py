@@ -290,6 +290,7 @@ def test_bigvision_scanned_and_prefixed_layout(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_bigvision_resamples_position_embeddings(tmp_path):
     flat = augreg_tree()
     vit_kwargs, params, _ = vit.load_bigvision(write_npz(tmp_path, flat), image_size=20)

@@ -28,6 +28,7 @@ def flat(tree):
     return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
 def test_sharded_step_equals_single_device_step():
     """8 devices, batch split 8 ways, give the same update as 1 device (dropout included)."""
     assert jax.device_count() == 8

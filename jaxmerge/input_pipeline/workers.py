@@ -28,7 +28,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-# How long the main process waits on one batch before checking that its workers are alive.
+# How long a process waits on the other before checking that it is still alive.
 _POLL_SECONDS = 1.0
 
 
@@ -55,8 +55,17 @@ def _worker(payload: bytes, slot_names: list[str], layout: Layout, jobs, done):
     prepare_examples = pickle.loads(payload)
     blocks = [shared_memory.SharedMemory(name=name) for name in slot_names]
     slots = [layout.views(block.buf) for block in blocks]
+    parent = multiprocessing.parent_process()
     try:
-        while (job := jobs.get()) is not None:
+        while True:
+            try:
+                job = jobs.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():
+                    return  # the main process was killed: nothing will ever read a batch
+                continue
+            if job is None:
+                return
             slot, step, indices, keys = job
             try:
                 for row, prepared in enumerate(prepare_examples(indices, keys)):
