@@ -21,9 +21,9 @@ Expected per accelerator (arithmetic, see experiments/configs/paper.py for the d
 
 plus compiling (~10 s) and the final evaluation. At these rates the input pipeline sets the
 pace unless it prepares 1,700 to 11,000 JPEG images a second: threads share Python's lock
-(one prepares 920 to 985 a second, two barely more), worker processes
-(`--config.data_workers=N`) 830 to 860 each (benchmarks/RESULTS.md, 2 cores), so 3 workers
-per A100 and 8 (LoRA) to 14 (head) per H100, with a core each.
+(one prepares 620 to 990 a second, two no more), worker processes
+(`--config.data_workers=N`) 600 to 860 each (benchmarks/RESULTS.md, 2 cores), so 3 workers
+per A100 and 8 (LoRA) to 16 (head) per H100, with a core each.
 float32 (`dtype=float32`) runs at TF32 or float32 matmul rates: about half as fast on an A100
 and twice the activation memory.
 """

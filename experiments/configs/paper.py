@@ -53,7 +53,7 @@ Expected cost (arithmetic from FLOPs and bytes, not measured on an accelerator):
     an image: 12 GB for the six tasks, most of it FireRisk's validation split), beside ~4 GB
     for a scoring batch of 256: a 40 GB card holds it.
   the input pipeline: training reads 1.5M images per seed; one loader worker process reads,
-    decodes, crops, flips and scales 830 to 860 images a second (benchmarks/RESULTS.md, 2 CPU
+    decodes, crops, flips and scales 600 to 860 images a second (benchmarks/RESULTS.md, 2 CPU
     cores; threads share Python's lock and barely scale), so an A100's 1,730 LoRA images/s
     takes 3 workers and an H100's 5,490 8 (`--config.train.data_workers=N`, a core each).
 """
