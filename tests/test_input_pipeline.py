@@ -418,3 +418,37 @@ def _state(pid: int) -> str:
             return f.read().split(")")[-1].split()[0]
     except OSError:
         return "gone"
+
+
+def slow_augment():
+    """AUGMENT taking 0.1 s an example: workers are always in the middle of a batch."""
+    import time
+
+    def augment_slowly(example, rng):
+        time.sleep(0.1)
+        return AUGMENT(example, rng)
+
+    return augment_slowly
+
+
+@pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
+def test_a_worker_killed_mid_run_is_an_error_not_a_hang():
+    """A worker killed in the middle of a batch (out of memory, say): that batch never comes,
+    and the main process says so instead of waiting forever. (A worker killed while idle
+    loses nothing: the others take its share.)"""
+    import functools
+    import multiprocessing
+    import signal
+
+    from jaxmerge.input_pipeline import workers
+
+    batches = loader.train_batches(
+        make_source(10), ops.Built(functools.partial(slow_augment)), 2, seed=0, num_workers=2
+    )
+    assert len([next(batches) for _ in range(3)]) == 3
+    ours = [p for p in multiprocessing.active_children() if "input_pipeline" in p.name]
+    os.kill(ours[0].pid, signal.SIGKILL)
+    with pytest.raises(workers.WorkerError, match="worker process died"):
+        for _ in range(100):  # the batch the dead worker held never comes
+            next(batches)
+    batches.close()
