@@ -421,10 +421,12 @@ def _state(pid: int) -> str:
 
 
 def slow_augment():
-    """AUGMENT taking 0.1 s an example: workers are always in the middle of a batch."""
+    """AUGMENT taking 0.1 s an example, each worker process leaving its pid in the folder
+    $JAXMERGE_TEST_WORKERS once it works."""
     import time
 
     def augment_slowly(example, rng):
+        open(os.path.join(os.environ["JAXMERGE_TEST_WORKERS"], str(os.getpid())), "w").close()
         time.sleep(0.1)
         return AUGMENT(example, rng)
 
@@ -432,22 +434,30 @@ def slow_augment():
 
 
 @pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes
-def test_a_worker_killed_mid_run_is_an_error_not_a_hang():
+def test_a_worker_killed_mid_run_is_an_error_not_a_hang(tmp_path, monkeypatch):
     """A worker killed in the middle of a batch (out of memory, say): that batch never comes,
     and the main process says so instead of waiting forever. (A worker killed while idle
     loses nothing: the others take its share.)"""
     import functools
-    import multiprocessing
     import signal
 
     from jaxmerge.input_pipeline import workers
 
+    monkeypatch.setenv("JAXMERGE_TEST_WORKERS", str(tmp_path))  # inherited by the workers
+    # No prefetch thread: each next() hands out jobs, so both workers stay busy (0.2 s a job).
     batches = loader.train_batches(
-        make_source(10), ops.Built(functools.partial(slow_augment)), 2, seed=0, num_workers=2
+        make_source(10),
+        ops.Built(functools.partial(slow_augment)),
+        2,
+        seed=0,
+        num_workers=2,
+        prefetch=0,
     )
-    assert len([next(batches) for _ in range(3)]) == 3
-    ours = [p for p in multiprocessing.active_children() if "input_pipeline" in p.name]
-    os.kill(ours[0].pid, signal.SIGKILL)
+    next(batches)  # the first batch, prepared here (its pid is this process's)
+    while len(os.listdir(tmp_path)) < 3:  # until both workers are at work
+        next(batches)
+    worker = int(next(name for name in os.listdir(tmp_path) if int(name) != os.getpid()))
+    os.kill(worker, signal.SIGKILL)
     with pytest.raises(workers.WorkerError, match="worker process died"):
         for _ in range(100):  # the batch the dead worker held never comes
             next(batches)
