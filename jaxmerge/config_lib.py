@@ -97,14 +97,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4
     c.grad_clip_norm = 1.0
     c.crop_padding = 2  # random-crop padding in pixels (0: no crop augmentation)
-    # Threads reading, decoding and augmenting images (0: one per CPU core, at most 32). At
-    # 224 px one thread prepares 470 to 770 images/s; an accelerator trains on thousands a second
-    # (benchmarks/RESULTS.md). Batches do not depend on it.
+    # Threads reading, decoding and augmenting images (0: one per CPU core, at most 32). They
+    # share Python's lock: at 224 px two prepare no more images than one (benchmarks/RESULTS.md).
+    # Batches do not depend on it.
     c.data_threads = 0
-    # Worker processes preparing whole batches (0: none, the threads above do it). Threads share
-    # Python's lock: at 224 px two threads gave only 1.1x to 1.3x one, processes scale with
-    # cores (benchmarks/RESULTS.md). Each worker starts a Python of its own (about 2 s and
-    # 150 MB), so small images are faster with threads. Batches do not depend on it.
+    # Worker processes preparing whole batches (0: none, the threads above do it), at most one
+    # per CPU core and as many as /dev/shm holds (2 batches each). They scale with cores: 600 to
+    # 860 images/s each at 224 px, where an accelerator trains on thousands a second. Each
+    # starts a Python of its own (about 2 s and 150 MB), so small images are faster with
+    # threads. Batches do not depend on it.
     c.data_workers = 0
     c.log_every = 10
     c.checkpoint_every = 100

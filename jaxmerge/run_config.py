@@ -231,7 +231,8 @@ def data_settings(c: ml_collections.ConfigDict) -> DataSettings:
         crop_padding=c.crop_padding,
         # JPEG decoding and numpy release the GIL: threads scale with cores (benchmarks/).
         threads=c.data_threads or min(32, os.cpu_count() or 1),
-        workers=c.data_workers,
+        # At most one per core: a run's record may come from a bigger machine than this one.
+        workers=min(c.data_workers, os.cpu_count() or 1),
         seed=c.seed,
         mean=tuple(mean),
         std=tuple(std),

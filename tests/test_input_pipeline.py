@@ -339,8 +339,10 @@ def test_config_data_workers_sets_the_loader_processes():
 
     config = config_lib.base_config()
     assert run_config.data_settings(config).workers == 0
-    config.data_workers = 4
-    assert run_config.data_settings(config).workers == 4
+    config.data_workers = 64  # at most one per core: a record may come from a bigger machine
+    assert run_config.data_settings(config).workers == os.cpu_count()
+    config.data_workers = 1
+    assert run_config.data_settings(config).workers == 1
     assert "data_workers" in config_resume.RESULT_NEUTRAL  # batches do not depend on it
     config.data_workers = -1
     with pytest.raises(ValueError, match="config.data_workers: got -1"):
@@ -358,13 +360,16 @@ def test_flip_is_the_reversed_view_as_a_new_writable_array(shape, dtype):
     assert flipped.dtype == dtype and flipped.flags.c_contiguous and flipped.flags.writeable
 
 
-def test_worker_batches_that_do_not_fit_shared_memory_are_refused_in_one_line(tmp_path):
+def test_workers_are_as_many_as_shared_memory_holds_and_none_is_one_line(tmp_path, caplog):
     from jaxmerge.input_pipeline import workers
 
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
-    workers.check_shared_memory(1024, 2, str(tmp_path))
-    with pytest.raises(ValueError, match=r"data_workers=2 need .* MB of shared memory .*shm-size"):
-        workers.check_shared_memory(free + 2**30, 2, str(tmp_path))
+    assert workers.workers_that_fit(1024, 3, str(tmp_path)) == 3
+    # Room for the slots of exactly 2 workers (2 slots each) of a quarter of the free space.
+    assert workers.workers_that_fit(free // 4, 3, str(tmp_path)) == 2
+    assert "2 of data_workers=3 fit" in caplog.text
+    with pytest.raises(ValueError, match=r"need .* MB of shared memory each .*shm-size"):
+        workers.workers_that_fit(free, 2, str(tmp_path))
 
 
 WORKERS_THEN_WAIT = """

@@ -17,6 +17,7 @@ Workers are spawned, never forked: a fork of a process running JAX's threads can
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import pickle
@@ -101,21 +102,34 @@ def _shut_down(processes, jobs, blocks):
             pass
 
 
-def check_shared_memory(needed: int, num_workers: int, folder: str = "/dev/shm") -> None:
-    """A one-line ValueError where `folder` (Linux's shared memory) has less than `needed`
-    bytes free: writing past it would kill the process with SIGBUS, not an error (containers
-    often give it 64 MB)."""
+def workers_that_fit(slot_bytes: int, num_workers: int, folder: str = "/dev/shm") -> int:
+    """How many of `num_workers` workers' slots (2 each, `slot_bytes` a slot) fit in the free
+    space of `folder`, Linux's shared memory: writing past it would kill the process with
+    SIGBUS, not an error, and containers often give it 64 MB. Batches do not depend on the
+    number of workers, so fewer (with a warning) is safe; none fitting is a one-line
+    ValueError."""
     try:
         stats = os.statvfs(folder)
     except OSError:  # no such folder (not Linux): the system places shared memory itself
-        return
+        return num_workers
     free = stats.f_bavail * stats.f_frsize
-    if needed > free:
+    fitting = min(num_workers, free // (2 * slot_bytes))
+    if fitting < 1:
         raise ValueError(
-            f"data_workers={num_workers} need {needed / 2**20:.0f} MB of shared memory for "
-            f"their batches and {folder} has {free / 2**20:.0f} MB free: use fewer workers or "
+            f"data workers need {2 * slot_bytes / 2**20:.0f} MB of shared memory each for "
+            f"their batches and {folder} has {free / 2**20:.0f} MB free: use data_workers=0 or "
             "a smaller batch, or give the container more (docker run --shm-size=2g)"
         )
+    if fitting < num_workers:
+        logging.warning(
+            "input pipeline: %d of data_workers=%d fit in the %d MB free in %s (%d MB each)",
+            fitting,
+            num_workers,
+            free // 2**20,
+            folder,
+            2 * slot_bytes // 2**20,
+        )
+    return int(fitting)
 
 
 class WorkerError(RuntimeError):
@@ -146,8 +160,8 @@ def prepared_batches(
     caller), fixes every feature's shape and dtype and is yielded first.
     """
     layout = Layout(first)
+    num_workers = workers_that_fit(layout.nbytes, num_workers)
     num_slots = 2 * num_workers  # each worker busy with one batch, one more ready behind it
-    check_shared_memory(num_slots * layout.nbytes, num_workers)
     yield first
     blocks = [shared_memory.SharedMemory(create=True, size=layout.nbytes) for _ in range(num_slots)]
     context = multiprocessing.get_context("spawn")
