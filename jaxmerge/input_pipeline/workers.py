@@ -95,11 +95,8 @@ def _shut_down(processes, jobs, blocks):
         if process.is_alive():
             process.terminate()
             process.join()
-    for block in blocks:
-        try:
-            block.close()
-        except BufferError:  # at exit, a batch still views its slot; the exit unmaps it
-            pass
+    # The blocks stay mapped: at exit this runs beside the thread that may still be copying a
+    # batch out of one. The generator closes them itself when it ends.
 
 
 def workers_that_fit(slot_bytes: int, num_workers: int, folder: str = "/dev/shm") -> int:
@@ -206,5 +203,7 @@ def prepared_batches(
             step += 1
             yield batch
     finally:
-        slots.clear()
+        slots.clear()  # the views must go before their blocks close
         stop()
+        for block in blocks:
+            block.close()
