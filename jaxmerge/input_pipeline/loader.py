@@ -72,11 +72,18 @@ def _host_slice(batch_size: int, process_index: int, process_count: int) -> slic
 
 
 def prepared_examples(
-    source: Source, preprocess: Preprocess, indices: Sequence[int], keys: Sequence[tuple]
+    source: Source,
+    preprocess: Preprocess,
+    indices: Sequence[int],
+    keys: Sequence[tuple[int, int, int]],
+    pool: concurrent.futures.Executor | None = None,
 ) -> list[Example]:
-    """`[preprocess(source[i], example_rng(*key)) ...]`: one job of a worker process."""
+    """`[preprocess(source[i], example_rng(*key)) ...]`, the examples spread over `pool`'s
+    threads where given: a batch's work, in this process or in a worker process."""
     examples = read_examples(source, indices)
-    return [preprocess(example, example_rng(*key)) for example, key in zip(examples, keys)]
+    work = lambda pair: preprocess(pair[0], example_rng(*pair[1]))  # noqa: E731
+    pairs = zip(examples, keys)
+    return list(pool.map(work, pairs)) if pool else [work(pair) for pair in pairs]
 
 
 class _Loader:
@@ -89,11 +96,7 @@ class _Loader:
         self.pool = concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 1 else None
 
     def load(self, indices: Sequence[int], rng_keys: Sequence[tuple[int, int, int]]):
-        if self.pool is None:
-            return prepared_examples(self.source, self.preprocess, indices, rng_keys)
-        examples = read_examples(self.source, indices)
-        work = lambda ex_key: self.preprocess(ex_key[0], example_rng(*ex_key[1]))
-        return list(self.pool.map(work, zip(examples, rng_keys)))
+        return prepared_examples(self.source, self.preprocess, indices, rng_keys, self.pool)
 
 
 def train_positions(
