@@ -242,6 +242,26 @@ def test_magnitude_selection_equals_a_sort(kind):
         np.testing.assert_array_equal(mask, magnitude >= want)
 
 
+@pytest.mark.parametrize("float_count_limit", [2**24, 1])
+def test_batched_pruning_equals_one_stack_at_a_time(float_count_limit, monkeypatch):
+    # magnitude_prune_each selects stacks of equal task size in one loop; every stack's result
+    # must equal a sort-based selection of each task tensor alone, through both counts
+    # (float32 below the limit of entries a row, int32 at or above it).
+    monkeypatch.setattr(mu, "FLOAT_COUNT_LIMIT", float_count_limit)
+    rng = np.random.default_rng(2)
+    shapes = [(3, 40, 8), (3, 8, 40), (2, 30, 30), (3, 40, 8), (1, 7, 5)]
+    stacks = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    stacks[1][0, :20] = 0.0  # ties at zero
+    stacks[2] = np.round(stacks[2] * 2) / 2  # many tied magnitudes
+    for density in (0.2, 0.5):
+        pruned = mu.magnitude_prune_each([jnp.asarray(s) for s in stacks], density)
+        for stack, got in zip(stacks, pruned):
+            for task, result in zip(stack, np.asarray(got)):
+                magnitude = np.abs(task)
+                want = np.sort(magnitude.ravel())[-int(density * task.size)]
+                np.testing.assert_array_equal(result, np.where(magnitude >= want, task, 0.0))
+
+
 @pytest.mark.parametrize(
     ("method", "mean_of"), [("dare_delta", "task_arithmetic"), ("dare_linear", "linear")]
 )

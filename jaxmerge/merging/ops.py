@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 from jaxmerge.merging.threefry import uniform_threshold
 
 HIGHEST = jax.lax.Precision.HIGHEST
+# float32 holds every integer count up to 2^24 exactly.
+FLOAT_COUNT_LIMIT = 2**24
 
 
 def matmul(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -41,19 +44,35 @@ def weighted_sum(tensors: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def kth_largest(magnitude: jax.Array, k: int) -> jax.Array:
-    """The k-th largest entry (k >= 1) of a non-negative float32 array, without sorting.
+    """The k-th largest entry (k >= 1) of a non-negative float32 array, without sorting."""
+    return kth_largest_rows(magnitude.reshape(1, -1), k)[0]
 
-    Non-negative floats order like their int32 bit patterns, so the answer's bits are built
+
+def kth_largest_rows(rows: jax.Array, k: int) -> jax.Array:
+    """(m,): the k-th largest entry (k >= 1) of each row of a non-negative (m, N) array.
+
+    Non-negative floats order like their int32 bit patterns, so each answer's bits are built
     greedily from the top bit down: keep a bit when at least k entries are >= the candidate.
-    31 passes of compare-and-count, which on CPU is far cheaper than sorting d x d entries.
+    31 passes of compare-and-count, which on CPU is far cheaper than sorting. All rows share
+    one loop: PEFT's factor-space merges select 144 small tensors, and one loop each cost
+    twice the selection itself (issue 23).
     """
-    bits = jax.lax.bitcast_convert_type(magnitude.astype(jnp.float32), jnp.int32).ravel()
+    bits = jax.lax.bitcast_convert_type(rows.astype(jnp.float32), jnp.int32)
+    # Counting in float32 is exact below 2^24 entries a row, and XLA:CPU sums floats in one
+    # pass where it splits an int32 count into reduce-windows over a written-out (m, N) array:
+    # 5 ms against 7 ms for 144 rows of 12,288, and far steadier on 2 busy cores.
+    exact_in_float = rows.shape[1] < FLOAT_COUNT_LIMIT
 
     def step(bit, found):
         candidate = found | jnp.left_shift(jnp.int32(1), 30 - bit)
-        return jnp.where((bits >= candidate).sum() >= k, candidate, found)
+        at_least = bits >= candidate[:, None]
+        if exact_in_float:
+            count = jnp.where(at_least, jnp.float32(1), jnp.float32(0)).sum(1)
+        else:
+            count = at_least.sum(1)
+        return jnp.where(count >= k, candidate, found)
 
-    found = jax.lax.fori_loop(0, 31, step, jnp.int32(0))
+    found = jax.lax.fori_loop(0, 31, step, jnp.zeros(rows.shape[0], jnp.int32))
     return jax.lax.bitcast_convert_type(found, jnp.float32)
 
 
@@ -64,13 +83,19 @@ def top_magnitude_mask(tensor: jax.Array, density: float) -> jax.Array:
     unless two nonzero entries tie at the threshold; tied zeros are harmless because a zero adds
     nothing to a sum and its sign (0) never joins a sign election.
     """
+    return _top_magnitude_masks(tensor[None], density)[0]
+
+
+def _top_magnitude_masks(tensors: jax.Array, density: float) -> jax.Array:
+    """`top_magnitude_mask` of each `tensors[i]`, selected in one loop."""
     if density >= 1.0:
-        return jnp.ones(tensor.shape, bool)
-    k = int(density * tensor.size)
+        return jnp.ones(tensors.shape, bool)
+    k = int(density * tensors[0].size)
     if k == 0:
-        return jnp.zeros(tensor.shape, bool)
-    magnitude = jnp.abs(tensor).astype(jnp.float32)
-    return magnitude >= kth_largest(magnitude, k)
+        return jnp.zeros(tensors.shape, bool)
+    magnitude = jnp.abs(tensors).astype(jnp.float32)
+    threshold = kth_largest_rows(magnitude.reshape(tensors.shape[0], -1), k)
+    return magnitude >= threshold.reshape((-1,) + (1,) * (tensors.ndim - 1))
 
 
 def magnitude_band_mask(tensor: jax.Array, density: float, gamma: float) -> jax.Array:
@@ -90,7 +115,25 @@ def magnitude_band_mask(tensor: jax.Array, density: float, gamma: float) -> jax.
 
 def magnitude_prune(tensors: jax.Array, density: float) -> jax.Array:
     """Each task tensor with all but its top-`density` fraction of magnitudes set to zero."""
-    return jnp.stack([t * top_magnitude_mask(t, density) for t in tensors])
+    return magnitude_prune_each([tensors], density)[0]
+
+
+def magnitude_prune_each(stacks: Sequence[jax.Array], density: float) -> list[jax.Array]:
+    """`magnitude_prune` of every (n, ...) stack, the stacks of equal task size selected in
+    one loop (the same masks as one stack at a time)."""
+    groups: dict[int, list[int]] = {}
+    for index, stack in enumerate(stacks):
+        groups.setdefault(stack[0].size, []).append(index)
+    out: list = [None] * len(stacks)
+    for indices in groups.values():
+        rows = jnp.concatenate([stacks[i].reshape(stacks[i].shape[0], -1) for i in indices])
+        masks = _top_magnitude_masks(rows, density)
+        start = 0
+        for i in indices:
+            count = stacks[i].shape[0]
+            out[i] = stacks[i] * masks[start : start + count].reshape(stacks[i].shape)
+            start += count
+    return out
 
 
 def random_prune(bits: jax.Array, tensors: jax.Array, density: float) -> jax.Array:

@@ -6,6 +6,8 @@ through a truncated SVD of the combined dW.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from jaxmerge.merging import factorize as fz
@@ -31,43 +33,51 @@ def cat(adapters, weights, key):
     return mt.map_nodes(node, adapters)
 
 
-def _factor_space(adapters, weights, key, combine):
+def _factor_space(adapters, weights, key, combiner: _Combiner):
     """PEFT's factor-space merge: with `c_i = w_i s_i`, A and B are combined separately as
-    `a = combine(a_i, sign(c_i) sqrt|c_i|)` and `b = combine(b_i, sqrt|c_i|)`."""
-
-    def node(nodes, noise):
-        coefficients = weights * mt.scales(nodes)
+    `a = join(a_i, sign(c_i) sqrt|c_i|)` and `b = join(b_i, sqrt|c_i|)`, each pruned first."""
+    paths, nodes, noises = mt.targets(adapters, key, mt.factor_draws)
+    stacks, stack_noises = [], []
+    for target_nodes, noise in zip(nodes, noises):
+        a, b = mt.stack(target_nodes, "lora_a"), mt.stack(target_nodes, "lora_b")
+        stacks += [a, b]
+        stack_noises += [None, None] if noise is None else [noise[: a.size], noise[a.size :]]
+    pruned = combiner.prune(stacks, stack_noises)
+    merged = []
+    for index, target_nodes in enumerate(nodes):
+        coefficients = weights * mt.scales(target_nodes)
         root = jnp.sqrt(jnp.abs(coefficients))
-        a, b = mt.stack(nodes, "lora_a"), mt.stack(nodes, "lora_b")
-        noise_a, noise_b = (None, None) if noise is None else (noise[: a.size], noise[a.size :])
-        a = combine(a, jnp.where(coefficients >= 0, root, -root), noise_a)
-        b = combine(b, root, noise_b)
-        return mt.adapter_node(a, b, nodes[0]["lora_a"].dtype)
-
-    return mt.map_nodes(node, adapters, key, mt.factor_draws)
+        a = combiner.join(pruned[2 * index], jnp.where(coefficients >= 0, root, -root))
+        b = combiner.join(pruned[2 * index + 1], root)
+        merged.append(mt.adapter_node(a, b, target_nodes[0]["lora_a"].dtype))
+    return mt.tree(paths, merged)
 
 
-def _combiner(kind: str, density: float = 1.0, majority_sign_method: str = "total"):
-    """`combine(tensors, weights, key)` of PEFT's merge_utils for one method kind."""
+@dataclasses.dataclass(frozen=True)
+class _Combiner:
+    """PEFT merge_utils' combination of one method kind, in two steps: `prune` each (n, ...)
+    task stack, then `join` one pruned stack with its weights."""
 
-    if kind not in _KINDS:
-        raise ValueError(f"combiner kind: got {kind!r}; allowed: one of {list(_KINDS)}")
+    kind: str
+    density: float = 1.0
+    majority_sign_method: str = "total"
 
-    def combine(tensors, weights, noise):
-        if kind == "linear":
-            return mu.weighted_sum(tensors, weights)
-        if kind == "magnitude_prune":
-            return mu.weighted_sum(mu.magnitude_prune(tensors, density), weights)
-        if kind == "ties":
-            return mu.ties_combine(
-                mu.magnitude_prune(tensors, density), weights, majority_sign_method
-            )
-        if kind == "dare_linear":
-            return mu.weighted_sum(mu.random_prune(noise, tensors, density), weights)
-        pruned = mu.random_prune(noise, tensors, density)  # dare_ties
-        return mu.ties_combine(pruned, weights, majority_sign_method)
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(f"combiner kind: got {self.kind!r}; allowed: one of {list(_KINDS)}")
 
-    return combine
+    def prune(self, stacks, noises):
+        """Magnitude kinds select every stack in one batched pass (`magnitude_prune_each`)."""
+        if self.kind in ("magnitude_prune", "ties"):
+            return mu.magnitude_prune_each(stacks, self.density)
+        if self.kind in ("dare_linear", "dare_ties"):
+            return [mu.random_prune(n, s, self.density) for s, n in zip(stacks, noises)]
+        return list(stacks)
+
+    def join(self, pruned, weights):
+        if self.kind in ("ties", "dare_ties"):
+            return mu.ties_combine(pruned, weights, self.majority_sign_method)
+        return mu.weighted_sum(pruned, weights)
 
 
 _KINDS = ("linear", "magnitude_prune", "ties", "dare_linear", "dare_ties")
@@ -81,14 +91,14 @@ def linear(adapters, weights, key):
 
     Not the weighted sum of dW_i (cross terms a_i b_j appear) unless there is one adapter.
     """
-    return _factor_space(adapters, weights, key, _combiner("linear"))
+    return _factor_space(adapters, weights, key, _Combiner("linear"))
 
 
 @register("ties", checks={"density": checks.density, **_SIGN}, equal_ranks=True, peft=True)
 def ties(adapters, weights, key, *, density, majority_sign_method="total"):
     """PEFT `ties` on A and B separately: trim to the top-`density` magnitudes, elect signs,
     disjoint mean of the weighted factors (weights as in `linear`)."""
-    return _factor_space(adapters, weights, key, _combiner("ties", density, majority_sign_method))
+    return _factor_space(adapters, weights, key, _Combiner("ties", density, majority_sign_method))
 
 
 @register(
@@ -101,7 +111,7 @@ def ties(adapters, weights, key, *, density, majority_sign_method="total"):
 def dare_linear(adapters, weights, key, *, density):
     """PEFT `dare_linear` on A and B: drop entries with probability 1 - density, rescale the rest
     by 1/density, weighted sum (weights as in `linear`)."""
-    return _factor_space(adapters, weights, key, _combiner("dare_linear", density))
+    return _factor_space(adapters, weights, key, _Combiner("dare_linear", density))
 
 
 @register(
@@ -114,17 +124,17 @@ def dare_linear(adapters, weights, key, *, density):
 def dare_ties(adapters, weights, key, *, density, majority_sign_method="total"):
     """PEFT `dare_ties` on A and B: DARE drop-and-rescale, then TIES sign election and mean."""
     return _factor_space(
-        adapters, weights, key, _combiner("dare_ties", density, majority_sign_method)
+        adapters, weights, key, _Combiner("dare_ties", density, majority_sign_method)
     )
 
 
 @register("magnitude_prune", checks={"density": checks.density}, equal_ranks=True, peft=True)
 def magnitude_prune(adapters, weights, key, *, density):
     """PEFT `magnitude_prune` on A and B: keep the top-`density` magnitudes, weighted sum."""
-    return _factor_space(adapters, weights, key, _combiner("magnitude_prune", density))
+    return _factor_space(adapters, weights, key, _Combiner("magnitude_prune", density))
 
 
-def _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp):
+def _svd_family(adapters, weights, key, combiner: _Combiner, svd_rank, svd_clamp):
     """PEFT's `*_svd` methods: `dW = combine(dW_i, w_i)` densely, then its rank-r truncated SVD
     `u_r (s_r vh_r)` becomes `(lora_a, lora_b)`, optionally clamped (see `fz.clamp_factors`).
 
@@ -133,7 +143,11 @@ def _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp):
     """
     rank = svd_rank or mt.max_rank(adapters)
     paths, nodes, noises = mt.targets(adapters, key, mt.dense_draws)
-    deltas = [combine(mt.deltas(n), weights, noise) for n, noise in zip(nodes, noises)]
+    # One target at a time: the dense (n, d, d) stacks are large enough to fill each pass.
+    deltas = [
+        combiner.join(combiner.prune([mt.deltas(n)], [noise])[0], weights)
+        for n, noise in zip(nodes, noises)
+    ]
     triplets = fz.top_svds(deltas, [mt.stacked_a(n) for n in nodes], rank)
     return mt.tree(
         paths,
@@ -170,15 +184,15 @@ def ties_svd(
     adapters, weights, key, *, density, majority_sign_method="total", svd_rank=None, svd_clamp=None
 ):
     """PEFT `ties_svd`: TIES on the dense dW_i, then truncated SVD as in `svd`."""
-    combine = _combiner("ties", density, majority_sign_method)
-    return _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp)
+    combiner = _Combiner("ties", density, majority_sign_method)
+    return _svd_family(adapters, weights, key, combiner, svd_rank, svd_clamp)
 
 
 @register("dare_linear_svd", checks={"density": checks.density, **_SVD}, needs_key=True, peft=True)
 def dare_linear_svd(adapters, weights, key, *, density, svd_rank=None, svd_clamp=None):
     """PEFT `dare_linear_svd`: DARE on the dense dW_i, weighted sum, truncated SVD."""
-    combine = _combiner("dare_linear", density)
-    return _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp)
+    combiner = _Combiner("dare_linear", density)
+    return _svd_family(adapters, weights, key, combiner, svd_rank, svd_clamp)
 
 
 @register(
@@ -191,12 +205,12 @@ def dare_ties_svd(
     adapters, weights, key, *, density, majority_sign_method="total", svd_rank=None, svd_clamp=None
 ):
     """PEFT `dare_ties_svd`: DARE then TIES on the dense dW_i, truncated SVD."""
-    combine = _combiner("dare_ties", density, majority_sign_method)
-    return _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp)
+    combiner = _Combiner("dare_ties", density, majority_sign_method)
+    return _svd_family(adapters, weights, key, combiner, svd_rank, svd_clamp)
 
 
 @register("magnitude_prune_svd", checks={"density": checks.density, **_SVD}, peft=True)
 def magnitude_prune_svd(adapters, weights, key, *, density, svd_rank=None, svd_clamp=None):
     """PEFT `magnitude_prune_svd`: magnitude pruning of the dense dW_i, weighted sum, SVD."""
-    combine = _combiner("magnitude_prune", density)
-    return _svd_family(adapters, weights, key, combine, svd_rank, svd_clamp)
+    combiner = _Combiner("magnitude_prune", density)
+    return _svd_family(adapters, weights, key, combiner, svd_rank, svd_clamp)
