@@ -1,6 +1,6 @@
 r"""The offline suite: six tasks on data that ships with scikit-learn and scikit-image.
 
-Quickstart (one seed, 19 min measured on 2 idle CPU cores from a fresh data folder, see
+Quickstart (one seed, 13 to 19 min measured on 2 idle CPU cores from a fresh data folder, see
 experiments/README.md):
 
     python -m experiments.study --config experiments/configs/offline.py:seeds=1,learned=quick \
