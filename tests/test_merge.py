@@ -242,12 +242,14 @@ def test_magnitude_selection_equals_a_sort(kind):
         np.testing.assert_array_equal(mask, magnitude >= want)
 
 
-@pytest.mark.parametrize("float_count_limit", [2**24, 1])
-def test_batched_pruning_equals_one_stack_at_a_time(float_count_limit, monkeypatch):
+@pytest.mark.parametrize(("float_count_limit", "batch"), [(2**24, 2**24), (1, 2**24), (2**24, 700)])
+def test_batched_pruning_equals_one_stack_at_a_time(float_count_limit, batch, monkeypatch):
     # magnitude_prune_each selects stacks of equal task size in one loop; every stack's result
     # must equal a sort-based selection of each task tensor alone, through both counts
-    # (float32 below the limit of entries a row, int32 at or above it).
+    # (float32 below the limit of entries a row, int32 at or above it) and with the stacks
+    # split over several loops (700 entries: the (3, 40, 8) stacks one a loop).
     monkeypatch.setattr(mu, "FLOAT_COUNT_LIMIT", float_count_limit)
+    monkeypatch.setattr(mu, "SELECTION_BATCH", batch)
     rng = np.random.default_rng(2)
     shapes = [(3, 40, 8), (3, 8, 40), (2, 30, 30), (3, 40, 8), (1, 7, 5)]
     stacks = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]

@@ -19,6 +19,8 @@ from jaxmerge.merging.threefry import uniform_threshold
 HIGHEST = jax.lax.Precision.HIGHEST
 # float32 holds every integer count up to 2^24 exactly.
 FLOAT_COUNT_LIMIT = 2**24
+# Entries selected in one loop by `magnitude_prune_each` (64 MB of float32).
+SELECTION_BATCH = 2**24
 
 
 def matmul(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -120,12 +122,16 @@ def magnitude_prune(tensors: jax.Array, density: float) -> jax.Array:
 
 def magnitude_prune_each(stacks: Sequence[jax.Array], density: float) -> list[jax.Array]:
     """`magnitude_prune` of every (n, ...) stack, the stacks of equal task size selected in
-    one loop (the same masks as one stack at a time)."""
-    groups: dict[int, list[int]] = {}
+    one loop (the same masks as one stack at a time), up to `SELECTION_BATCH` entries a loop:
+    the loop holds copies of its rows, so big adapters take several loops, not gigabytes."""
+    groups: dict[int, list[list[int]]] = {}
     for index, stack in enumerate(stacks):
-        groups.setdefault(stack[0].size, []).append(index)
+        batches = groups.setdefault(stack[0].size, [[]])
+        if batches[-1] and sum(stacks[i].size for i in batches[-1]) + stack.size > SELECTION_BATCH:
+            batches.append([])
+        batches[-1].append(index)
     out: list = [None] * len(stacks)
-    for indices in groups.values():
+    for indices in (batch for batches in groups.values() for batch in batches):
         rows = jnp.concatenate([stacks[i].reshape(stacks[i].shape[0], -1) for i in indices])
         masks = _top_magnitude_masks(rows, density)
         start = 0
