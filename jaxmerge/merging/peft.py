@@ -79,6 +79,10 @@ class _Combiner:
             return mu.ties_combine(pruned, weights, self.majority_sign_method)
         return mu.weighted_sum(pruned, weights)
 
+    def __call__(self, tensors, weights, noise):
+        """One (n, ...) task stack pruned and joined."""
+        return self.join(self.prune([tensors], [noise])[0], weights)
+
 
 _KINDS = ("linear", "magnitude_prune", "ties", "dare_linear", "dare_ties")
 _SIGN = {"majority_sign_method": checks.SIGN_METHOD}
@@ -143,11 +147,9 @@ def _svd_family(adapters, weights, key, combiner: _Combiner, svd_rank, svd_clamp
     """
     rank = svd_rank or mt.max_rank(adapters)
     paths, nodes, noises = mt.targets(adapters, key, mt.dense_draws)
-    # One target at a time: the dense (n, d, d) stacks are large enough to fill each pass.
-    deltas = [
-        combiner.join(combiner.prune([mt.deltas(n)], [noise])[0], weights)
-        for n, noise in zip(nodes, noises)
-    ]
+    # One target a loop: a target's dense (n, d, d) stack already fills each pass, and more
+    # would not stay in cache.
+    deltas = [combiner(mt.deltas(n), weights, noise) for n, noise in zip(nodes, noises)]
     triplets = fz.top_svds(deltas, [mt.stacked_a(n) for n in nodes], rank)
     return mt.tree(
         paths,
