@@ -245,26 +245,46 @@ def check_against_base(adapter: Tree, base: Tree, name: str = "adapter") -> None
             )
 
 
-@jax.jit
-def _finite_flags(leaves):
-    return [jnp.isfinite(leaf).all() for leaf in leaves]
+def leaf_items(tree: Tree) -> list[tuple[str, str, Any]]:
+    """(target path, key, leaf) of every leaf of every target node, in `target_items` order."""
+    return [(path, key, leaf) for path, node in target_items(tree) for key, leaf in node.items()]
+
+
+def largest_magnitudes(trees: Sequence[Tree]) -> jax.Array:
+    """`max |x|` of every leaf of every tree, one float32 each, in `leaf_items` order: finite
+    exactly where the leaf is (a NaN propagates through the max, an inf is its own max). One
+    max per leaf is the cheapest exact check XLA:CPU offers: `isfinite(x).all()` costs about
+    1.7x as much, and a merge pays it for every input and output leaf."""
+    return jnp.stack(
+        [
+            jnp.max(jnp.abs(leaf), initial=0).astype(jnp.float32)
+            for tree in trees
+            for _, _, leaf in leaf_items(tree)
+        ]
+    )
+
+
+_largest_magnitudes = jax.jit(largest_magnitudes)
+
+
+def raise_if_not_finite(tree: Tree, magnitudes, name: str = "adapter") -> None:
+    """Raises ValueError naming the first target of `tree` holding NaN or inf, from its
+    `largest_magnitudes` (fetched to the host)."""
+    for (path, key, _), largest in zip(leaf_items(tree), magnitudes):
+        if not math.isfinite(largest):
+            raise ValueError(
+                f"{name} target {path!r}: {key} holds NaN or inf; allowed: finite values "
+                f"(a diverged or corrupted adapter)"
+            )
 
 
 def check_finite(adapter: Tree, name: str = "adapter") -> None:
     """Raises ValueError naming the first target holding NaN or inf (one reduction per leaf,
     fetched together). Skipped under tracing, where values are not known."""
-    items = [
-        (path, key, leaf) for path, node in target_items(adapter) for key, leaf in node.items()
-    ]
+    items = leaf_items(adapter)
     if not items or any(isinstance(leaf, jax.core.Tracer) for _, _, leaf in items):
         return
-    flags = jax.device_get(_finite_flags([leaf for _, _, leaf in items]))
-    for (path, key, _), finite in zip(items, flags):
-        if not finite:
-            raise ValueError(
-                f"{name} target {path!r}: {key} holds NaN or inf; allowed: finite values "
-                f"(a diverged or corrupted adapter)"
-            )
+    raise_if_not_finite(adapter, jax.device_get(_largest_magnitudes([adapter])), name)
 
 
 def _apply_delta(base: Tree, adapter: Tree, sign: float) -> Tree:

@@ -147,7 +147,7 @@ def merge_in_core(adapters, weights, key, method: str, params: dict):
     mapped back as `params["output"]` of rank `params["rank"]` (see the module docstring)."""
     cores, bases = core_adapters(adapters)
     inner = {**params, "output": "delta", "rank": None}
-    merged_cores, _, _ = METHODS[method].jitted(cores, weights, key, **inner)
+    merged_cores, _ = METHODS[method].jitted(cores, weights, key, **inner)
     return _from_core(adapters, merged_cores, bases, params["output"], params["rank"])
 
 

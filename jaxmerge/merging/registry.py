@@ -14,11 +14,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmerge import lapack, lora
 
 Tree = Any
-F32 = jnp.float32
 
 
 Check = Callable[[str, Any], None]  # check(field, value) raises ValueError naming both
@@ -42,32 +42,16 @@ class MergeMethod:
 METHODS: dict[str, MergeMethod] = {}
 
 
-def _finite_flags(tree: Tree) -> jax.Array:
-    """One bool per leaf of `tree` (in `lora.target_items` order): is it all finite?"""
-    leaves = [leaf for _, node in lora.target_items(tree) for leaf in node.values()]
-    return jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves])
-
-
-def _with_finite_flags(fn):
-    """`fn` that also returns the finite flags of its inputs and of its result, computed in
-    the same compiled call: checking them costs a few reductions, not extra dispatches."""
+def _with_largest_magnitudes(fn):
+    """`fn` that also returns `lora.largest_magnitudes` of its inputs and of its result,
+    computed in the same compiled call: checking them costs a few reductions, not extra
+    dispatches."""
 
     def checked(adapters, weights, key, **params):
         merged = fn(adapters, weights, key, **params)
-        return merged, [_finite_flags(a) for a in adapters], _finite_flags(merged)
+        return merged, lora.largest_magnitudes([*adapters, merged])
 
     return checked
-
-
-def _raise_if_not_finite(tree: Tree, flags, name: str) -> None:
-    if bool(flags.all()):
-        return
-    leaves = [(path, key) for path, node in lora.target_items(tree) for key in node]
-    path, key = leaves[int(flags.argmin())]
-    raise ValueError(
-        f"{name} target {path!r}: {key} holds NaN or inf; allowed: finite values (a diverged "
-        f"or corrupted adapter)"
-    )
 
 
 def register(
@@ -102,7 +86,7 @@ def register(
                 f"merge method {name!r}: parameters {sorted(params)} need exactly one check "
                 f"each; checks given for {sorted(checks)}"
             )
-        jitted = jax.jit(_with_finite_flags(fn), static_argnames=tuple(params))
+        jitted = jax.jit(_with_largest_magnitudes(fn), static_argnames=tuple(params))
         METHODS[name] = MergeMethod(
             name, params, checks, check_together, equal_ranks, needs_key, peft, jitted, fn.__doc__
         )
@@ -141,14 +125,19 @@ def merge(
     if spec.peft and len(adapters) == 1:
         spec, params = METHODS["linear"], {}  # PEFT's rule: one adapter is merged linearly
     with lapack.single_threaded():  # its QRs and SVDs are small: see jaxmerge/lapack.py
-        merged, input_flags, output_flags = spec.jitted(list(adapters), weights, key, **params)
-        if isinstance(output_flags, jax.core.Tracer):  # merge called inside the user's own jit
+        merged, magnitudes = spec.jitted(list(adapters), weights, key, **params)
+        if isinstance(magnitudes, jax.core.Tracer):  # merge called inside the user's own jit
             return merged
-        input_flags, output_flags = jax.device_get((input_flags, output_flags))
-    for index, (adapter, flags) in enumerate(zip(adapters, input_flags)):
-        _raise_if_not_finite(adapter, flags, f"adapters[{index}]")
+        magnitudes = jax.device_get(magnitudes)
+    if np.isfinite(magnitudes).all():
+        return merged
+    start = 0  # name the first adapter (or the result) and target holding NaN or inf
+    for index, adapter in enumerate(adapters):
+        count = len(lora.leaf_items(adapter))
+        lora.raise_if_not_finite(adapter, magnitudes[start : start + count], f"adapters[{index}]")
+        start += count
     # Finite inputs with finite weights can still overflow (e.g. huge weights): say so too.
-    _raise_if_not_finite(merged, output_flags, f"merge result of {method!r}")
+    lora.raise_if_not_finite(merged, magnitudes[start:], f"merge result of {method!r}")
     return merged
 
 
@@ -311,11 +300,14 @@ def validate(adapters, method, weights, key, params):
     if spec.needs_key and key is None:
         raise ValueError(f"key: method {method!r} draws random masks; pass key=jax.random.key(0)")
     n = len(adapters)
-    weights = jnp.ones((n,), F32) if weights is None else jnp.asarray(weights, F32)
+    weights = np.ones((n,), np.float32) if weights is None else weights
+    # Concrete weights are checked in numpy: two eager jax ops would cost a small merge 5%.
+    traced = any(isinstance(w, jax.core.Tracer) for w in jax.tree.leaves(weights))
+    weights = (jnp if traced else np).asarray(weights, np.float32)
     if weights.shape != (n,):
         raise ValueError(
             f"weights: got shape {weights.shape}; allowed: one weight per adapter, shape ({n},)"
         )
-    if not isinstance(weights, jax.core.Tracer) and not bool(jnp.isfinite(weights).all()):
+    if not traced and not np.isfinite(weights).all():
         raise ValueError(f"weights: got {weights.tolist()}; allowed: finite numbers")
     return spec, weights, full
