@@ -166,22 +166,34 @@ def test_thin_svds_match_float64_truncation(case):
 def test_thin_svd_routes_agree_and_the_check_rejects_bad_triplets():
     pairs = low_rank_pairs(8)
     a = jnp.stack([jnp.pad(p[0], ((0, 0), (0, 3 * RANK - p[0].shape[1]))) for p in pairs[:1]])
-    b = jnp.stack([jnp.pad(p[1], ((0, 3 * RANK - p[1].shape[0]), (0, 0))) for p in pairs[:1]])
-    gram = fz._gram_thin_svd(a, b, RANK)
-    householder = fz._householder_thin_svd(a, b, RANK)
-    assert bool(fz._verified(a, b, *gram, fz.TOLERANCE))
-    assert bool(fz._verified(a, b, *householder, fz.TOLERANCE))
-    np.testing.assert_allclose(gram[1], householder[1], rtol=1e-5)
-    u, s, vh = gram
-    assert not bool(fz._verified(a, b, u, s * 1.001, vh, fz.TOLERANCE))  # wrong values
-    assert not bool(fz._verified(a, b, u[..., ::-1], s, vh, fz.TOLERANCE))  # mismatched pairs
+    bt = jnp.stack([jnp.pad(p[1].T, ((0, 0), (0, 3 * RANK - p[1].shape[0]))) for p in pairs[:1]])
+    cholesky = fz._cholesky_thin_svd(a, bt, RANK)
+    householder = fz._householder_thin_svd(a, bt, RANK)
+    assert bool(fz._verified(a, bt, *cholesky, fz.TOLERANCE))
+    assert bool(fz._verified(a, bt, *householder, fz.TOLERANCE))
+    np.testing.assert_allclose(cholesky[1], householder[1], rtol=1e-5)
+    u, s, vh = cholesky
+    assert not bool(fz._verified(a, bt, u, s * 1.001, vh, fz.TOLERANCE))  # wrong values
+    assert not bool(fz._verified(a, bt, u[..., ::-1], s, vh, fz.TOLERANCE))  # mismatched pairs
 
 
-def test_repeated_columns_can_fail_the_gram_route_and_fall_back():
+def test_zero_padded_columns_keep_the_cholesky_route():
+    """Lower ranks are padded with zero columns of `a` (and zero rows of `b`): the unit pivots
+    keep the Cholesky route exact there, with no fallback."""
+    a, b = low_rank_pairs(9)[1]  # (768, 2R) and (2R, 160), padded to width 3R and 768 rows
+    a = jnp.pad(a, ((0, 0), (0, RANK)))[None]
+    bt = jnp.pad(b.T, ((0, WIDTH - b.shape[1]), (0, RANK)))[None]
+    u, s, vh = fz._cholesky_thin_svd(a, bt, RANK)
+    assert bool(fz._verified(a, bt, u, s, vh, fz.TOLERANCE))
+    product = np.asarray(a[0], np.float64) @ np.asarray(bt[0], np.float64).T
+    assert_matches((u[0], s[0], vh[0]), product, RANK)
+
+
+def test_repeated_columns_can_fail_the_cholesky_route_and_fall_back():
     """The `duplicate` case above includes this pair, so its batch is factored by Householder."""
     a, b = low_rank_pairs(7, duplicate=True)[2]
-    gram = fz._gram_thin_svd(a[None], b[None], RANK)
-    assert not bool(fz._verified(a[None], b[None], *gram, fz.TOLERANCE))
+    cholesky = fz._cholesky_thin_svd(a[None], b.T[None], RANK)
+    assert not bool(fz._verified(a[None], b.T[None], *cholesky, fz.TOLERANCE))
 
 
 @pytest.mark.slow  # CI's own step: keeps the README's suite under 10 minutes

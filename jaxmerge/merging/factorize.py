@@ -32,45 +32,51 @@ def _swap(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- low-rank products
 
 
-def _householder_thin_svd(a, b, rank):
-    """Leading triplets of each `a @ b` in a batch ((n, d, R) @ (n, R, d)) from Householder QRs:
-    with `a = Qa Ra`, `b^T = Qb Rb`, `a @ b = Qa (Ra Rb^T) Qb^T` and the SVD of the R x R core
-    gives `u = Qa uc`, `vh = vc Qb^T`. Stable at any rank. Both factors share one stacked QR:
-    two independent batched QRs in one program deadlock XLA:CPU (see `_after`)."""
+def _householder_thin_svd(a, bt, rank):
+    """Leading triplets of each `a @ bt^T` in a batch ((n, d, R) and (n, d, R)) from Householder
+    QRs: with `a = Qa Ra`, `bt = Qb Rb`, `a @ bt^T = Qa (Ra Rb^T) Qb^T` and the SVD of the R x R
+    core gives `u = Qa uc`, `vh = vc Qb^T`. Stable at any rank. Both factors share one stacked
+    QR: two independent batched QRs in one program deadlock XLA:CPU (see `_after`)."""
     n = a.shape[0]
-    q, r = jnp.linalg.qr(jnp.concatenate([a, _swap(b)]))
+    q, r = jnp.linalg.qr(jnp.concatenate([a, bt]))
     uc, s, vc = jnp.linalg.svd(matmul(r[:n], _swap(r[n:])), full_matrices=False)
     return matmul(q[:n], uc[..., :rank]), s[..., :rank], matmul(vc[..., :rank, :], _swap(q[n:]))
 
 
-def _gram_thin_svd(a, b, rank):
-    """The same triplets from R x R Gram matrices, with no LAPACK call on a d x R matrix.
+def _cholesky_thin_svd(a, bt, rank):
+    """The same triplets from R x R Gram matrices: one Cholesky, one eigh, no LAPACK call on a
+    d x R matrix.
 
-    `a^T a = P D P^T` gives `a = Ua D^1/2 P^T` (Ua orthonormal), so `a @ b = Ua (X^T b)` with
-    X = P D^1/2, and the eigenpairs `(w, s^2)` of the core `X^T (b b^T) X` give `u = Ua w`,
-    `vh = w^T X^T b / s`. Squaring costs precision for tiny singular values, hence
-    `_verified`; directions of `a` below 1e-4 of its largest singular value are dropped.
+    `a^T a = L L^T` makes `Q = a L^-T` orthonormal, so `a @ bt^T = Q (L^T bt^T)`, and the
+    eigenpairs `(w, s^2)` of the core `L^T (bt^T bt) L` give `u = a L^-T w`,
+    `vh = (bt L w)^T / s`. Zero columns of `a` (the padding of lower ranks) get a unit pivot
+    and their rows of `bt^T` are dropped, which leaves the product unchanged. Squaring costs
+    precision where `a` is near rank-deficient (a repeated adapter): Cholesky then fails or
+    loses digits, and `_verified` sends the batch to `_householder_thin_svd`. A Cholesky in
+    place of a first eigh of `a^T a` saved 3 of the 17 ms of PEFT's `svd` on 24 ViT-B targets.
     """
-    d, p = jnp.linalg.eigh(matmul(_swap(a), a))
-    root = jnp.sqrt(jnp.maximum(d, 0.0))
-    kept = root > 1e-4 * root[..., -1:]
-    x = p * root[..., None, :]
-    core = matmul(_swap(x), matmul(matmul(b, _swap(b)), x))
-    lam, w = jnp.linalg.eigh(core)
+    gram = matmul(_swap(a), a)
+    empty = jnp.diagonal(gram, axis1=-2, axis2=-1) == 0
+    gram = gram + jnp.where(empty, 1.0, 0.0)[..., None, :] * jnp.eye(gram.shape[-1], dtype=a.dtype)
+    bt = jnp.where(empty[..., None, :], 0.0, bt)
+    lower = jnp.linalg.cholesky(gram)
+    lam, w = jnp.linalg.eigh(matmul(_swap(lower), matmul(matmul(_swap(bt), bt), lower)))
     lam, w = lam[..., ::-1][..., :rank], w[..., ::-1][..., :rank]  # descending
     s = jnp.sqrt(jnp.maximum(lam, 0.0))
-    inverse_root = jnp.where(kept, 1.0 / jnp.where(kept, root, 1.0), 0.0)
-    u = matmul(a, matmul(p * inverse_root[..., None, :], w))
-    vh = matmul(_swap(matmul(x, w)), b) / jnp.where(s > 0, s, 1.0)[..., :, None]
+    u = matmul(
+        a, jax.lax.linalg.triangular_solve(lower, w, left_side=True, lower=True, transpose_a=True)
+    )
+    vh = _swap(matmul(bt, matmul(lower, w))) / jnp.where(s > 0, s, 1.0)[..., :, None]
     return u, s, vh
 
 
-def _verified(a, b, u, s, vh, tol):
-    """Whether `(u, s, vh)` are singular triplets of every `a @ b` to `tol * s_1`: both residuals
-    `|M vh_j^T - s_j u_j|`, `|M^T u_j - s_j vh_j^T|` and the orthonormality of u and vh."""
+def _verified(a, bt, u, s, vh, tol):
+    """Whether `(u, s, vh)` are singular triplets of every `M = a @ bt^T` to `tol * s_1`: both
+    residuals `|M vh_j^T - s_j u_j|`, `|M^T u_j - s_j vh_j^T|` and the orthonormality of u and
+    vh."""
     scale = jnp.maximum(s[..., :1], jnp.finfo(s.dtype).tiny)
-    left = matmul(a, matmul(b, _swap(vh))) - u * s[..., None, :]
-    right = matmul(_swap(b), matmul(_swap(a), u)) - _swap(vh) * s[..., None, :]
+    left = matmul(a, matmul(_swap(bt), _swap(vh))) - u * s[..., None, :]
+    right = matmul(bt, matmul(_swap(a), u)) - _swap(vh) * s[..., None, :]
     residual = jnp.maximum(jnp.linalg.norm(left, axis=-2), jnp.linalg.norm(right, axis=-2))
     live = s > 0  # zero singular values carry no product; their vectors need not be checked
     eye = jnp.eye(s.shape[-1], dtype=s.dtype)
@@ -86,9 +92,10 @@ def thin_svds(pairs, rank: int, *, tol: float = TOLERANCE):
 
     Never forms the (in, out) matrices. Every factor is zero-padded to a common (d, R), which
     leaves each product and its nonzero triplets unchanged, so all targets share one batched
-    computation: the Gram route (`_gram_thin_svd`, two R x R eigh), verified by residuals, else
-    the Householder route (`_householder_thin_svd`). On 24 ViT-B targets at R = 48 the Gram
-    route took 8 ms and the QRs 23 ms, most of it LAPACK on the (768, 48) factors.
+    computation: the Cholesky route (`_cholesky_thin_svd`), verified by residuals, else the
+    Householder route (`_householder_thin_svd`). `b` is stacked transposed, (d, R) like `a`:
+    XLA:CPU forms `b^T b` from it in half the time of `b b^T` from (R, d). On 24 ViT-B targets
+    at R = 48 the verified Cholesky route takes about 11 ms, the QRs alone 7 ms more.
 
     Returns:
       One `(u (in, k), s (k,), vh (k, out))` per pair, k = min(rank, that pair's R).
@@ -97,12 +104,14 @@ def thin_svds(pairs, rank: int, *, tol: float = TOLERANCE):
     width = max(a.shape[1] for a, _ in pairs)
     rank = min(rank, width)
     a = jnp.stack([jnp.pad(a, ((0, dim - a.shape[0]), (0, width - a.shape[1]))) for a, _ in pairs])
-    b = jnp.stack([jnp.pad(b, ((0, width - b.shape[0]), (0, dim - b.shape[1]))) for _, b in pairs])
-    gram = _gram_thin_svd(a, b, rank)
+    bt = jnp.stack(
+        [jnp.pad(b.T, ((0, dim - b.shape[1]), (0, width - b.shape[0]))) for _, b in pairs]
+    )
+    fast = _cholesky_thin_svd(a, bt, rank)
     u, s, vh = jax.lax.cond(
-        _verified(a, b, *gram, tol),
-        lambda: gram,
-        lambda: _householder_thin_svd(a, b, rank),
+        _verified(a, bt, *fast, tol),
+        lambda: fast,
+        lambda: _householder_thin_svd(a, bt, rank),
     )
     return [
         (u[i, : pa.shape[0], :k], s[i, :k], vh[i, :k, : pb.shape[1]])
