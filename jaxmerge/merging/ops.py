@@ -17,8 +17,6 @@ import jax.numpy as jnp
 from jaxmerge.merging.threefry import uniform_threshold
 
 HIGHEST = jax.lax.Precision.HIGHEST
-# float32 holds every integer count up to 2^24 exactly.
-FLOAT_COUNT_LIMIT = 2**24
 # Entries selected in one loop by `magnitude_prune_each` (64 MB of float32).
 SELECTION_BATCH = 2**24
 
@@ -54,27 +52,40 @@ def kth_largest_rows(rows: jax.Array, k: int) -> jax.Array:
     """(m,): the k-th largest entry (k >= 1) of each row of a non-negative (m, N) array.
 
     Non-negative floats order like their int32 bit patterns, so each answer's bits are built
-    greedily from the top bit down: keep a bit when at least k entries are >= the candidate.
-    31 passes of compare-and-count, which on CPU is far cheaper than sorting. All rows share
-    one loop: PEFT's factor-space merges select 144 small tensors, which took 12 ms in a loop
-    each and take 5 ms in one (benchmarks/RESULTS.md, issue 23).
+    greedily from the top bit down: a group of bits takes the largest value `j` for which at
+    least k entries are >= the candidate `found | j`. Counting against the 7 candidates of a
+    3-bit group is one variadic reduction, which XLA:CPU fuses with the comparisons into one
+    read of the rows: 11 passes (bit 30 down to bit 0), against 31 passes of one bit, whose
+    single count XLA:CPU writes out as an (m, N) array before summing it. Every answer is the
+    same integer as the bit-at-a-time search's. All rows share one loop: PEFT's factor-space
+    merges select 144 small tensors (benchmarks/RESULTS.md, issue 23).
     """
     bits = jax.lax.bitcast_convert_type(rows.astype(jnp.float32), jnp.int32)
-    # Counting in float32 is exact below 2^24 entries a row, and XLA:CPU sums floats in one
-    # pass where it splits an int32 count into reduce-windows over a written-out (m, N) array:
-    # 5 ms against 7 ms for 144 rows of 12,288, and far steadier on 2 busy cores.
-    exact_in_float = rows.shape[1] < FLOAT_COUNT_LIMIT
 
-    def step(bit, found):
-        candidate = found | jnp.left_shift(jnp.int32(1), 30 - bit)
-        at_least = bits >= candidate[:, None]
-        if exact_in_float:
-            count = jnp.where(at_least, jnp.float32(1), jnp.float32(0)).sum(1)
-        else:
-            count = at_least.sum(1)
-        return jnp.where(count >= k, candidate, found)
+    def counts(candidates):
+        at_least = tuple(jnp.where(bits >= c[:, None], 1, 0) for c in candidates)
+        zeros = tuple(jnp.int32(0) for _ in candidates)
+        return jax.lax.reduce(at_least, zeros, lambda x, y: tuple(map(operator.add, x, y)), (1,))
 
-    found = jax.lax.fori_loop(0, 31, step, jnp.zeros(rows.shape[0], jnp.int32))
+    def decide(found, low_bit, width):
+        # Width 1 still counts 3 candidates (two repeats): a single count is the slow kind.
+        steps = [j << low_bit for j in range(1, 2**width)] or [1 << low_bit]
+        steps = (steps * 3)[: max(len(steps), 3)]
+        enough = [count >= k for count in counts([found | step for step in steps])]
+        chosen = functools.reduce(
+            lambda best, pair: jnp.where(pair[0], pair[1], best),
+            zip(enough, steps),
+            jnp.zeros_like(found),
+        )
+        return found | chosen
+
+    found = jax.lax.fori_loop(
+        0,
+        10,
+        lambda group, found: decide(found, 28 - 3 * group, 3),  # bits 30..28, ..., 3..1
+        jnp.zeros(rows.shape[0], jnp.int32),
+    )
+    found = decide(found, 0, 1)  # bit 0
     return jax.lax.bitcast_convert_type(found, jnp.float32)
 
 
