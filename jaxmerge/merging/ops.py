@@ -68,9 +68,9 @@ def kth_largest_rows(rows: jax.Array, k: int) -> jax.Array:
         return jax.lax.reduce(at_least, zeros, lambda x, y: tuple(map(operator.add, x, y)), (1,))
 
     def decide(found, low_bit, width):
+        steps = [j << low_bit for j in range(1, 2**width)]
         # Width 1 still counts 3 candidates (two repeats): a single count is the slow kind.
-        steps = [j << low_bit for j in range(1, 2**width)] or [1 << low_bit]
-        steps = (steps * 3)[: max(len(steps), 3)]
+        steps += steps[-1:] * max(0, 3 - len(steps))
         enough = [count >= k for count in counts([found | step for step in steps])]
         chosen = functools.reduce(
             lambda best, pair: jnp.where(pair[0], pair[1], best),
